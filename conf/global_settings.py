@@ -1,0 +1,36 @@
+"""Constants shared by training, testing and reports. Sources: ../shared/SPEC.md sections 4-6."""
+
+NUM_CLASSES = 100
+IMAGE_SIZE = 32
+
+# CIFAR-100's own statistics (the classic recipe).
+CIFAR100_MEAN = (0.5070751592371323, 0.48654887331495095, 0.4409178433670343)
+CIFAR100_STD = (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)
+# CIFAR-10's statistics: the NAM authors' script (the paper recipe) normalizes CIFAR-100 with these
+# by an upstream slip; the paper recipe reproduces it on purpose.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+EPOCHS = 200
+MILESTONES = (60, 120, 160)
+LR_DECAY = 0.2
+
+DATA_DIR = "./data"
+CHECKPOINT_DIR = "checkpoint"
+LOG_DIR = "runs"
+
+# The paper's CIFAR-100 table (ResNet rows): (net, attention, #Params in millions, top-1, top-5).
+# "ssa" has no public definition, so no model of ours builds it.
+PAPER_TABLE = (
+    ("resnet50", "none", 23.71, 77.26, 93.63),
+    ("resnet50", "cbam", 26.24, 80.56, 95.34),
+    ("resnet50", "sa", 23.71, 79.92, 95.00),
+    ("resnet50", "eca", 23.71, 79.68, 95.05),
+    ("resnet50", "nam", 23.71, 80.62, 95.28),
+    ("resnet50", "ca", 25.57, 80.17, 94.94),
+    ("resnet50", "ema", 23.85, 80.69, 95.59),
+    ("resnet50", "ssa", 25.82, None, None),
+    ("resnet101", "none", 42.70, 77.78, 94.39),
+    ("resnet101", "ca", 46.22, 80.01, 94.78),
+    ("resnet101", "ema", 42.96, 80.86, 95.75),
+)

@@ -1,0 +1,41 @@
+"""SA: Shuffle Attention.
+
+Zhang and Yang, "SA-Net: Shuffle Attention for Deep Convolutional Neural Networks", ICASSP 2021.
+Authors' code: github.com/wofmanaf/SA-Net. Parameter names (`cweight`, `cbias`, `sweight`, `sbias`,
+`gn`) match theirs.
+"""
+import torch
+from torch import nn
+
+
+class ShuffleAttention(nn.Module):
+    """x viewed as (B*G, C/G, H, W); one half of each group gets a channel gate, the other a spatial
+    gate; halves concatenated, then a channel shuffle with 2 groups: 3C/G parameters."""
+
+    def __init__(self, channels: int, groups: int = 64):
+        super().__init__()
+        if groups <= 0 or channels <= 0 or channels % (2 * groups):
+            raise ValueError(f"ShuffleAttention needs channels to be a positive multiple of 2 * groups; "
+                             f"got channels={channels}, groups={groups}")
+        self.groups = groups
+        half = channels // (2 * groups)
+        self.cweight = nn.Parameter(torch.zeros(1, half, 1, 1))
+        self.cbias = nn.Parameter(torch.ones(1, half, 1, 1))
+        self.sweight = nn.Parameter(torch.zeros(1, half, 1, 1))
+        self.sbias = nn.Parameter(torch.ones(1, half, 1, 1))
+        self.gn = nn.GroupNorm(half, half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        channel_half, spatial_half = x.reshape(b * self.groups, -1, h, w).chunk(2, dim=1)
+        channel_out = channel_half * (self.cweight * channel_half.mean((2, 3), keepdim=True) + self.cbias).sigmoid()
+        spatial_out = spatial_half * (self.sweight * self.gn(spatial_half) + self.sbias).sigmoid()
+        out = torch.cat([channel_out, spatial_out], dim=1).reshape(b, c, h, w)
+        # Channel shuffle with 2 groups: (B, 2, C/2, H, W) -> swap the two channel axes.
+        return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def shuffle_attention_for(channels: int) -> ShuffleAttention:
+    """SA with the paper's G = 64, or, not in the paper, G = channels / 2 where the block is narrower
+    than 2 * 64 channels (the 64-wide first stage of ResNet18/34, which SA-Net never used)."""
+    return ShuffleAttention(channels, groups=min(64, channels // 2))

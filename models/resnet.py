@@ -1,0 +1,104 @@
+"""CIFAR-style ResNets (3x3 stem, no max-pool) with an optional attention module in every block.
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; the CIFAR variant follows the
+classic CIFAR-100 training repos. The attention module sits on the block's output width, after the
+residual branch's last BN, before the shortcut add and the final ReLU (../shared/SPEC.md section 1).
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+AttentionFactory = Optional[Callable[[int], nn.Module]]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+        super().__init__()
+        out = planes * self.expansion
+        self.residual = nn.Sequential(
+            nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out),
+        )
+        self.attention = attention(out) if attention else nn.Identity()
+        self.shortcut = _shortcut(in_planes, out, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.attention(self.residual(x)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+        super().__init__()
+        out = planes * self.expansion
+        self.residual = nn.Sequential(
+            nn.Conv2d(in_planes, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
+        self.attention = attention(out) if attention else nn.Identity()
+        self.shortcut = _shortcut(in_planes, out, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.attention(self.residual(x)) + self.shortcut(x))
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_planes))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, num_blocks, num_classes: int = 100, attention: AttentionFactory = None):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+        )
+        in_planes = 64
+        stages = []
+        for planes, blocks, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+            layers = []
+            for i in range(blocks):
+                layers.append(block(in_planes, planes, stride if i == 0 else 1, attention))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+# name -> (block, blocks per stage)
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def resnet(name: str, num_classes: int = 100, attention: AttentionFactory = None) -> ResNet:
+    block, num_blocks = RESNETS[name]
+    return ResNet(block, num_blocks, num_classes, attention)

@@ -34,3 +34,17 @@ PAPER_TABLE = (
     ("resnet101", "ca", 46.22, 80.01, 94.78),
     ("resnet101", "ema", 42.96, 80.86, 95.75),
 )
+
+# Optimizer, shared by both recipes (SPEC.md section 5).
+BATCH_SIZE = 128
+LR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4  # on every parameter
+NAM_L1 = 1e-4  # NAM's suggested strength for its optional L1 term (off unless --nam-l1 is given)
+
+# The two training recipes. "paper" is the NAM authors' script, which the EMA README names as the
+# code behind its CIFAR table; "classic" is the classic CIFAR-100 repo this layout follows.
+RECIPES = {
+    "paper": dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, rotation=0, warm=0, init="kaiming_uniform"),
+    "classic": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, rotation=15, warm=1, init="pytorch"),
+}

@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint on CIFAR-100's test set: top-1/top-5 error, parameters and MFLOPs.
+
+    python test.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth
+    python test.py -weights checkpoint/resnet50_ema/<run>      # a run folder: its last.pth
+
+-net and -att default to the checkpoint's own; given, they must match it.
+"""
+import argparse
+import sys
+
+import torch
+
+import models
+import utils
+from conf import settings
+from utils import UserError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("-net", choices=models.list_models(), default=None)
+    p.add_argument("-att", choices=models.list_attentions(), default=None)
+    p.add_argument("-weights", "--weights", required=True, help="a checkpoint file, or a run folder (its last.pth)")
+    p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=256)
+    p.add_argument("--data", default=settings.DATA_DIR, help="dataset root")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default 4, 0 on CPU)")
+    args = p.parse_args(argv)
+    if args.b <= 0:
+        p.error(f"-b must be positive, got {args.b}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        test(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def test(args):
+    path = utils.checkpoint_file(args.weights)
+    checkpoint = utils.load_checkpoint(path)
+    saved = checkpoint["args"]
+    net, att = args.net or saved["net"], args.att or saved["att"]
+    if (net, att) != (saved["net"], saved["att"]):
+        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+
+    model = models.create_model(net, att, settings.NUM_CLASSES)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    utils.ensure_cifar100(args.data)
+    loader = utils.test_loader(args.data, settings.RECIPES[saved["recipe"]], args.b, workers)
+    stats = utils.evaluate(model, loader, device)
+    total, no_norm = utils.count_parameters(model)
+
+    print(f"{path}: {net} + {att}, recipe {saved['recipe']}, after {checkpoint['epoch']} epochs, "
+          f"{len(loader.dataset):,} test images")
+    print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
+          f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")
+    print(f"parameters {total:,} (all), {no_norm:,} (without BatchNorm/GroupNorm); "
+          f"{utils.count_mflops(model):.1f} MFLOPs per 32x32 image")
+    return stats
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Train a CIFAR ResNet with an attention module on CIFAR-100.
+
+    CUDA_VISIBLE_DEVICES=0 python train_cifar100.py --b 128          # ResNet50 + EMA, the paper's recipe
+    python train_cifar100.py -net resnet101 -att ca --seed 1
+    python train_cifar100.py -resume                                 # continue the newest resnet50_ema run
+
+Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv} and TensorBoard logs in
+runs/<net>_<att>/<run>/. Recipes: ../shared/SPEC.md section 5 and conf/global_settings.py.
+"""
+import argparse
+import csv
+import math
+import signal
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from tqdm import tqdm
+
+import models
+import utils
+from conf import settings
+from models.attention import nam_l1_penalty
+from utils import UserError
+
+CHECKPOINT_FORMAT = 1
+# Arguments a resumed run may change; every other one is taken from the checkpoint.
+RESUMABLE_OVERRIDES = ("epochs", "data", "workers")
+NAN_CHECK_EVERY = 50  # steps between finiteness checks of the loss (each one waits for the GPU)
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-net", default="resnet50", choices=models.list_models())
+    p.add_argument("-att", default="ema", choices=models.list_attentions(), help="'none': the baseline")
+    p.add_argument("-b", "--b", "--batch-size", dest="b", type=positive(int), default=settings.BATCH_SIZE)
+    p.add_argument("-lr", type=positive(float), default=settings.LR)
+    p.add_argument("-warm", type=int, default=None, help="warm-up epochs (default: the recipe's)")
+    p.add_argument("-gpu", action="store_true", help="accepted for the classic CLI; the device is chosen automatically")
+    p.add_argument("-resume", "--resume", nargs="?", const="newest", default=None, metavar="PATH",
+                   help="continue a run: alone, the newest run of -net/-att; or a last.pth or run folder")
+    p.add_argument("--epochs", type=positive(int), default=None, help=f"default {settings.EPOCHS}")
+    p.add_argument("--data", default=None, help=f"dataset root (default {settings.DATA_DIR})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default 4, 0 on CPU)")
+    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES))
+    p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
+    p.add_argument("--nam-l1", type=float, default=0.0,
+                   help=f"NAM's L1 strength on its BN weights (NAM's paper: {settings.NAM_L1})")
+    p.add_argument("--run", default=None, help="run name (default: the start time)")
+    p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
+    p.add_argument("--log-dir", default=settings.LOG_DIR)
+    args = p.parse_args(argv)
+    if args.warm is not None and args.warm < 0:
+        p.error("-warm must be >= 0")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
+    if not args.nam_l1 >= 0:
+        p.error("--nam-l1 must be >= 0")
+    return args
+
+
+class StopRequest:
+    """Within `with`, Ctrl-C / SIGTERM set a flag that the loop checks after each step, so that a
+    checkpoint gets saved; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step...")
+
+
+def resolve_resume(args):
+    """(args to run with, checkpoint or None). A resumed run takes its arguments from its checkpoint."""
+    if args.resume is None:
+        return args, None
+    if args.resume == "newest":
+        runs = Path(args.checkpoint_dir) / f"{args.net}_{args.att}"
+        candidates = list(runs.glob("*/last.pth"))
+        if not candidates:
+            raise UserError(f"nothing to resume: no */last.pth under {runs}")
+        path = max(candidates, key=lambda p: p.stat().st_mtime)
+    else:
+        path = utils.checkpoint_file(args.resume)
+    checkpoint = utils.load_checkpoint(path)
+    saved = argparse.Namespace(**checkpoint["args"])
+    for name in RESUMABLE_OVERRIDES:
+        if getattr(args, name) is not None:
+            setattr(saved, name, getattr(args, name))
+    saved.resume = str(path)
+    return saved, checkpoint
+
+
+def make_output_dirs(args):
+    run_id = f"{args.net}_{args.att}"
+    ckpt_dir = Path(args.checkpoint_dir) / run_id / args.run
+    log_dir = Path(args.log_dir) / run_id / args.run
+    for folder in (ckpt_dir, log_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+    return ckpt_dir, log_dir
+
+
+def train_loader(args, recipe, generator):
+    dataset = utils.CIFAR100Folder(args.data, train=True, transform=utils.train_transform(recipe))
+    if args.subset:
+        dataset.truncate(args.subset)
+    # The loader's own generator draws the shuffle and the workers' seeds: its state at the start of
+    # an epoch (saved in checkpoints) replays that epoch exactly.
+    return DataLoader(dataset, batch_size=args.b, shuffle=True, generator=generator, num_workers=args.workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_metrics_csv(path: Path, history: list) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("\ninterrupted; the newest last.pth (if any) is from before this interruption", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def train(args):
+    args, checkpoint = resolve_resume(args)
+    args.epochs = args.epochs or settings.EPOCHS
+    args.data = args.data or settings.DATA_DIR
+    recipe = settings.RECIPES[args.recipe]
+    args.warm = recipe["warm"] if args.warm is None else args.warm
+    args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workers is None:
+        args.workers = 4 if device.type == "cuda" else 0
+    utils.ensure_cifar100(args.data)
+    ckpt_dir, log_dir = make_output_dirs(args)
+    generator = torch.Generator()
+    generator.manual_seed(args.seed)
+    train_data = train_loader(args, recipe, generator)
+    test_data = utils.test_loader(args.data, recipe, max(args.b, 256), args.workers)
+    steps_per_epoch = len(train_data)
+
+    torch.manual_seed(args.seed)
+    model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+    utils.initialise(model, recipe)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=settings.MOMENTUM,
+                                weight_decay=settings.WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: utils.lr_factor(step, steps_per_epoch, args.warm))
+    criterion = nn.CrossEntropyLoss()
+
+    # Where to start: (epoch, step within it), with the RNG state as it was when that epoch began.
+    epoch, start_step, best, history = 0, 0, {"top1": 0.0, "top5": 0.0, "epoch": 0}, []
+    running = torch.zeros(3, dtype=torch.float64, device=device)  # this epoch's loss sum, top-1 hits, images
+    if checkpoint:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{args.resume} has checkpoint format {checkpoint.get('format')}, "
+                            f"this script reads format {CHECKPOINT_FORMAT}")
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            set_rng_state(checkpoint["rng"], generator)
+            epoch, start_step = checkpoint["epoch"], checkpoint["step"]
+            best, history = checkpoint["best"], checkpoint["history"]
+            running = torch.tensor(checkpoint["running"], dtype=torch.float64, device=device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if epoch >= args.epochs:
+            print(f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to continue")
+            return 0
+        print(f"resuming {args.resume}: epoch {epoch + 1}/{args.epochs}, step {start_step}/{steps_per_epoch}")
+
+    # purge_step drops anything an earlier, interrupted process logged past the checkpoint.
+    writer = SummaryWriter(log_dir, purge_step=epoch + 1 if checkpoint else None)
+    if not checkpoint:
+        # TensorBoard's graph view needs jit.trace, now deprecated, whose tracer warns about shape
+        # checks inside GroupNorm: neither concerns training, so both stay quiet here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            writer.add_graph(model, next(iter(test_data))[0][:2].to(device))
+    with StopRequest() as stop:
+        n_params = utils.count_parameters(model)[0]
+        print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} epochs, "
+              f"batch {args.b}, {len(train_data.dataset):,} training images, on {device}; "
+              f"checkpoints in {ckpt_dir}, logs in {log_dir}")
+
+        def save_checkpoint(path, next_epoch, step, epoch_rng):
+            utils.save_atomic({
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": next_epoch, "step": step, "rng": epoch_rng,
+                "running": running.tolist(), "best": best, "history": history, "args": vars(args),
+            }, path)
+
+        started = time.time()
+        steps_here, estimate_pending = 0, device.type == "cpu"
+        while epoch < args.epochs:
+            epoch_rng = rng_state(generator)
+            model.train()
+            recent_losses = []
+            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True)
+            epoch_start = time.time()
+            for step, (images, labels) in enumerate(train_data):
+                if step < start_step:  # a mid-epoch resume: replay the data order and augmentations
+                    continue
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                logits = model(images)
+                loss = criterion(logits, labels)
+                if args.nam_l1:
+                    loss = loss + nam_l1_penalty(model, args.nam_l1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+
+                loss = loss.detach()
+                top1 = utils.topk_correct(logits, labels, ks=(1,))[0]
+                running += torch.stack([loss.double() * len(labels), top1.double(),
+                                        torch.tensor(len(labels), dtype=torch.float64, device=device)])
+                recent_losses.append(loss)
+                bar.update()
+                last_step = step + 1 == steps_per_epoch
+                if len(recent_losses) == NAN_CHECK_EVERY or last_step or stop.signal:
+                    finite = torch.isfinite(torch.stack(recent_losses))
+                    if not finite.all():
+                        bad_step = step + 1 - len(recent_losses) + int((~finite).int().argmax()) + 1
+                        raise_divergence(epoch + 1, bad_step, ckpt_dir)
+                    recent_losses = []
+                    images_per_s = (step + 1 - start_step) * args.b / (time.time() - epoch_start)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}",
+                                    img_s=f"{images_per_s:.0f}")
+                steps_here += 1
+                if estimate_pending and steps_here == 1:
+                    first_step_done = time.time()  # the first step is slower: time the next five
+                elif estimate_pending and steps_here == 6:
+                    estimate_pending = False
+                    epoch_min = (time.time() - first_step_done) / 5 * steps_per_epoch / 60
+                    tqdm.write(f"warning: no GPU; about {epoch_min:.1f} min per epoch, "
+                               f"{epoch_min * (args.epochs - epoch) / 60:.1f} h for the remaining "
+                               f"{args.epochs - epoch} epochs")
+                if stop.signal and not last_step:
+                    bar.close()
+                    save_checkpoint(ckpt_dir / "last.pth", epoch, step + 1, epoch_rng)
+                    writer.close()
+                    print(f"saved {ckpt_dir / 'last.pth'} (epoch {epoch + 1}, step {step + 1}); resume with:\n"
+                          f"  python train_cifar100.py --resume {ckpt_dir}")
+                    return 128 + stop.signal
+            bar.close()
+
+            loss_sum, hits, seen = running.tolist()
+            train_stats = {"loss": loss_sum / seen, "top1": 100 * hits / seen}
+            test_stats = utils.evaluate(model, test_data, device)
+            epoch += 1
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
+                   "test_loss": test_stats["loss"], "test_top1": test_stats["top1"], "test_top5": test_stats["top5"],
+                   "seconds": round(time.time() - epoch_start, 2)}
+            history.append(row)
+            for tag, value in (("Train/loss", row["train_loss"]), ("Train/top1", row["train_top1"]),
+                               ("Train/lr", lr), ("Test/loss", row["test_loss"]),
+                               ("Test/top1", row["test_top1"]), ("Test/top5", row["test_top5"])):
+                writer.add_scalar(tag, value, epoch)
+            writer.flush()
+            is_best = test_stats["top1"] > best["top1"]
+            if is_best:
+                best = {"top1": test_stats["top1"], "top5": test_stats["top5"], "epoch": epoch}
+            running.zero_()
+            start_step = 0
+            write_metrics_csv(ckpt_dir / "metrics.csv", history)
+            save_checkpoint(ckpt_dir / "last.pth", epoch, 0, rng_state(generator))
+            if is_best:
+                save_checkpoint(ckpt_dir / "best.pth", epoch, 0, rng_state(generator))
+            print(f"epoch {epoch}/{args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
+                  f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
+                  f"top-5 {row['test_top5']:.2f}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
+            if stop.signal:
+                writer.close()
+                print(f"stopped after epoch {epoch}; resume with:\n  python train_cifar100.py --resume {ckpt_dir}")
+                return 128 + stop.signal
+
+        final = history[-1]
+        log_hparams(writer, args, final, best)
+        writer.close()
+        print(f"done in {(time.time() - started) / 60:.1f} min. final (epoch {final['epoch']}): top-1 "
+              f"{final['test_top1']:.2f} top-5 {final['test_top5']:.2f}; best (epoch {best['epoch']}, picked "
+              f"on the test set): top-1 {best['top1']:.2f} top-5 {best['top5']:.2f}")
+        return 0
+
+
+def raise_divergence(epoch, step, ckpt_dir):
+    last = ckpt_dir / "last.pth"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    raise Diverged(f"the loss became NaN or infinite at epoch {epoch}, step {step}; training stopped, "
+                   f"{kept}. Try a lower -lr or a warm-up (-warm 1).")
+
+
+class Diverged(UserError):
+    pass
+
+
+def log_hparams(writer, args, final, best):
+    hparam_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    metrics = {"hparam/final_top1": final["test_top1"], "hparam/final_top5": final["test_top5"],
+               "hparam/best_top1": best["top1"]}
+    for summary in hparams(hparam_dict, metrics):
+        writer.file_writer.add_summary(summary)
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, final["epoch"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,6 @@
 import argparse
 import sys
 
-import torch
-
 import models
 import utils
 from conf import settings
@@ -23,7 +21,8 @@ def parse_args(argv=None):
     p.add_argument("-weights", "--weights", required=True, help="a checkpoint file, or a run folder (its last.pth)")
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=256)
     p.add_argument("--data", default=settings.DATA_DIR, help="dataset root")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes (default 4, 0 on CPU)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
+                   help="autocast dtype (default bf16 on GPUs that support it, else off)")
     args = p.parse_args(argv)
     if args.b <= 0:
         p.error(f"-b must be positive, got {args.b}")
@@ -47,18 +46,18 @@ def test(args):
     net, att = args.net or saved["net"], args.att or saved["att"]
     if (net, att) != (saved["net"], saved["att"]):
         raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    speed = utils.SpeedSettings.resolve(utils.default_device(), amp=args.amp)
 
     model = models.create_model(net, att, settings.NUM_CLASSES)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
-    model.to(device)
+    model.to(speed.device, memory_format=speed.memory_format)
     utils.ensure_cifar100(args.data)
-    loader = utils.test_loader(args.data, settings.RECIPES[saved["recipe"]], args.b, workers)
-    stats = utils.evaluate(model, loader, device)
+    dataset = utils.CIFAR100Folder(args.data, train=False)
+    loader = utils.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
+    stats = utils.evaluate(model, loader, speed)
     total, no_norm = utils.count_parameters(model)
 
     print(f"{path}: {net} + {att}, recipe {saved['recipe']}, after {checkpoint['epoch']} epochs, "

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from utils import UserError
 
 CHECKPOINT_FORMAT = 1
 # Arguments a resumed run may change; every other one is taken from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "data", "workers")
+RESUMABLE_OVERRIDES = ("epochs", "data", "workers", "loader", "amp", "channels_last", "compile")
 NAN_CHECK_EVERY = 50  # steps between finiteness checks of the loss (each one waits for the GPU)
 
 
@@ -62,7 +61,16 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive(int), default=None, help=f"default {settings.EPOCHS}")
     p.add_argument("--data", default=None, help=f"dataset root (default {settings.DATA_DIR})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="data loader processes (default 4, 0 on CPU)")
+    p.add_argument("--workers", type=int, default=None, help="--loader workers: processes (default 4, 0 on CPU)")
+    p.add_argument("--loader", choices=("device", "workers"), default=None,
+                   help="device: data kept and augmented on the training device (default); "
+                        "workers: torchvision transforms in DataLoader processes (the classic scripts)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
+                   help="autocast dtype (default bf16 on GPUs that support it, else off)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default on CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default off)")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES))
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,
@@ -138,16 +146,6 @@ def make_output_dirs(args):
     return ckpt_dir, log_dir
 
 
-def train_loader(args, recipe, generator):
-    dataset = utils.CIFAR100Folder(args.data, train=True, transform=utils.train_transform(recipe))
-    if args.subset:
-        dataset.truncate(args.subset)
-    # The loader's own generator draws the shuffle and the workers' seeds: its state at the start of
-    # an epoch (saved in checkpoints) replays that epoch exactly.
-    return DataLoader(dataset, batch_size=args.b, shuffle=True, generator=generator, num_workers=args.workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
-
 def rng_state(generator):
     return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -191,25 +189,34 @@ def train(args):
     recipe = settings.RECIPES[args.recipe]
     args.warm = recipe["warm"] if args.warm is None else args.warm
     args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils.default_device()
+    speed = utils.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile)
+    args.amp, args.channels_last, args.compile = speed.amp, speed.channels_last, speed.compile
+    args.loader = args.loader or "device"
     if args.workers is None:
         args.workers = 4 if device.type == "cuda" else 0
     utils.ensure_cifar100(args.data)
     ckpt_dir, log_dir = make_output_dirs(args)
-    generator = torch.Generator()
+    train_set, test_set = utils.CIFAR100Folder(args.data, train=True), utils.CIFAR100Folder(args.data, train=False)
+    if args.subset:
+        train_set.truncate(args.subset)
+    generator = torch.Generator(device if args.loader == "device" else "cpu")
     generator.manual_seed(args.seed)
-    train_data = train_loader(args, recipe, generator)
-    test_data = utils.test_loader(args.data, recipe, max(args.b, 256), args.workers)
+    train_data = utils.make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator)
+    test_data = utils.make_loader(args.loader, test_set, max(args.b, 256), recipe, device, False, args.workers)
     steps_per_epoch = len(train_data)
 
     torch.manual_seed(args.seed)
     model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
     utils.initialise(model, recipe)
-    model.to(device)
+    model.to(device, memory_format=speed.memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=settings.MOMENTUM,
                                 weight_decay=settings.WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: utils.lr_factor(step, steps_per_epoch, args.warm))
+    scaler = speed.grad_scaler()
+    # Compiled code runs the steps; `model` keeps the plain module for checkpoints and the graph.
+    train_model = torch.compile(model) if speed.compile else model
     criterion = nn.CrossEntropyLoss()
 
     # Where to start: (epoch, step within it), with the RNG state as it was when that epoch began.
@@ -223,6 +230,7 @@ def train(args):
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
             set_rng_state(checkpoint["rng"], generator)
             epoch, start_step = checkpoint["epoch"], checkpoint["step"]
             best, history = checkpoint["best"], checkpoint["history"]
@@ -243,7 +251,7 @@ def train(args):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            writer.add_graph(model, next(iter(test_data))[0][:2].to(device))
+            writer.add_graph(model, speed.inputs(next(iter(test_data))[0][:2]))
     with StopRequest() as stop:
         n_params = utils.count_parameters(model)[0]
         print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} epochs, "
@@ -253,7 +261,7 @@ def train(args):
         def save_checkpoint(path, next_epoch, step, epoch_rng):
             utils.save_atomic({
                 "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": next_epoch, "step": step, "rng": epoch_rng,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": next_epoch, "step": step, "rng": epoch_rng,
                 "running": running.tolist(), "best": best, "history": history, "args": vars(args),
             }, path)
 
@@ -266,17 +274,17 @@ def train(args):
             bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="batch", leave=False, dynamic_ncols=True)
             epoch_start = time.time()
-            for step, (images, labels) in enumerate(train_data):
-                if step < start_step:  # a mid-epoch resume: replay the data order and augmentations
-                    continue
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                logits = model(images)
-                loss = criterion(logits, labels)
+            for step, (images, labels) in utils.batches(train_data, start_step):
+                images, labels = speed.inputs(images), labels.to(device, non_blocking=True)
+                with speed.autocast():
+                    logits = train_model(images)
+                    loss = criterion(logits, labels)
                 if args.nam_l1:
                     loss = loss + nam_l1_penalty(model, args.nam_l1)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()  # a no-op scale unless --amp fp16
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
 
                 loss = loss.detach()
@@ -315,7 +323,7 @@ def train(args):
 
             loss_sum, hits, seen = running.tolist()
             train_stats = {"loss": loss_sum / seen, "top1": 100 * hits / seen}
-            test_stats = utils.evaluate(model, test_data, device)
+            test_stats = utils.evaluate(train_model, test_data, speed)
             epoch += 1
             lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],

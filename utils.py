@@ -1,9 +1,12 @@
 """Helpers shared by the scripts: data, schedules, checkpoints, metrics, parameter and FLOP counts."""
 import bisect
 import hashlib
+import itertools
+import math
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +32,12 @@ CIFAR_LAYOUT = (f"<root>/{CIFAR_FOLDER}/ with the files train, test and meta "
                 "(Python pickles, as in the official cifar-100-python.tar.gz)")
 
 
-class CIFAR100Folder(Dataset):
-    """CIFAR-100 read from `<root>/cifar-100-python/`, the official on-disk format.
+class ImageArray(Dataset):
+    """Images held as an (N, 32, 32, 3) uint8 array with integer labels; PIL images go through
+    `transform`, as torchvision's datasets do."""
 
-    Unlike torchvision's CIFAR100, a folder whose files differ from the official ones (a subset, a
-    custom set) is accepted with a warning instead of refused. `data` is (N, 32, 32, 3) uint8.
-    """
-
-    def __init__(self, root, train: bool, transform=None):
-        folder = Path(root) / CIFAR_FOLDER
-        split = "train" if train else "test"
-        self.data, self.targets = _read_split(folder / split)
-        self.classes = [name.decode() if isinstance(name, bytes) else name
-                        for name in _read_pickle(folder / "meta")["fine_label_names"]]
-        self.transform = transform
-        _warn_if_unofficial(folder, split)
+    def __init__(self, data: np.ndarray, targets: list, transform=None):
+        self.data, self.targets, self.transform = data, targets, transform
 
     def __len__(self):
         return len(self.targets)
@@ -55,6 +49,22 @@ class CIFAR100Folder(Dataset):
     def truncate(self, n: int) -> None:
         """Keep the first n images (for quick trials)."""
         self.data, self.targets = self.data[:n], self.targets[:n]
+
+
+class CIFAR100Folder(ImageArray):
+    """CIFAR-100 read from `<root>/cifar-100-python/`, the official on-disk format.
+
+    Unlike torchvision's CIFAR100, a folder whose files differ from the official ones (a subset, a
+    custom set) is accepted with a warning instead of refused.
+    """
+
+    def __init__(self, root, train: bool, transform=None):
+        folder = Path(root) / CIFAR_FOLDER
+        split = "train" if train else "test"
+        super().__init__(*_read_split(folder / split), transform)
+        self.classes = [name.decode() if isinstance(name, bytes) else name
+                        for name in _read_pickle(folder / "meta")["fine_label_names"]]
+        _warn_if_unofficial(folder, split)
 
 
 def _read_pickle(path: Path) -> dict:
@@ -112,10 +122,178 @@ def test_transform(recipe: dict):
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
 
 
-def test_loader(root, recipe: dict, batch_size: int, workers: int) -> DataLoader:
-    dataset = CIFAR100Folder(root, train=False, transform=test_transform(recipe))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+CROP_PADDING = 4
+
+
+def rotation_sources(angles, height: int, width: int):
+    """For torchvision's rotate (nearest, about the centre) by each angle: the (column, row) that every
+    output pixel reads, each (B, H, W) float, possibly outside the image. Same float operations as
+    torchvision's affine grid, rounded half-to-even as grid_sample's nearest mode does."""
+    device = angles.device
+    radians = torch.deg2rad(angles.double()).view(-1, 1, 1)
+    cos, sin = radians.cos().float(), radians.sin().float()
+    x = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device).view(1, 1, -1)
+    y = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, device=device).view(1, -1, 1)
+    half_width = torch.tensor(0.5 * width, device=device)
+    half_height = torch.tensor(0.5 * height, device=device)
+    # torchvision's inverse matrix for rotate(angle) is [[cos, -sin], [sin, cos]], scaled to [-1, 1].
+    grid_x = x * (cos / half_width) + y * (-sin / half_width)
+    grid_y = x * (sin / half_height) + y * (cos / half_height)
+    columns = ((grid_x + 1) * width - 1) / 2
+    rows = ((grid_y + 1) * height - 1) / 2
+    return columns.round_(), rows.round_()  # whole numbers, kept as float to avoid conversions
+
+
+def augment(images, offsets, flips, angles, mean, std):
+    """A batch's RandomCrop(32, padding=4), RandomHorizontalFlip, RandomRotation (nearest, zero fill),
+    ToTensor and Normalize, with one gather for the three geometric steps: uint8 (B, C, H, W) -> normalized float32.
+
+    offsets: (B, 2) crop top/left in the padded image; flips: (B,) bool; angles: (B,) degrees or None;
+    mean, std: (C,) tensors. Per image this computes exactly what torchvision computes with the same
+    parameters (tested). Each output pixel's source is traced back through the three steps in
+    reverse: rotation, then flip, then crop.
+    """
+    batch, channels, height, width = images.shape
+    device = images.device
+    # Source positions in float (exact for these small whole numbers): one conversion at the end.
+    rows = torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1)
+    columns = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1)
+    if angles is not None:
+        columns, rows = rotation_sources(angles, height, width)
+        inside = (rows >= 0) & (rows <= height - 1) & (columns >= 0) & (columns <= width - 1)
+    columns = torch.where(flips[:, None, None], (width - 1) - columns, columns)
+    padded = nn.functional.pad(images, (CROP_PADDING,) * 4)
+    offsets = offsets.float()
+    source = (rows + offsets[:, :1, None]) * (width + 2 * CROP_PADDING) + (columns + offsets[:, 1:, None])
+    if angles is not None:
+        source = torch.where(inside, source, 0)  # pixel (0, 0) of the padded image: always fill (zero)
+    index = source.long().view(batch, 1, -1).expand(batch, channels, -1)
+    pixels = padded.flatten(2).gather(2, index)
+    return normalize(pixels, mean, std).view(batch, channels, height, width)
+
+
+def normalize(pixels, mean, std):
+    """uint8 (B, C, ...) -> float32: ToTensor then Normalize, the same operations in the same order."""
+    shape = (1, -1) + (1,) * (pixels.dim() - 2)
+    return pixels.float().div_(255).sub_(mean.view(shape)).div_(std.view(shape))
+
+
+class DeviceLoader:
+    """The images kept on the training device as uint8 and augmented there a whole batch at a time.
+
+    Per-image CPU transforms in worker processes cannot feed a modern GPU; this computes the same
+    transforms (`augment`) with the same parameter distributions: crop offsets uniform on 0..8, flip
+    with probability 1/2, angle uniform on (-r, r). An epoch's order and parameters are drawn from
+    `generator` when the epoch starts, so that it can be started at any step (`iterate`).
+    """
+
+    def __init__(self, dataset: ImageArray, batch_size: int, recipe: dict, device, generator=None, train=True):
+        self.dataset = dataset
+        self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+        self.labels = torch.as_tensor(dataset.targets, device=device)
+        self.batch_size, self.train, self.generator = batch_size, train, generator
+        self.rotation = recipe["rotation"]
+        self.mean = torch.tensor(recipe["mean"], device=device)
+        self.std = torch.tensor(recipe["std"], device=device)
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def epoch_parameters(self, n):
+        """(order, crop offsets, flips, angles or None) for the n draws of one epoch."""
+        g, device = self.generator, self.images.device
+        order = torch.randperm(n, generator=g, device=device)
+        offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=g, device=device)
+        flips = torch.rand(n, generator=g, device=device) < 0.5
+        angles = (torch.empty(n, device=device).uniform_(-self.rotation, self.rotation, generator=g)
+                  if self.rotation else None)
+        return order, offsets, flips, angles
+
+    def iterate(self, start_step: int = 0):
+        n = len(self.labels)
+        if self.train:
+            order, offsets, flips, angles = self.epoch_parameters(n)
+        for step in range(start_step, len(self)):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            if self.train:
+                index = order[batch]
+                images = augment(self.images[index], offsets[batch], flips[batch],
+                                 None if angles is None else angles[batch], self.mean, self.std)
+            else:
+                index = slice(batch.start, min(batch.stop, n))
+                images = normalize(self.images[index], self.mean, self.std)
+            yield images, self.labels[index]
+
+
+def batches(loader, start_step: int = 0):
+    """(step, (images, labels)) from start_step on. A DeviceLoader jumps there; a DataLoader replays
+    the skipped batches, so that the augmentations drawn after them are the same as without a skip."""
+    if isinstance(loader, DeviceLoader):
+        return enumerate(loader.iterate(start_step), start_step)
+    return itertools.islice(enumerate(loader), start_step, None)
+
+
+def make_loader(kind: str, dataset: ImageArray, batch_size: int, recipe: dict, device, train: bool,
+                workers: int = 0, generator=None):
+    """`kind` "device" (DeviceLoader) or "workers" (torchvision transforms in a DataLoader)."""
+    if kind == "device":
+        return DeviceLoader(dataset, batch_size, recipe, device, generator, train)
+    dataset.transform = train_transform(recipe) if train else test_transform(recipe)
+    # The loader's own generator draws the shuffle and the workers' seeds: its state at the start of
+    # an epoch replays that epoch exactly.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+# ---------------------------------------------------------------- device and speed settings
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@dataclass
+class SpeedSettings:
+    """How the model runs on `device`: autocast dtype, memory format, torch.compile."""
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def resolve(cls, device, amp=None, channels_last=None, compile=None) -> "SpeedSettings":
+        """Fill unset options with the defaults for the device."""
+        cuda = device.type == "cuda"
+        if amp is None:
+            # bf16 halves memory traffic and runs on tensor cores (or AVX512-BF16/AMX units), with
+            # fp32's range: no loss scaling.
+            amp = "bf16" if (torch.cuda.is_bf16_supported() if cuda else native_cpu_bf16()) else "off"
+        # NHWC is the layout cuDNN's tensor-core convolutions want; NCHW would cost transposes.
+        channels_last = cuda if channels_last is None else channels_last
+        return cls(device, amp, channels_last, bool(compile))
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def grad_scaler(self):
+        # fp16's narrow range needs the loss scaled up so that small gradients do not flush to zero.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
 
 # ---------------------------------------------------------------- model initialisation and schedule
@@ -152,13 +330,15 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> dict:
+def evaluate(model: nn.Module, loader, speed: "SpeedSettings") -> dict:
     """Mean loss per image and top-1/top-5 accuracy (%) over the whole loader."""
     model.eval()
+    device = speed.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
+        images, labels = speed.inputs(images), labels.to(device, non_blocking=True)
+        with speed.autocast():
+            logits = model(images)
         top1, top5 = topk_correct(logits, labels)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         totals += torch.stack([loss.double(), top1.double(), top5.double(),

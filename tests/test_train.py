@@ -120,10 +120,15 @@ def test_resume_is_bitwise_identical(reference, data_root, tmp_path):
     assert all(steps[tag] == [1, 2] for tag in TAGS)
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference, data_root, tmp_path):
-    ref_base, _ = reference
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, reference, data_root, tmp_path):
+    if loader == "device":  # the default
+        ref_base = reference[0]
+    else:
+        ref_base = tmp_path
+        assert train(data_root, ref_base, "ref", "--epochs", "2", "--loader", loader) == 0
     cmd = [sys.executable, "-u", str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
-           *out_args(tmp_path, "killed"), "--epochs", "2"]
+           *out_args(tmp_path, "killed"), "--epochs", "2", "--loader", loader]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the header is printed once Ctrl-C/SIGTERM are handled
         if "checkpoints in" in line:
@@ -134,6 +139,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference, data_root, tmp_p
     assert "resume with" in out and "--resume" in out
     saved = weights(run_dir(tmp_path, "killed") / "last.pth")
     assert saved["epoch"] == 0 and 1 <= saved["step"] < 5  # stopped inside the first epoch
+    assert saved["args"]["loader"] == loader
 
     assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "killed"))]) == 0
     expected = weights(run_dir(ref_base, "ref") / "last.pth")["model"]

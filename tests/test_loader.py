@@ -1,0 +1,197 @@
+"""The device-resident data path against torchvision, the speed options, and benchmark.py."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import train_cifar100
+import utils
+from conf import settings
+from fake_cifar import write_fake_cifar100
+from models.attention import EMA
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIC = settings.RECIPES["classic"]
+MEAN, STD = torch.tensor(CLASSIC["mean"]), torch.tensor(CLASSIC["std"])
+
+
+def random_batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    offsets = torch.randint(0, 9, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    angles = torch.empty(n).uniform_(-15, 15, generator=g)
+    return images, offsets, flips, angles
+
+
+def torchvision_pil(image, top, left, flip, angle):
+    """torchvision's PIL pipeline with these parameters: pad, crop, flip, rotate, ToTensor, Normalize."""
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    pil = TF.crop(TF.pad(pil, 4), top, left, 32, 32)
+    if flip:
+        pil = TF.hflip(pil)
+    if angle is not None:
+        pil = TF.rotate(pil, angle, interpolation=InterpolationMode.NEAREST)
+    return TF.normalize(TF.to_tensor(pil), CLASSIC["mean"], CLASSIC["std"])
+
+
+def torchvision_tensor(image, top, left, flip, angle):
+    """The same pipeline through torchvision's tensor implementations."""
+    x = TF.crop(TF.pad(image, [4]), top, left, 32, 32)
+    if flip:
+        x = TF.hflip(x)
+    if angle is not None:
+        x = TF.rotate(x, angle, interpolation=InterpolationMode.NEAREST)
+    return TF.normalize(x.float().div(255), CLASSIC["mean"], CLASSIC["std"])
+
+
+def test_crop_and_flip_equal_torchvision_exactly():
+    images, offsets, flips, _ = random_batch(64)
+    out = utils.augment(images, offsets, flips, None, MEAN, STD)
+    assert flips.any() and not flips.all()
+    for i in range(len(images)):
+        top, left = offsets[i].tolist()
+        assert torch.equal(out[i], torchvision_pil(images[i], top, left, bool(flips[i]), None)), i
+
+
+def test_rotation_equals_torchvision():
+    images, offsets, flips, angles = random_batch(64, seed=1)
+    out = utils.augment(images, offsets, flips, angles, MEAN, STD)
+    differing = 0
+    for i in range(len(images)):
+        top, left = offsets[i].tolist()
+        args = (images[i], top, left, bool(flips[i]), float(angles[i]))
+        assert torch.equal(out[i], torchvision_tensor(*args)), i
+        differing += (out[i] != torchvision_pil(*args)).any(0).sum().item()
+    # PIL's own nearest rotation rounds a few boundary pixels differently from torchvision's tensor one.
+    assert differing / (64 * 32 * 32) < 1e-3
+
+
+def test_random_parameters_have_torchvision_distributions():
+    n = 90_000
+    loader = utils.DeviceLoader(utils.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
+                                torch.device("cpu"), torch.Generator().manual_seed(0))
+    order, offsets, flips, angles = loader.epoch_parameters(n)
+    assert torch.equal(order.sort().values, torch.arange(n))
+    # torchvision: RandomCrop offsets uniform on 0..8, flip with p = 1/2, angle uniform on (-15, 15).
+    crop = transforms.RandomCrop(32, padding=4)
+    torchvision_offsets = {crop.get_params(torch.zeros(3, 40, 40), (32, 32))[0] for _ in range(500)}
+    assert torchvision_offsets == set(range(9))
+    for axis in range(2):
+        counts = torch.bincount(offsets[:, axis], minlength=9).float()
+        assert len(counts) == 9 and torch.allclose(counts / n, torch.full((9,), 1 / 9), rtol=0.05)
+    assert abs(flips.float().mean().item() - 0.5) < 0.01
+    assert angles.min() >= -15 and angles.max() <= 15
+    assert abs(angles.mean().item()) < 0.2
+    assert abs(angles.var().item() - 15 ** 2 / 3) < 2  # variance of U(-15, 15)
+    assert transforms.RandomRotation(15).degrees == [-15.0, 15.0]
+
+
+def test_paper_recipe_has_no_rotation():
+    loader = utils.DeviceLoader(utils.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
+                                settings.RECIPES["paper"], torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert loader.epoch_parameters(8)[3] is None
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=100, n_test=50)
+
+
+def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
+    dataset = utils.CIFAR100Folder(data_root, train=True)
+
+    def epochs(seed):
+        loader = utils.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+                                   generator=torch.Generator().manual_seed(seed))
+        return [list(loader) for _ in range(2)]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    assert [len(b[0]) for b in first[0]] == [32, 32, 32, 4]
+    assert sorted(torch.cat([b[1] for b in first[0]]).tolist()) == sorted(dataset.targets)
+    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert same(first[0], again[0]) and same(first[1], again[1])
+    assert not same(first[0], first[1]) and not same(first[0], other[0])
+    # Starting an epoch at step 2 gives the same batches as running through steps 0 and 1.
+    loader = utils.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+                               generator=torch.Generator().manual_seed(0))
+    skipped = [batch for _, batch in utils.batches(loader, 2)]
+    assert same(skipped, first[0][2:])
+
+
+def test_device_and_workers_test_loaders_agree(data_root):
+    dataset = utils.CIFAR100Folder(data_root, train=False)
+    device = list(utils.make_loader("device", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    workers = list(utils.make_loader("workers", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    assert len(device) == len(workers) == 4
+    for (a, la), (b, lb) in zip(device, workers):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_bf16_and_channels_last_training(data_root, tmp_path):
+    argv = ["-net", "resnet18", "-att", "ema", "-b", "16", "--subset", "48", "--epochs", "1", "--data", str(data_root),
+            "--amp", "bf16", "--channels-last", "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"),
+            "--run", "fast"]
+    assert train_cifar100.main(argv) == 0
+    checkpoint = torch.load(tmp_path / "c/resnet18_ema/fast/last.pth", weights_only=True)
+    assert checkpoint["args"]["amp"] == "bf16" and checkpoint["args"]["channels_last"] is True
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert checkpoint["model"]["layer1.0.residual.0.weight"].dtype == torch.float32  # autocast keeps fp32 weights
+
+
+def test_speed_settings_step():
+    speed = utils.SpeedSettings(torch.device("cpu"), amp="bf16", channels_last=True)
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=speed.memory_format)
+    images = speed.inputs(torch.randn(2, 3, 8, 8))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    with speed.autocast():
+        out = conv(images)
+    assert out.dtype == torch.bfloat16
+    assert not speed.grad_scaler().is_enabled()
+    assert utils.SpeedSettings(torch.device("cpu"), amp="fp16").grad_scaler().is_enabled()
+    resolved = utils.SpeedSettings.resolve(torch.device("cpu"))
+    assert resolved.amp == ("bf16" if utils.native_cpu_bf16() else "off") and not resolved.channels_last
+
+
+def test_compile_matches_eager_within_bf16_tolerance():
+    speed = utils.SpeedSettings(torch.device("cpu"), amp="bf16")
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+
+    def losses(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), EMA(32, 8),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        step_model = torch.compile(model) if compiled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = []
+        for _ in range(3):
+            with speed.autocast():
+                loss = nn.functional.cross_entropy(step_model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.item())
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, rel=1e-2)  # bf16 keeps 8 bits of mantissa
+
+
+def test_benchmark_runs_end_to_end():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "-net", "resnet18", "-att", "ema",
+                             "-b", "4", "--steps", "1", "--warmup", "1", "--data", "/nonexistent"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("workers loader (0 workers)", "device / workers per core", "classic  workers loader, fp32",
+                 "fast     device loader", "fast / classic", "random images of CIFAR's shape"):
+        assert line in out, out

@@ -16,10 +16,12 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 import utils
 from conf import settings
+from models.attention import EMA
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
 GPU_PEAK_FLOPS = {
@@ -119,6 +121,59 @@ def train_rate(args, loader, speed: utils.SpeedSettings) -> float:
     return args.steps * args.b / (time.perf_counter() - start)
 
 
+class UpstreamStyleEMA(EMA):
+    """The authors' sequence of operations (adaptive pools, a sigmoid per strip, two matmuls and an
+    add), for timing against ours; the same math, tested equal in tests/test_loader.py."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        g = x.reshape(b * self.groups, -1, h, w)
+        x_h = nn.functional.adaptive_avg_pool2d(g, (h, 1))
+        x_w = nn.functional.adaptive_avg_pool2d(g, (1, w)).permute(0, 1, 3, 2)
+        hw = self.conv1x1(torch.cat([x_h, x_w], dim=2))
+        x_h, x_w = torch.split(hw, [h, w], dim=2)
+        x1 = self.gn(g * x_h.sigmoid() * x_w.permute(0, 1, 3, 2).sigmoid())
+        x2 = self.conv3x3(g)
+        k = c // self.groups
+        a1 = nn.functional.adaptive_avg_pool2d(x1, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
+        a2 = nn.functional.adaptive_avg_pool2d(x2, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
+        weights = (a1 @ x2.reshape(b * self.groups, k, -1) + a2 @ x1.reshape(b * self.groups, k, -1))
+        return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each one kernel launch or more on a GPU)."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ema_comparison(device, batch: int, repeats: int):
+    """Forward + backward of one EMA at ResNet50's first-stage shape: ours against upstream's ops."""
+    x = torch.randn(batch, 256, 32, 32, device=device, requires_grad=True)
+    results = {}
+    for name, cls in (("ours", EMA), ("upstream", UpstreamStyleEMA)):
+        torch.manual_seed(0)
+        module = cls(256).to(device)
+        with OpCounter() as counter:
+            out = module(x)
+        out.sum().backward()
+        for _ in range(2):
+            module(x).sum().backward()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            module(x).sum().backward()
+        synchronize(device)
+        results[name] = ((time.perf_counter() - start) / repeats * 1e3, counter.count)
+    return results
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -170,6 +225,13 @@ def main(argv=None):
     print(f"  fast / classic: {fast_rate / classic_rate:.2f}x")
     epoch_minutes = 50_000 / fast_rate / 60
     print(f"  200 epochs of 50,000 images at the fast rate: {200 * epoch_minutes / 60:.2f} h")
+
+    if args.att == "ema":
+        ema = ema_comparison(device, args.b, max(args.steps, 3))
+        print(f"\nEMA alone, forward + backward, input ({args.b}, 256, 32, 32):")
+        for name, (ms, ops) in ema.items():
+            print(f"  {name:<9} {ms:8.2f} ms   {ops:3d} ATen ops in the forward")
+        print(f"  upstream / ours: {ema['upstream'][0] / ema['ours'][0]:.2f}x time")
 
     if device.type == "cuda":
         name = device_name(device)

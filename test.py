@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=256)
     p.add_argument("--data", default=settings.DATA_DIR, help="dataset root")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast dtype (default bf16 on GPUs that support it, else off)")
+                   help="autocast dtype (default bf16 on GPUs and CPUs that compute it natively, else off)")
     args = p.parse_args(argv)
     if args.b <= 0:
         p.error(f"-b must be positive, got {args.b}")

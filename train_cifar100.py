@@ -66,7 +66,7 @@ def parse_args(argv=None):
                    help="device: data kept and augmented on the training device (default); "
                         "workers: torchvision transforms in DataLoader processes (the classic scripts)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast dtype (default bf16 on GPUs that support it, else off)")
+                   help="autocast dtype (default bf16 on GPUs and CPUs that compute it natively, else off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format (default on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -12,34 +12,41 @@ from torch import nn
 AttentionFactory = Optional[Callable[[int], nn.Module]]
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
+class ResidualBlock(nn.Module):
+    """relu(attention(residual(x)) + shortcut(x)): the attention sits on the residual branch's output."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+    def __init__(self, residual: nn.Module, in_planes: int, out_planes: int, stride: int,
+                 attention: AttentionFactory):
         super().__init__()
-        out = planes * self.expansion
-        self.residual = nn.Sequential(
-            nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out),
-        )
-        self.attention = attention(out) if attention else nn.Identity()
-        self.shortcut = _shortcut(in_planes, out, stride)
+        self.residual = residual
+        self.attention = attention(out_planes) if attention else nn.Identity()
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.attention(self.residual(x)) + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
+class BasicBlock(ResidualBlock):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+        out = planes * self.expansion
+        super().__init__(nn.Sequential(
+            nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out),
+        ), in_planes, out, stride, attention)
+
+
+class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
-        super().__init__()
         out = planes * self.expansion
-        self.residual = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(in_planes, planes, 1, bias=False),
             nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
@@ -48,13 +55,7 @@ class Bottleneck(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(planes, out, 1, bias=False),
             nn.BatchNorm2d(out),
-        )
-        self.attention = attention(out) if attention else nn.Identity()
-        self.shortcut = _shortcut(in_planes, out, stride)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.attention(self.residual(x)) + self.shortcut(x))
+        ), in_planes, out, stride, attention)
 
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:

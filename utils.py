@@ -7,14 +7,16 @@ import os
 import pickle
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
@@ -23,6 +25,70 @@ from conf import settings
 
 class UserError(Exception):
     """A problem with the user's input or environment: reported as a message, never a traceback."""
+
+
+# ---------------------------------------------------------------- processes
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch; rank 0 of 1 without one."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self) -> torch.device:
+        """Join the process group (NCCL on GPUs, gloo on CPUs); return this process's device."""
+        device = default_device()
+        if not self.enabled:
+            return device
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        return device
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the sum over all ranks."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the element-wise maximum over all ranks."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's BatchNorm statistics everywhere, so every rank evaluates the weights it saves."""
+        if self.enabled:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
+
+SINGLE_PROCESS = Distributed()
 
 
 # ---------------------------------------------------------------- data
@@ -185,9 +251,14 @@ class DeviceLoader:
     transforms (`augment`) with the same parameter distributions: crop offsets uniform on 0..8, flip
     with probability 1/2, angle uniform on (-r, r). An epoch's order and parameters are drawn from
     `generator` when the epoch starts, so that it can be started at any step (`iterate`).
+
+    Under torchrun every rank draws the same epoch (same generator state) and takes every world-th
+    draw; a training epoch is padded by wrapping so that all ranks run the same number of steps, the
+    test set is not, so that the shards cover it exactly once.
     """
 
-    def __init__(self, dataset: ImageArray, batch_size: int, recipe: dict, device, generator=None, train=True):
+    def __init__(self, dataset: ImageArray, batch_size: int, recipe: dict, device, generator=None, train=True,
+                 processes: Distributed = SINGLE_PROCESS):
         self.dataset = dataset
         self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         self.labels = torch.as_tensor(dataset.targets, device=device)
@@ -195,63 +266,78 @@ class DeviceLoader:
         self.rotation = recipe["rotation"]
         self.mean = torch.tensor(recipe["mean"], device=device)
         self.std = torch.tensor(recipe["std"], device=device)
+        n = len(self.labels)
+        self.draws = math.ceil(n / processes.world) * processes.world if train else n
+        self.positions = torch.arange(processes.rank, self.draws, processes.world, device=device)
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(len(self.positions) / self.batch_size)
 
     def __iter__(self):
         return self.iterate(0)
 
-    def epoch_parameters(self, n):
-        """(order, crop offsets, flips, angles or None) for the n draws of one epoch."""
-        g, device = self.generator, self.images.device
+    def epoch_parameters(self):
+        """(order, crop offsets, flips, angles or None) for every draw of one epoch."""
+        g, device, n = self.generator, self.images.device, len(self.labels)
         order = torch.randperm(n, generator=g, device=device)
-        offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=g, device=device)
-        flips = torch.rand(n, generator=g, device=device) < 0.5
-        angles = (torch.empty(n, device=device).uniform_(-self.rotation, self.rotation, generator=g)
+        order = torch.cat([order, order[:self.draws - n]])
+        offsets = torch.randint(0, 2 * CROP_PADDING + 1, (self.draws, 2), generator=g, device=device)
+        flips = torch.rand(self.draws, generator=g, device=device) < 0.5
+        angles = (torch.empty(self.draws, device=device).uniform_(-self.rotation, self.rotation, generator=g)
                   if self.rotation else None)
         return order, offsets, flips, angles
 
     def iterate(self, start_step: int = 0):
-        n = len(self.labels)
         if self.train:
-            order, offsets, flips, angles = self.epoch_parameters(n)
+            order, offsets, flips, angles = self.epoch_parameters()
         for step in range(start_step, len(self)):
-            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            mine = self.positions[step * self.batch_size:(step + 1) * self.batch_size]
             if self.train:
-                index = order[batch]
-                images = augment(self.images[index], offsets[batch], flips[batch],
-                                 None if angles is None else angles[batch], self.mean, self.std)
+                index = order[mine]
+                images = augment(self.images[index], offsets[mine], flips[mine],
+                                 None if angles is None else angles[mine], self.mean, self.std)
             else:
-                index = slice(batch.start, min(batch.stop, n))
+                index = mine
                 images = normalize(self.images[index], self.mean, self.std)
             yield images, self.labels[index]
 
 
-def batches(loader, start_step: int = 0):
-    """(step, (images, labels)) from start_step on. A DeviceLoader jumps there; a DataLoader replays
-    the skipped batches, so that the augmentations drawn after them are the same as without a skip."""
+def batches(loader, start_step: int = 0, epoch: int = 0):
+    """(step, (images, labels)) of `epoch` from start_step on. A DeviceLoader jumps there; a DataLoader
+    replays the skipped batches, so that the augmentations drawn after them are the same as without."""
     if isinstance(loader, DeviceLoader):
         return enumerate(loader.iterate(start_step), start_step)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
     return itertools.islice(enumerate(loader), start_step, None)
 
 
 def make_loader(kind: str, dataset: ImageArray, batch_size: int, recipe: dict, device, train: bool,
-                workers: int = 0, generator=None):
-    """`kind` "device" (DeviceLoader) or "workers" (torchvision transforms in a DataLoader)."""
+                workers: int = 0, generator=None, processes: Distributed = SINGLE_PROCESS):
+    """`kind` "device" (DeviceLoader) or "workers" (torchvision transforms in a DataLoader); under
+    torchrun, this rank's shard."""
     if kind == "device":
-        return DeviceLoader(dataset, batch_size, recipe, device, generator, train)
+        return DeviceLoader(dataset, batch_size, recipe, device, generator, train, processes)
     dataset.transform = train_transform(recipe) if train else test_transform(recipe)
+    sampler = None
+    if processes.enabled and train:
+        sampler = DistributedSampler(dataset, processes.world, processes.rank, shuffle=True,
+                                     seed=generator.initial_seed())
+    elif processes.enabled:
+        dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world))
     # The loader's own generator draws the shuffle and the workers' seeds: its state at the start of
     # an epoch replays that epoch exactly.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
 
 
 # ---------------------------------------------------------------- device and speed settings
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 
 
 def native_cpu_bf16() -> bool:
@@ -330,8 +416,9 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, speed: "SpeedSettings") -> dict:
-    """Mean loss per image and top-1/top-5 accuracy (%) over the whole loader."""
+def evaluate(model: nn.Module, loader, speed: "SpeedSettings", processes: Distributed = SINGLE_PROCESS) -> dict:
+    """Mean loss per image and top-1/top-5 accuracy (%) over the loader; under torchrun, over every
+    rank's shard (the shards cover the test set once)."""
     model.eval()
     device = speed.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
@@ -343,7 +430,7 @@ def evaluate(model: nn.Module, loader, speed: "SpeedSettings") -> dict:
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         totals += torch.stack([loss.double(), top1.double(), top5.double(),
                                torch.tensor(len(labels), dtype=torch.float64, device=device)])
-    loss_sum, top1, top5, n = totals.tolist()
+    loss_sum, top1, top5, n = processes.sum(totals).tolist()
     return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
 

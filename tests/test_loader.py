@@ -79,7 +79,7 @@ def test_random_parameters_have_torchvision_distributions():
     n = 90_000
     loader = utils.DeviceLoader(utils.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
                                 torch.device("cpu"), torch.Generator().manual_seed(0))
-    order, offsets, flips, angles = loader.epoch_parameters(n)
+    order, offsets, flips, angles = loader.epoch_parameters()
     assert torch.equal(order.sort().values, torch.arange(n))
     # torchvision: RandomCrop offsets uniform on 0..8, flip with p = 1/2, angle uniform on (-15, 15).
     crop = transforms.RandomCrop(32, padding=4)
@@ -98,7 +98,7 @@ def test_random_parameters_have_torchvision_distributions():
 def test_paper_recipe_has_no_rotation():
     loader = utils.DeviceLoader(utils.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
                                 settings.RECIPES["paper"], torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert loader.epoch_parameters(8)[3] is None
+    assert loader.epoch_parameters()[3] is None
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_device_and_workers_test_loaders_agree(data_root):
 def test_bf16_and_channels_last_training(data_root, tmp_path):
     argv = ["-net", "resnet18", "-att", "ema", "-b", "16", "--subset", "48", "--epochs", "1", "--data", str(data_root),
             "--amp", "bf16", "--channels-last", "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"),
-            "--run", "fast"]
+            "--run-name", "fast"]
     assert train_cifar100.main(argv) == 0
     checkpoint = torch.load(tmp_path / "c/resnet18_ema/fast/last.pth", weights_only=True)
     assert checkpoint["args"]["amp"] == "bf16" and checkpoint["args"]["channels_last"] is True

@@ -30,7 +30,7 @@ def data_root(tmp_path_factory):
 
 
 def out_args(base: Path, run: str):
-    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run", run]
+    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
 
 
 def run_dir(base: Path, run: str, kind="checkpoint"):

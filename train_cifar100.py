@@ -4,11 +4,12 @@
     python train_cifar100.py -net resnet101 -att ca --seed 1
     python train_cifar100.py -resume                                 # continue the newest resnet50_ema run
 
-Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv} and TensorBoard logs in
+Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv,args.json} and TensorBoard logs in
 runs/<net>_<att>/<run>/. Recipes: ../shared/SPEC.md section 5 and conf/global_settings.py.
 """
 import argparse
 import csv
+import json
 import math
 import signal
 import sys
@@ -172,6 +173,10 @@ class RunOutputs:
                 probe.unlink()
             except OSError as e:
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+        # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
+        args_file = self.ckpt_dir / "args.json"
+        args_file.with_name("args.json.tmp").write_text(json.dumps(vars(args), indent=2) + "\n")
+        args_file.with_name("args.json.tmp").replace(args_file)
         # purge_step drops anything an earlier, interrupted process logged past the checkpoint.
         self.writer = SummaryWriter(self.log_dir, purge_step=purge_step)
 

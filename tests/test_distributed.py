@@ -38,7 +38,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     assert "epoch 2/2, step 0/" in resumed.stdout and resumed.stdout.count("epoch 2/2 ") == 1
 
     # Only rank 0 wrote: one set of files, one TensorBoard event file per process that logged.
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "last.pth", "metrics.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["args.json", "best.pth", "last.pth", "metrics.csv"]
     events = list((tmp_path / "runs" / "resnet18_ema" / "ddp").iterdir())
     assert len(events) == 2  # the first launch and the resumed one, rank 0 each time
     checkpoint = torch.load(folder / "last.pth", weights_only=True)

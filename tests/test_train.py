@@ -1,6 +1,7 @@
 """train_cifar100.py and test.py end to end on a tiny dataset in CIFAR-100's on-disk format."""
 import csv
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,7 @@ def test_two_epochs_write_everything(reference, capsys):
     base, other_warnings = reference
     folder = run_dir(base, "ref")
     assert (folder / "last.pth").is_file() and (folder / "best.pth").is_file()
+    assert json.loads((folder / "args.json").read_text())["net"] == "resnet18"
     assert not list(folder.glob("*.tmp"))
     rows = read_metrics(folder)
     assert [int(r["epoch"]) for r in rows] == [1, 2]

@@ -1,0 +1,134 @@
+"""The commands that reproduce every row of the paper's CIFAR-100 table, N seeds each.
+
+    python reproduce.py --seeds 3                        # print them (nothing runs)
+    python reproduce.py --seeds 3 --run                  # run them one after another
+    python reproduce.py --seeds 3 --gpus 0,1,2,3 --run   # one run per GPU at a time
+
+Rerunning it is safe: finished runs are skipped and interrupted ones resumed, because each run has
+a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. Then `python table.py`.
+"""
+import argparse
+import csv
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from conf import settings
+
+# Every row of the paper's table that has a public definition (SSA has none).
+ROWS = [(net, att) for net, att, *_ in settings.PAPER_TABLE if att != "ssa"]
+
+
+@dataclass
+class Job:
+    net: str
+    att: str
+    recipe: str
+    seed: int
+    folder: Path
+    state: str  # "new", "interrupted" or "done"
+    command: list
+
+    def shell(self, gpu=None) -> str:
+        prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
+        return prefix + " ".join(self.command)
+
+
+def run_state(folder: Path) -> str:
+    if not (folder / "last.pth").is_file():
+        return "new"
+    args_file, metrics = folder / "args.json", folder / "metrics.csv"
+    if args_file.is_file() and metrics.is_file():
+        with open(metrics) as f:
+            if sum(1 for _ in csv.DictReader(f)) >= json.loads(args_file.read_text())["epochs"]:
+                return "done"
+    return "interrupted"
+
+
+def plan(args) -> list[Job]:
+    jobs = []
+    for recipe in args.recipe:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for net, att in ROWS:
+                name = f"{recipe}-seed{seed}"
+                folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
+                state = run_state(folder)
+                command = [sys.executable if args.run else "python", "train_cifar100.py"]
+                if state == "interrupted":
+                    command += ["--resume", str(folder)]
+                else:
+                    command += ["-net", net, "-att", att, "--recipe", recipe, "--seed", str(seed), "--run-name", name,
+                                "--checkpoint-dir", args.checkpoint_dir]
+                    if args.data:
+                        command += ["--data", args.data]
+                jobs.append(Job(net, att, recipe, seed, folder, state, command))
+    return jobs
+
+
+def run_all(jobs: list[Job], gpus: list) -> int:
+    """Run the jobs, one per GPU at a time (or one at a time without --gpus); the number that failed."""
+    todo = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    failed, stop = [], threading.Event()
+
+    def worker(gpu):
+        while not stop.is_set():
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            print(f"start: {job.shell(gpu)}", flush=True)
+            code = subprocess.run(job.command, env=env).returncode
+            print(f"{'done' if code == 0 else f'exit {code}'}: {job.folder}", flush=True)
+            if code:
+                failed.append(job)
+            if code > 128:  # interrupted (Ctrl-C / SIGTERM): start nothing more
+                stop.set()
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(failed)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--recipe", nargs="+", default=["paper"], choices=list(settings.RECIPES))
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids, one run on each at a time")
+    p.add_argument("--data", default=None, help="passed on to train_cifar100.py")
+    p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
+    p.add_argument("--run", action="store_true", help="run the commands instead of printing them")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+
+    jobs = plan(args)
+    pending = [job for job in jobs if job.state != "done"]
+    if not args.run:
+        for job in jobs:
+            gpu = gpus[pending.index(job) % len(gpus)] if gpus and job in pending else None
+            print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done" if job.state == "done"
+                  else job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else ""))
+        print(f"# {len(jobs)} runs: {len(jobs) - len(pending)} done, "
+              f"{sum(j.state == 'interrupted' for j in jobs)} to resume, {sum(j.state == 'new' for j in jobs)} to start",
+              file=sys.stderr)
+        return 0
+    failed = run_all(pending, gpus)
+    print(f"{len(pending) - failed} of {len(pending)} runs ended well; then: python table.py")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Parameter and FLOP report for every row of the paper's CIFAR-100 table.
+"""Parameter and FLOP report for every row of the paper's CIFAR-100 table, and its MobileNetV2 rows.
 
     python params.py
 
@@ -8,6 +8,8 @@ Both counts are shown, with the one that reproduces the paper's figure.
 """
 from conf import settings
 from models import create_model, list_attentions
+from models.attention import EMA
+from models.mobilenetv2 import MobileNetV2
 from utils import count_mflops, count_parameters
 
 NOTES = {
@@ -35,6 +37,27 @@ def report_rows():
         yield row
 
 
+def imagenet_rows():
+    """The paper's MobileNetV2 rows, ImageNet-shaped (224x224, 1000 classes). MMACs: multiply-adds,
+    the unit of the paper's "MFLOPs"."""
+    baseline_mmacs = None
+    for net, attention, paper_m, paper_mmacs in settings.PAPER_IMAGENET:
+        model = MobileNetV2(1000, None if attention == "none" else attention, cifar=False)
+        total, no_norm = count_parameters(model)
+        mmacs = count_mflops(model, image_size=224) / 2
+        row = dict(net=net, attention=attention, total=total, no_norm=no_norm, paper_m=paper_m, mmacs=mmacs,
+                   paper_mmacs=paper_mmacs, match=matching_convention(paper_m, total, no_norm), note="")
+        if attention == "none":
+            baseline_mmacs = mmacs
+        elif attention == "ema" and baseline_mmacs is not None:
+            # EMA folds its G groups into the batch; counted for one group only, its cost is 1/G.
+            groups = next(m.groups for m in model.modules() if isinstance(m, EMA))
+            one_group = baseline_mmacs + (mmacs - baseline_mmacs) / groups
+            row["note"] = (f"EMA's convs and products over all {groups} groups; counted for one group "
+                           f"(as a per-sample counter that divides by EMA's own batch would): {one_group:.1f}")
+        yield row
+
+
 def main():
     header = f"{'row':<22}{'all params':>13}{'no-norm params':>16}{'paper':>9}  {'matches':<9}{'MFLOPs':>9}"
     print(header)
@@ -51,6 +74,15 @@ def main():
               + (f"  ({row['note']})" if row["note"] else ""))
     print("\nall: every parameter; no-norm: BatchNorm/GroupNorm affine parameters left out; "
           "MFLOPs: forward, one 32x32 image, torch.utils.flop_counter (convs and matmuls, 2 per multiply-add).")
+
+    header = f"{'ImageNet row':<22}{'all params':>13}{'no-norm params':>16}{'paper':>9}  {'matches':<9}{'MMACs':>8}{'paper':>7}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for row in imagenet_rows():
+        name = row["net"] if row["attention"] == "none" else f"{row['net']} + {row['attention']}"
+        print(f"{name:<22}{row['total']:>13,}{row['no_norm']:>16,}{row['paper_m']:>8.2f}M  {row['match']:<9}"
+              f"{row['mmacs']:>8.1f}{row['paper_mmacs']:>7}" + (f"  ({row['note']})" if row["note"] else ""))
+    print("\nMMACs: forward multiply-adds for one 224x224 image (torch.utils.flop_counter / 2), "
+          "the unit of the paper's MobileNetV2 'MFLOPs'.")
 
 
 if __name__ == "__main__":

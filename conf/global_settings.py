@@ -48,3 +48,10 @@ RECIPES = {
     "paper": dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, rotation=0, warm=0, init="kaiming_uniform"),
     "classic": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, rotation=15, warm=1, init="pytorch"),
 }
+
+# The paper's ImageNet rows for MobileNetV2: (net, attention, #Params in millions, MFLOPs as the paper
+# gives them, i.e. multiply-adds, for one 224x224 image).
+PAPER_IMAGENET = (
+    ("mobilenetv2", "none", 3.50, 300),
+    ("mobilenetv2", "ema", 3.55, 306),
+)

@@ -36,6 +36,8 @@ class ShuffleAttention(nn.Module):
 
 
 def shuffle_attention_for(channels: int) -> ShuffleAttention:
-    """SA with the paper's G = 64, or, not in the paper, G = channels / 2 where the block is narrower
-    than 2 * 64 channels (the 64-wide first stage of ResNet18/34, which SA-Net never used)."""
-    return ShuffleAttention(channels, groups=min(64, channels // 2))
+    """SA with the paper's G = 64 where the width allows it (a multiple of 128: every ResNet50/101
+    block). Not in the paper: elsewhere (ResNet18/34's 64-wide stage, MobileNetV2's expanded widths)
+    the largest G below 64 that divides the width into halves, e.g. 32 for 64 channels, 48 for 192."""
+    groups = max(g for g in range(1, 65) if channels % (2 * g) == 0) if channels % 2 == 0 else 0
+    return ShuffleAttention(channels, groups=groups)

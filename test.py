@@ -40,19 +40,10 @@ def main(argv=None):
 
 
 def test(args):
-    path = utils.checkpoint_file(args.weights)
-    checkpoint = utils.load_checkpoint(path)
+    model, checkpoint, path = utils.load_trained_model(args.weights, args.net, args.att)
     saved = checkpoint["args"]
-    net, att = args.net or saved["net"], args.att or saved["att"]
-    if (net, att) != (saved["net"], saved["att"]):
-        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
+    net, att = saved["net"], saved["att"]
     speed = utils.SpeedSettings.resolve(utils.default_device(), amp=args.amp)
-
-    model = models.create_model(net, att, settings.NUM_CLASSES)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
     model.to(speed.device, memory_format=speed.memory_format)
     utils.ensure_cifar100(args.data)
     dataset = utils.CIFAR100Folder(args.data, train=False)

@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--nam-l1", type=float, default=0.0,
                    help=f"NAM's L1 strength on its BN weights (NAM's paper: {settings.NAM_L1})")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: SyncBatchNorm across ranks")
+    p.add_argument("--gate-images", type=int, default=0, metavar="K",
+                   help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)")
     p.add_argument("--run-name", dest="run", default=None, help="run folder name (default: the start time)")
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
     p.add_argument("--log-dir", default=settings.LOG_DIR)
@@ -87,6 +89,8 @@ def parse_args(argv=None):
         p.error("--workers must be >= 0")
     if not args.nam_l1 >= 0:
         p.error("--nam-l1 must be >= 0")
+    if args.gate_images < 0:
+        p.error("--gate-images must be >= 0")
     return args
 
 
@@ -209,6 +213,12 @@ class RunOutputs:
             table.writerows(history)
         tmp.replace(path)
 
+    def gate_images(self, model, images, recipe, speed, epoch):
+        if not self.active:
+            return
+        for name, grid in utils.ema_gate_grids(model, images, recipe, speed).items():
+            self.writer.add_image(f"EMA gates/{name}", grid, epoch)
+
     def save(self, name, state):
         if self.active:
             utils.save_atomic(state, self.ckpt_dir / name)
@@ -285,6 +295,7 @@ def train(args, processes):
     test_data = utils.make_loader(args.loader, test_set, max(args.b, 256), recipe, device, False, args.workers,
                                   processes=processes)
     steps_per_epoch = len(train_data)
+    gate_batch = next(iter(test_data))[0][:8] if args.gate_images else None  # the same images every time
 
     torch.manual_seed(args.seed)
     model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
@@ -421,6 +432,8 @@ def train(args, processes):
             running.zero_()
             start_step = 0
             out.log_epoch(history)
+            if args.gate_images and epoch % args.gate_images == 0:
+                out.gate_images(model, gate_batch, recipe, speed, epoch)
             save("last.pth", epoch, 0, rng_state(generator))
             if is_best:
                 save("best.pth", epoch, 0, rng_state(generator))

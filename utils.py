@@ -459,6 +459,54 @@ def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE) -> flo
     return counter.get_total_flops() / 1e6
 
 
+# ---------------------------------------------------------------- pictures
+
+def colorize(maps: torch.Tensor) -> torch.Tensor:
+    """Maps in [0, 1], (..., H, W) -> RGB in [0, 1], (..., 3, H, W), with a jet-like colour scale."""
+    levels = maps.unsqueeze(-3) * 4
+    centres = torch.tensor([3.0, 2.0, 1.0], device=maps.device).view(3, 1, 1)  # red, green, blue peaks
+    return (1.5 - (levels - centres).abs()).clamp(0, 1)
+
+
+def unnormalize(images: torch.Tensor, recipe: dict) -> torch.Tensor:
+    """Normalized images -> RGB in [0, 1]."""
+    mean = torch.tensor(recipe["mean"], device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(recipe["std"], device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed: "SpeedSettings") -> dict:
+    """For the last block of each stage that has an EMA: a grid of [image | EMA's spatial gate
+    (sigmoid of its cross-spatial weights, mean over the groups, upsampled to the image)], (3, H, W)
+    in [0, 1], by stage name. Empty for a model without EMA."""
+    import models  # here, not at the top: models does not need utils
+    from models.attention import EMA
+
+    gates, handles = {}, []
+    for name, block in models.stage_ends(model).items():
+        ema = next((m for m in block.modules() if isinstance(m, EMA)), None)
+        if ema is not None:
+            store = lambda module, inputs, output, name=name: gates.__setitem__(name, module.spatial_gate(inputs[0]))
+            handles.append(ema.register_forward_hook(store))
+    was_training = model.training
+    model.eval()
+    try:
+        with speed.autocast():
+            model(speed.inputs(images))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    pictures = unnormalize(images, recipe)
+    grids = {}
+    for name, gate in gates.items():
+        gate = nn.functional.interpolate(gate.float().mean(1, keepdim=True), size=images.shape[2:], mode="nearest")
+        cells = torch.cat([pictures, colorize(gate[:, 0])], dim=3)  # image and gate side by side
+        grids[name] = torchvision.utils.make_grid(cells, nrow=4, padding=2, pad_value=1)
+    return grids
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path: Path) -> None:
@@ -479,6 +527,25 @@ def checkpoint_file(path) -> Path:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     return path
+
+
+def load_trained_model(weights, net=None, att=None):
+    """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to the
+    checkpoint's own; given, they must match it."""
+    import models  # here, not at the top: models does not need utils, utils only needs models for this
+
+    path = checkpoint_file(weights)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["args"]
+    net, att = net or saved["net"], att or saved["att"]
+    if (net, att) != (saved["net"], saved["att"]):
+        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
+    model = models.create_model(net, att, settings.NUM_CLASSES)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
+    return model, checkpoint, path
 
 
 def load_checkpoint(path) -> dict:

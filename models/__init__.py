@@ -6,7 +6,7 @@ from torch import nn
 
 from models.attention import ATTENTIONS, build_attention
 from models.mobilenetv2 import MobileNetV2
-from models.resnet import RESNETS, resnet
+from models.resnet import RESNETS, ResNet, resnet
 
 NO_ATTENTION = "none"
 
@@ -33,3 +33,13 @@ def create_model(net: str, attention: Optional[str] = None, num_classes: int = 1
     if net == "mobilenetv2":
         return MobileNetV2(num_classes, attention, cifar=True)
     return resnet(net, num_classes, functools.partial(build_attention, attention) if attention else None)
+
+
+def stage_ends(model: nn.Module) -> dict[str, nn.Module]:
+    """The last block of each stage, by name, in order; the last one gives the last stage's output
+    (the feature map that is pooled), which Grad-CAM explains."""
+    if isinstance(model, ResNet):
+        return {f"layer{i}": getattr(model, f"layer{i}")[-1] for i in range(1, 5)}
+    if isinstance(model, MobileNetV2):
+        return {name: model.features[index] for name, index in model.stage_ends.items()}
+    raise TypeError(f"no stages known for {type(model).__name__}")

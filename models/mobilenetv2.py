@@ -58,6 +58,7 @@ class MobileNetV2(nn.Module):
         min_width = EMA_MIN_WIDTH if attention == "ema" else 0
         in_channels = 32
         features = [conv_bn_relu6(3, in_channels, 3, stride=1 if cifar else 2)]
+        self.stage_ends = {}  # stage name -> index in `features` of its last block
         for index, (t, c, n, s) in enumerate(STAGES):
             if cifar and index == 1:
                 s = 1  # the first stride-2 stage keeps 32x32 inputs at 32x32: 4x4 at the end
@@ -66,7 +67,9 @@ class MobileNetV2(nn.Module):
                 module = build_attention(attention, hidden) if attention and hidden >= min_width else None
                 features.append(InvertedResidual(in_channels, c, s if i == 0 else 1, t, module))
                 in_channels = c
+            self.stage_ends[f"stage{index + 1}"] = len(features) - 1
         features.append(conv_bn_relu6(in_channels, 1280, 1))
+        self.stage_ends["head"] = len(features) - 1
         self.features = nn.Sequential(*features)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))

@@ -28,7 +28,17 @@ class EMA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         g = x.reshape(b * self.groups, c // self.groups, h, w)
+        return (g * self._gate(g)).reshape(b, c, h, w)
 
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate forward() multiplies each group by, sigmoid of the cross-spatial weights:
+        (B, G, H, W), for pictures."""
+        b, c, h, w = x.shape
+        return self._gate(x.reshape(b * self.groups, c // self.groups, h, w)).reshape(b, self.groups, h, w)
+
+    def _gate(self, g: torch.Tensor) -> torch.Tensor:
+        """(B*G, k, H, W) grouped input -> (B*G, 1, H, W) gate."""
+        h, w = g.shape[2:]
         # 1x1 branch: strip pooling along each axis, one shared 1x1 conv on both strips.
         strips = torch.cat([g.mean(3, keepdim=True), g.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         gate_h, gate_w = self.conv1x1(strips).sigmoid().split([h, w], dim=2)
@@ -41,4 +51,4 @@ class EMA(nn.Module):
         a2 = x2.mean((2, 3)).softmax(-1).unsqueeze(1)
         # baddbmm fuses the second product with the sum: a1 @ x2 + a2 @ x1.
         m = torch.baddbmm(a1 @ x2.flatten(2), a2, x1.flatten(2))  # (B*G, 1, H*W)
-        return (g * m.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)
+        return m.reshape(-1, 1, h, w).sigmoid()

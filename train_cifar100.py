@@ -311,7 +311,10 @@ def train(args, processes):
     criterion = nn.CrossEntropyLoss()
     # `model` stays the plain module: checkpoints, the graph and evaluation use it. Training steps
     # go through DDP (gradients averaged over ranks) and torch.compile when asked.
-    step_model = nn.parallel.DistributedDataParallel(model) if processes.enabled else model
+    if processes.enabled:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        step_model = model
     step_model = torch.compile(step_model) if speed.compile else step_model
 
     # Where to start: (epoch, step within it), with the RNG state as it was when that epoch began.

@@ -94,6 +94,7 @@ SINGLE_PROCESS = Distributed()
 # ---------------------------------------------------------------- data
 
 CIFAR_FOLDER = "cifar-100-python"
+CROP_PADDING = 4
 CIFAR_LAYOUT = (f"<root>/{CIFAR_FOLDER}/ with the files train, test and meta "
                 "(Python pickles, as in the official cifar-100-python.tar.gz)")
 
@@ -133,10 +134,22 @@ class CIFAR100Folder(ImageArray):
         _warn_if_unofficial(folder, split)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a dataset file cannot run code either."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: not plain data or a numpy array")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _ArrayUnpickler(f, encoding="bytes").load()
         return {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.items()}
     except Exception as e:
         raise UserError(f"cannot read {path} as a CIFAR-100 pickle ({type(e).__name__}: {e}); "
@@ -178,7 +191,7 @@ def ensure_cifar100(root) -> None:
 
 
 def train_transform(recipe: dict):
-    steps = [transforms.RandomCrop(settings.IMAGE_SIZE, padding=4), transforms.RandomHorizontalFlip()]
+    steps = [transforms.RandomCrop(settings.IMAGE_SIZE, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
     if recipe["rotation"]:
         steps.append(transforms.RandomRotation(recipe["rotation"]))
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
@@ -186,9 +199,6 @@ def train_transform(recipe: dict):
 
 def test_transform(recipe: dict):
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
-
-
-CROP_PADDING = 4
 
 
 def rotation_sources(angles, height: int, width: int):

@@ -299,3 +299,25 @@ def test_unofficial_dataset_loads_with_a_warning(data_root):
     image, label = dataset[0]
     assert image.size == (32, 32) and 0 <= label < 100
     assert dataset.data.shape == (160, 32, 32, 3) and len(dataset.classes) == 100
+
+
+def test_dataset_pickle_with_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_fake_cifar100(tmp_path, n_train=4, n_test=4)
+    marker = tmp_path / "executed"
+    with open(folder / "train", "wb") as f:
+        import pickle
+        pickle.dump({b"data": SideEffect(marker), b"fine_labels": [0]}, f, protocol=2)
+    with pytest.raises(utils.UserError, match="refused posix.system|refused os.system"):
+        utils.CIFAR100Folder(tmp_path, train=True)
+    assert not marker.exists()
+
+
+def test_numpy1_pickles_like_the_official_files_load(tmp_path):
+    # The official files were written by NumPy 1 under Python 2: their arrays name numpy.core.
+    write_fake_cifar100(tmp_path, n_train=8, n_test=8)
+    train = tmp_path / "cifar-100-python" / "train"
+    original = utils.CIFAR100Folder(tmp_path, train=True).data
+    train.write_bytes(train.read_bytes().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    assert b"cnumpy.core.multiarray\n" in train.read_bytes()
+    assert (utils.CIFAR100Folder(tmp_path, train=True).data == original).all()

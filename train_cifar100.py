@@ -49,19 +49,19 @@ def positive(kind):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-net", default="resnet50", choices=models.list_models())
-    p.add_argument("-att", default="ema", choices=models.list_attentions(), help="'none': the baseline")
-    p.add_argument("-b", "--b", "--batch-size", dest="b", type=positive(int), default=settings.BATCH_SIZE)
-    p.add_argument("-lr", type=positive(float), default=settings.LR)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("-net", default="resnet50", choices=models.list_models(), help="default resnet50")
+    p.add_argument("-att", default="ema", choices=models.list_attentions(), help="default ema; 'none': the baseline")
+    p.add_argument("-b", "--b", "--batch-size", dest="b", type=positive(int), default=settings.BATCH_SIZE,
+                   help=f"batch size, per process under torchrun (default {settings.BATCH_SIZE})")
+    p.add_argument("-lr", type=positive(float), default=settings.LR, help=f"initial learning rate (default {settings.LR})")
     p.add_argument("-warm", type=int, default=None, help="warm-up epochs (default: the recipe's)")
     p.add_argument("-gpu", action="store_true", help="accepted for the classic CLI; the device is chosen automatically")
     p.add_argument("-resume", "--resume", nargs="?", const="newest", default=None, metavar="PATH",
                    help="continue a run: alone, the newest run of -net/-att; or a last.pth or run folder")
     p.add_argument("--epochs", type=positive(int), default=None, help=f"default {settings.EPOCHS}")
     p.add_argument("--data", default=None, help=f"dataset root (default {settings.DATA_DIR})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffle, augmentations (default 0)")
     p.add_argument("--workers", type=int, default=None, help="--loader workers: processes (default 4, 0 on CPU)")
     p.add_argument("--loader", choices=("device", "workers"), default=None,
                    help="device: data kept and augmented on the training device (default); "
@@ -72,7 +72,7 @@ def parse_args(argv=None):
                    help="NHWC memory format (default on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default off)")
-    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES))
+    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,
                    help=f"NAM's L1 strength on its BN weights (NAM's paper: {settings.NAM_L1})")
@@ -80,8 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--gate-images", type=int, default=0, metavar="K",
                    help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)")
     p.add_argument("--run-name", dest="run", default=None, help="run folder name (default: the start time)")
-    p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
-    p.add_argument("--log-dir", default=settings.LOG_DIR)
+    p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR, help=f"default {settings.CHECKPOINT_DIR}/")
+    p.add_argument("--log-dir", default=settings.LOG_DIR, help=f"TensorBoard root (default {settings.LOG_DIR}/)")
     args = p.parse_args(argv)
     if args.warm is not None and args.warm < 0:
         p.error("-warm must be >= 0")
@@ -308,6 +308,8 @@ def train(args, processes):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: utils.lr_factor(step, steps_per_epoch, args.warm))
     scaler = speed.grad_scaler()
+    if scaler.is_enabled():  # fp16 skips the optimizer step when gradients overflow; the LR schedule still advances
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
     criterion = nn.CrossEntropyLoss()
     # `model` stays the plain module: checkpoints, the graph and evaluation use it. Training steps
     # go through DDP (gradients averaged over ranks) and torch.compile when asked.

@@ -201,23 +201,19 @@ def test_transform(recipe: dict):
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
 
 
-def rotation_sources(angles, height: int, width: int):
-    """For torchvision's rotate (nearest, about the centre) by each angle: the (column, row) that every
-    output pixel reads, each (B, H, W) float, possibly outside the image. Same float operations as
-    torchvision's affine grid, rounded half-to-even as grid_sample's nearest mode does."""
-    device = angles.device
+def rotation_sources(angles, size: int):
+    """For torchvision's rotate (nearest, about the centre) of size x size images by each angle: the
+    (column, row) that every output pixel reads, each (B, H, W) float, possibly outside the image.
+    Same float operations as torchvision's affine grid (rearranged only where IEEE arithmetic gives
+    identical results), rounded half-to-even as grid_sample's nearest mode does."""
     radians = torch.deg2rad(angles.double()).view(-1, 1, 1)
-    cos, sin = radians.cos().float(), radians.sin().float()
-    x = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device).view(1, 1, -1)
-    y = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, device=device).view(1, -1, 1)
-    half_width = torch.tensor(0.5 * width, device=device)
-    half_height = torch.tensor(0.5 * height, device=device)
     # torchvision's inverse matrix for rotate(angle) is [[cos, -sin], [sin, cos]], scaled to [-1, 1].
-    grid_x = x * (cos / half_width) + y * (-sin / half_width)
-    grid_y = x * (sin / half_height) + y * (cos / half_height)
-    columns = ((grid_x + 1) * width - 1) / 2
-    rows = ((grid_y + 1) * height - 1) / 2
-    return columns.round_(), rows.round_()  # whole numbers, kept as float to avoid conversions
+    cos, sin = radians.cos().float() / (0.5 * size), radians.sin().float() / (0.5 * size)
+    x = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
+    x, y = x.view(1, 1, -1), x.view(1, -1, 1)
+    columns = (x * cos - y * sin).add_(1).mul_(size).sub_(1).div_(2).round_()
+    rows = (x * sin + y * cos).add_(1).mul_(size).sub_(1).div_(2).round_()
+    return columns, rows  # whole numbers, kept as float to avoid conversions
 
 
 def augment(images, offsets, flips, angles, mean, std):
@@ -229,23 +225,24 @@ def augment(images, offsets, flips, angles, mean, std):
     parameters (tested). Each output pixel's source is traced back through the three steps in
     reverse: rotation, then flip, then crop.
     """
-    batch, channels, height, width = images.shape
+    batch, channels, size, width = images.shape
+    assert size == width, "square images"
     device = images.device
     # Source positions in float (exact for these small whole numbers): one conversion at the end.
-    rows = torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1)
-    columns = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1)
-    if angles is not None:
-        columns, rows = rotation_sources(angles, height, width)
-        inside = (rows >= 0) & (rows <= height - 1) & (columns >= 0) & (columns <= width - 1)
-    columns = torch.where(flips[:, None, None], (width - 1) - columns, columns)
-    padded = nn.functional.pad(images, (CROP_PADDING,) * 4)
+    if angles is None:
+        rows = torch.arange(size, device=device, dtype=torch.float32).view(1, -1, 1)
+        columns = rows.view(1, 1, -1)
+    else:
+        columns, rows = rotation_sources(angles, size)
+        inside = (rows == rows.clamp(0, size - 1)) & (columns == columns.clamp(0, size - 1))
+    columns = torch.where(flips[:, None, None], (size - 1) - columns, columns)
     offsets = offsets.float()
-    source = (rows + offsets[:, :1, None]) * (width + 2 * CROP_PADDING) + (columns + offsets[:, 1:, None])
+    source = (rows + offsets[:, :1, None]).mul_(size + 2 * CROP_PADDING) + (columns + offsets[:, 1:, None])
     if angles is not None:
         source = torch.where(inside, source, 0)  # pixel (0, 0) of the padded image: always fill (zero)
     index = source.long().view(batch, 1, -1).expand(batch, channels, -1)
-    pixels = padded.flatten(2).gather(2, index)
-    return normalize(pixels, mean, std).view(batch, channels, height, width)
+    pixels = nn.functional.pad(images, (CROP_PADDING,) * 4).flatten(2).gather(2, index)
+    return normalize(pixels, mean, std).view(batch, channels, size, size)
 
 
 def normalize(pixels, mean, std):

@@ -1,4 +1,5 @@
-"""train_cifar100.py with rank 1 raising at its third loss: for the torchrun failure test."""
+"""train_cifar100.py with rank 1 failing at its third loss: it raises (FAIL=raise) or returns NaN
+(FAIL=nan). For the torchrun failure tests."""
 import os
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ real_cross_entropy, calls = torch.nn.functional.cross_entropy, []
 
 def failing_cross_entropy(*args, **kwargs):
     calls.append(1)
+    loss = real_cross_entropy(*args, **kwargs)
     if os.environ["RANK"] == "1" and len(calls) == 3:
-        raise RuntimeError("injected failure on rank 1")
-    return real_cross_entropy(*args, **kwargs)
+        if os.environ["FAIL"] == "raise":
+            raise RuntimeError("injected failure on rank 1")
+        return loss * float("nan")
+    return loss
 
 
 torch.nn.functional.cross_entropy = failing_cross_entropy

@@ -1,4 +1,5 @@
 """torchrun / DistributedDataParallel on the CPU (gloo), two processes, on a tiny dataset."""
+import os
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--seed", "0"]
 
 
-def torchrun(script, *args, timeout=300):
+def torchrun(script, *args, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +60,16 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 3
 
 
-def test_a_failing_rank_ends_the_job(data_root, tmp_path):
+@pytest.mark.parametrize("failure,message", [
+    ("raise", "injected failure on rank 1"),
+    ("nan", "the loss became NaN or infinite at epoch 1, step 3"),
+])
+def test_a_failing_rank_ends_the_job(failure, message, data_root, tmp_path):
     started = time.time()
     result = torchrun(ROOT / "tests" / "ddp_failing_rank.py", *TINY, "--data", str(data_root), "--epochs", "2",
-                      "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), timeout=240)
+                      "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), timeout=240,
+                      env={"FAIL": failure})
     assert result.returncode != 0
-    assert "injected failure on rank 1" in result.stderr
+    assert message in result.stderr
     assert time.time() - started < 180
+    assert not list((tmp_path / "c").rglob("last.pth"))  # nothing written after the failure

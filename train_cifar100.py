@@ -178,9 +178,8 @@ class RunOutputs:
             except OSError as e:
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
-        args_file = self.ckpt_dir / "args.json"
-        args_file.with_name("args.json.tmp").write_text(json.dumps(vars(args), indent=2) + "\n")
-        args_file.with_name("args.json.tmp").replace(args_file)
+        utils.write_atomic(self.ckpt_dir / "args.json", lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"),
+                           text=True)
         # purge_step drops anything an earlier, interrupted process logged past the checkpoint.
         self.writer = SummaryWriter(self.log_dir, purge_step=purge_step)
 
@@ -205,13 +204,13 @@ class RunOutputs:
         for tag, key in self.TAGS:
             self.writer.add_scalar(tag, row[key], row["epoch"])
         self.writer.flush()
-        path = self.ckpt_dir / "metrics.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+
+        def write_csv(f):
             table = csv.DictWriter(f, fieldnames=list(row))
             table.writeheader()
             table.writerows(history)
-        tmp.replace(path)
+
+        utils.write_atomic(self.ckpt_dir / "metrics.csv", write_csv, text=True)
 
     def gate_images(self, model, images, recipe, speed, epoch):
         if not self.active:
@@ -347,13 +346,14 @@ def train(args, processes):
     else:
         out.graph(model, speed.inputs(next(iter(test_data))[0][:2]))
 
-    def save(name, next_epoch, step, epoch_rng):
-        out.save(name, {
+    def checkpoint_state(next_epoch, step, epoch_rng):
+        """Everything needed to continue at (next_epoch, step); a collective under torchrun."""
+        return {
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": next_epoch,
             "step": step, "rng": epoch_rng, "running": processes.sum(running.clone()).tolist(),
             "best": best, "history": history, "args": vars(args),
-        })
+        }
 
     with StopRequest(announce=processes.main) as stop:
         n_params = utils.count_parameters(model)[0]
@@ -407,7 +407,7 @@ def train(args, processes):
                                     img_s=f"{images_per_s * processes.world:.0f}")
                     if stop_signal and not last_step:
                         bar.close()
-                        save("last.pth", epoch, step + 1, epoch_rng)
+                        out.save("last.pth", checkpoint_state(epoch, step + 1, epoch_rng))
                         out.close()
                         out.print(f"saved {out.ckpt_dir / 'last.pth'} (epoch {epoch + 1}, step {step + 1}); "
                                   f"resume with:\n  {resume_command(out.ckpt_dir, processes)}")
@@ -439,9 +439,10 @@ def train(args, processes):
             out.log_epoch(history)
             if args.gate_images and epoch % args.gate_images == 0:
                 out.gate_images(model, gate_batch, recipe, speed, epoch)
-            save("last.pth", epoch, 0, rng_state(generator))
+            state = checkpoint_state(epoch, 0, rng_state(generator))
+            out.save("last.pth", state)
             if is_best:
-                save("best.pth", epoch, 0, rng_state(generator))
+                out.save("best.pth", state)
             row = history[-1]
             out.print(f"epoch {epoch}/{args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
                       f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "

@@ -516,14 +516,19 @@ def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed: 
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def write_atomic(path: Path, write, text: bool = False) -> None:
+    """write(file) into a temporary file beside `path`, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save, atomically."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_file(path) -> Path:

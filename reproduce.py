@@ -5,11 +5,10 @@
     python reproduce.py --seeds 3 --gpus 0,1,2,3 --run   # one run per GPU at a time
 
 Rerunning it is safe: finished runs are skipped and interrupted ones resumed, because each run has
-a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. Then `python table.py`.
+a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read is skipped
+with one line saying why. Then `python table.py`.
 """
 import argparse
-import csv
-import json
 import os
 import queue
 import subprocess
@@ -18,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import table
 from conf import settings
 
 # Every row of the paper's table that has a public definition (SSA has none).
@@ -31,7 +31,7 @@ class Job:
     recipe: str
     seed: int
     folder: Path
-    state: str  # "new", "interrupted" or "done"
+    state: str  # "new", "interrupted", "done" or "skipped" (unreadable)
     command: list
 
     def shell(self, gpu=None) -> str:
@@ -42,12 +42,13 @@ class Job:
 def run_state(folder: Path) -> str:
     if not (folder / "last.pth").is_file():
         return "new"
-    args_file, metrics = folder / "args.json", folder / "metrics.csv"
-    if args_file.is_file() and metrics.is_file():
-        with open(metrics) as f:
-            if sum(1 for _ in csv.DictReader(f)) >= json.loads(args_file.read_text())["epochs"]:
-                return "done"
-    return "interrupted"
+    if not (folder / "metrics.csv").is_file():
+        return "interrupted"  # stopped within its first epoch
+    try:
+        return "done" if table.read_run(folder).finished else "interrupted"
+    except table.UnreadableRun as e:
+        print(f"skipped {folder}: {e}", file=sys.stderr)
+        return "skipped"
 
 
 def plan(args) -> list[Job]:
@@ -115,15 +116,18 @@ def main(argv=None):
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
 
     jobs = plan(args)
-    pending = [job for job in jobs if job.state != "done"]
+    pending = [job for job in jobs if job.state in ("new", "interrupted")]
     if not args.run:
         for job in jobs:
             gpu = gpus[pending.index(job) % len(gpus)] if gpus and job in pending else None
-            print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done" if job.state == "done"
-                  else job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else ""))
-        print(f"# {len(jobs)} runs: {len(jobs) - len(pending)} done, "
-              f"{sum(j.state == 'interrupted' for j in jobs)} to resume, {sum(j.state == 'new' for j in jobs)} to start",
-              file=sys.stderr)
+            if job.state == "done":
+                print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done")
+            elif job.state != "skipped":  # its warning is above
+                print(job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else ""))
+        count = lambda state: sum(job.state == state for job in jobs)
+        skipped = f", {count('skipped')} skipped" if count("skipped") else ""
+        print(f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, {count('new')} to start"
+              f"{skipped}", file=sys.stderr)
         return 0
     failed = run_all(pending, gpus)
     print(f"{len(pending) - failed} of {len(pending)} runs ended well; then: python table.py")

@@ -1,18 +1,25 @@
 """Turn checkpoint/ into the paper's CIFAR-100 table: mean +/- std over seeds, beside the paper.
 
-    python table.py                 # print the table, write results/table.md and results/curves.png
+    python table.py                 # print the table, write results/table.md, curves.png and deltas.png
     python table.py --markdown      # print it as Markdown
+    python table.py --delta 0.5     # the seeds line for a 0.5-point difference (default 0.3)
 
-Reads every checkpoint/<net>_<att>/<run>/metrics.csv with the run's args.json. One row per
-net x attention x recipe: final-epoch and best-epoch top-1/top-5 over the finished runs (the paper
-picks the best epoch on the test set; the final one is the honest number). Unfinished runs are
-listed apart, with epochs done / planned, and never averaged in.
+Reads every checkpoint/<net>_<att>/<run>/metrics.csv with the run's args.json. A row holds the finished
+runs of one identity (IDENTITY: everything that changes a result), one per seed. Rows with the paper's
+configuration make the table; the others are listed apart, labelled with what differs. Per row: final-epoch
+and best-epoch top-1/top-5 over the seeds (the paper picks the best epoch on the test set; the final one is
+the honest number), and the difference to the same net's baseline and EMA rows with a 95% Welch interval.
+Unfinished runs are listed apart, with epochs done / planned, and never averaged in.
 """
 import argparse
 import csv
+import functools
 import json
+import math
+import re
 import statistics
 import sys
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +28,82 @@ from conf import settings
 PAPER = {(net, att): (params, top1, top5) for net, att, params, top1, top5 in settings.PAPER_TABLE}
 NAMES = {"none": "", "ema": "EMA", "se": "SE", "cbam": "CBAM", "eca": "ECA", "sa": "SA", "nam": "NAM", "ca": "CA"}
 
+REQUIRED = object()
+# A run is defined by everything that changes its result: these args.json keys, each with the value that an
+# args.json written before the key existed stands for (a function of the run's arguments where it depends on
+# them). Seeds are averaged only within one identity.
+IDENTITY = {
+    "net": REQUIRED,
+    "att": REQUIRED,
+    "recipe": REQUIRED,
+    "lr": settings.LR,
+    "b": settings.BATCH_SIZE,  # per process
+    "world": 1,  # torchrun processes: the global batch is b x world
+    "epochs": REQUIRED,
+    "warm": lambda args: settings.RECIPES[args["recipe"]]["warm"],
+    "subset": None,
+    "dataset": lambda args: args.get("data"),  # "cifar-100" or "custom-<8 hex>"; before that, the --data path
+    "amp": "off",  # runs from before --amp trained in fp32
+    "nam_l1": 0.0,
+    "sync_bn": False,
+    "init_from": None,  # the weights a run started from instead of a fresh initialisation
+}
+Identity = namedtuple("Identity", IDENTITY)
+NUMBERS = ("lr", "b", "world", "epochs", "warm", "nam_l1")  # must be numbers: the table computes with them
+RECORDED_DATASET = re.compile(r"cifar-100|custom-[0-9a-f]{8}")  # what the trainer writes as "dataset"
+
+
+def paper_configuration(recipe: str) -> dict:
+    """The paper's value of every identity key that a row does not name itself (SPEC.md section 5)."""
+    return {"lr": settings.LR, "b": settings.BATCH_SIZE, "world": 1, "epochs": settings.EPOCHS,
+            "warm": settings.RECIPES[recipe]["warm"], "subset": None, "dataset": "cifar-100", "amp": "off",
+            "nam_l1": 0.0, "sync_bn": False, "init_from": None}
+
+
+def differences(identity: Identity) -> dict:
+    """The identity's values that are not the paper's."""
+    paper = paper_configuration(identity.recipe)
+    return {key: getattr(identity, key) for key in paper if getattr(identity, key) != paper[key]}
+
+
+def in_paper_rows(identity: Identity) -> bool:
+    """Whether runs of this identity belong in the paper's rows. Precision, synchronised BatchNorm and the
+    split of the global batch of 128 over processes change the arithmetic, not the recipe; a run from before
+    the trainer recorded its dataset (a --data path instead) is taken for CIFAR-100."""
+    different = differences(identity)
+    if identity.b * identity.world != settings.BATCH_SIZE:
+        return False
+    if "dataset" in different and RECORDED_DATASET.fullmatch(str(different["dataset"])):
+        return False
+    return different.keys() <= {"amp", "sync_bn", "b", "world", "dataset"}
+
+
+def label(identity: Identity) -> str:
+    """What differs from the paper, e.g. 'lr=0.001, epochs=1, subset=32'."""
+    parts = []
+    for key, value in differences(identity).items():
+        if key == "dataset" and value is None:
+            continue  # neither a dataset nor a --data path recorded: nothing to show
+        unrecorded = key == "dataset" and not RECORDED_DATASET.fullmatch(str(value))
+        parts.append(f"data={value}" if unrecorded else f"{key}={value}")
+    return ", ".join(parts)
+
+
+class UnreadableRun(Exception):
+    """A run folder that cannot be used; the message says why."""
+
 
 @dataclass
 class Run:
     folder: Path
-    net: str
-    att: str
-    recipe: str
+    identity: Identity
     seed: int
-    planned: int
     rows: list  # metrics.csv, one dict of floats per epoch
+    mtime: float  # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
 
     @property
     def finished(self) -> bool:
-        return len(self.rows) >= self.planned
+        return len(self.rows) >= self.identity.epochs
 
     @property
     def final(self) -> dict:
@@ -47,58 +116,270 @@ class Run:
 
 @dataclass
 class Row:
-    net: str
-    att: str
-    recipe: str
-    finished: list = field(default_factory=list)
+    identity: Identity
+    finished: list = field(default_factory=list)  # one run per seed
     unfinished: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)  # (run, the newer run of the same seed counted instead)
+
+    @property
+    def att(self) -> str:
+        return self.identity.att
 
     @property
     def name(self) -> str:
-        net = self.net.replace("resnet", "ResNet")
+        net = self.identity.net.replace("resnet", "ResNet")
         return f"{net} + {NAMES.get(self.att, self.att)}" if self.att != "none" else net
+
+    @property
+    def recipe_cell(self) -> str:
+        """The recipe, then what differs from the paper, e.g. 'paper; amp=bf16'."""
+        different = label(self.identity)
+        return f"{self.identity.recipe}; {different}" if different else self.identity.recipe
+
+    def values(self, which: str, key: str) -> list:
+        """`key` at the final or the best epoch of each finished seed."""
+        return [getattr(run, which)[key] for run in self.finished]
 
     def stats(self, which: str, key: str):
         """(mean, sample std or None, n) of `key` at the final or the best epoch of the finished runs."""
-        values = [getattr(run, which)[key] for run in self.finished]
+        values = self.values(which, key)
         std = statistics.stdev(values) if len(values) > 1 else None
         return statistics.fmean(values), std, len(values)
 
 
-def run_args(folder: Path):
+def run_args(folder: Path) -> dict:
     """The run's arguments: args.json, or for runs older than it, those inside last.pth."""
     if (folder / "args.json").is_file():
-        return json.loads((folder / "args.json").read_text())
-    if (folder / "last.pth").is_file():
-        from utils import load_checkpoint  # torch is only needed for this fallback
-        return load_checkpoint(folder / "last.pth")["args"]
-    return None
+        try:
+            args = json.loads((folder / "args.json").read_text())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+            raise UnreadableRun(f"args.json is not valid JSON ({e})") from None
+    elif (folder / "last.pth").is_file():
+        import utils  # torch is only needed for this fallback
+        try:
+            args = utils.load_checkpoint(folder / "last.pth")["args"]
+        except utils.UserError as e:
+            raise UnreadableRun(str(e)) from None
+    else:
+        raise UnreadableRun("neither args.json nor last.pth")
+    if not isinstance(args, dict):
+        raise UnreadableRun(f"its arguments are a {type(args).__name__}, not a JSON object")
+    return args
+
+
+def run_identity(args: dict) -> Identity:
+    """The run's identity, older runs' missing keys filled in with what they stood for."""
+    for key in [key for key, default in IDENTITY.items() if default is REQUIRED] + ["seed"]:
+        if key not in args:
+            raise UnreadableRun(f"its arguments lack '{key}'")
+    if args["recipe"] not in settings.RECIPES:
+        raise UnreadableRun(f"unknown recipe {args['recipe']!r}")
+    values = {key: args.get(key, default(args) if callable(default) else default) for key, default in IDENTITY.items()}
+    numbers = {key: values[key] for key in NUMBERS} | {"seed": args["seed"]}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UnreadableRun(f"'{key}' is {value!r}, not a number")
+    for key, value in values.items():
+        if isinstance(value, (list, dict)):  # a row is found by its identity, so every value must be hashable
+            raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
+    return Identity(**values)
+
+
+def number(text, where: str) -> float:
+    """A finite float, or UnreadableRun naming `where` (a NaN or an infinity has no place in a mean)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UnreadableRun(f"{where} is {text!r}, not a number")
+    return value
+
+
+NEEDED_COLUMNS = ("test_top1", "test_top5")
+
+
+def read_metrics(path: Path) -> list:
+    """metrics.csv as one dict of floats per epoch."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, lines = reader.fieldnames, list(reader)  # fieldnames reads the header: not after closing
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: not text
+        raise UnreadableRun(f"cannot read metrics.csv ({e})") from None
+    if columns is None:
+        raise UnreadableRun("metrics.csv is empty")
+    missing = [column for column in NEEDED_COLUMNS if column not in columns]
+    if missing:
+        raise UnreadableRun(f"metrics.csv has no {' or '.join(missing)} column")
+    if not lines:
+        raise UnreadableRun("metrics.csv has no epochs")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if None in line or None in line.values():  # more or fewer values than columns
+            raise UnreadableRun(f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
+        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key, text in line.items()})
+    return rows
+
+
+def read_run(folder: Path) -> Run:
+    """The run in `folder`; UnreadableRun says why it cannot be used."""
+    args = run_args(folder)
+    identity = run_identity(args)
+    metrics = folder / "metrics.csv"
+    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime)
 
 
 def read_runs(checkpoint_dir: Path) -> list[Run]:
+    """Every usable run; a folder that is not is skipped with one line saying why."""
     runs = []
     for metrics in sorted(checkpoint_dir.glob("*/*/metrics.csv")):
-        args = run_args(metrics.parent)
-        if args is None:
-            print(f"skipped {metrics.parent}: neither args.json nor last.pth", file=sys.stderr)
-            continue
-        with open(metrics) as f:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        if rows:
-            runs.append(Run(metrics.parent, args["net"], args["att"], args["recipe"], args["seed"],
-                            args["epochs"], rows))
+        try:
+            runs.append(read_run(metrics.parent))
+        except UnreadableRun as e:
+            print(f"skipped {metrics.parent}: {e}", file=sys.stderr)
     return runs
 
 
 def group(runs: list[Run]) -> list[Row]:
+    """One row per identity; a seed counts once (its newest finished run), never as two seeds."""
     rows = {}
-    for run in runs:
-        row = rows.setdefault((run.net, run.att, run.recipe), Row(run.net, run.att, run.recipe))
-        (row.finished if run.finished else row.unfinished).append(run)
+    for run in sorted(runs, key=lambda run: (-run.mtime, str(run.folder))):  # newest first: the one counted
+        row = rows.setdefault(run.identity, Row(run.identity))
+        if not run.finished:
+            row.unfinished.append(run)
+            continue
+        counted = next((kept for kept in row.finished if kept.seed == run.seed), None)
+        if counted:
+            row.duplicates.append((run, counted))
+        else:
+            row.finished.append(run)
     order = {key: i for i, key in enumerate(PAPER)}  # the paper's rows first, in its order
-    return sorted(rows.values(), key=lambda r: (order.get((r.net, r.att), len(order)), r.net, r.att, r.recipe))
+    return sorted(rows.values(), key=lambda r: (order.get((r.identity.net, r.att), len(order)), r.identity.net,
+                                                r.att, r.identity.recipe, r.recipe_cell))
 
 
+# ---------------------------------------------------------------- differences and their uncertainty
+
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Numerical Recipes 6.4)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * beta_fraction(a, b, x) / a
+    return 1 - front * beta_fraction(b, a, 1 - x) / b  # I_x(a, b) = 1 - I_1-x(b, a), where the fraction converges
+
+
+def beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), evaluated by Lentz's method."""
+    tiny = 1e-300  # keeps a zero denominator from dividing by zero
+    c, d = 1.0, 1 / (1 - (a + b) * x / (a + 1) or tiny)
+    result = d
+    for m in range(1, 300):
+        for term in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / (1 + term * d or tiny)
+            c = 1 + term / c or tiny
+            result *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return result
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for t >= 0, T Student's t with df (not necessarily whole) degrees of freedom."""
+    return 1 - incomplete_beta(df / 2, 0.5, df / (df + t * t)) / 2
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t for p > 0.5, by bisection on its CDF."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, 2 * high
+    for _ in range(60):  # halves the bracket to below double precision
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def welch_interval(a: list, b: list, level: float = 0.95) -> Interval:
+    """mean(a) - mean(b) with its Welch t interval (Welch-Satterthwaite degrees of freedom)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:  # every seed gave the same number on both sides: nothing to widen
+        return Interval(mean, mean, mean)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile((1 + level) / 2, df) * math.sqrt(va + vb)
+    return Interval(mean, mean - half, mean + half)
+
+
+def compare(row: Row, reference, which: str, what: str):
+    """row minus reference in top-1 at the final or the best epoch (an Interval), or what is missing for one."""
+    if reference is None:
+        return f"no {what} run"
+    if len(row.finished) < 2:
+        return f"needs >= 2 seeds (has {len(row.finished)})"
+    if len(reference.finished) < 2:
+        return f"needs >= 2 {what} seeds (has {len(reference.finished)})"
+    return welch_interval(row.values(which, "test_top1"), reference.values(which, "test_top1"))
+
+
+def interval_cell(result) -> str:
+    if isinstance(result, str):
+        return result
+    mark = " *" if result.excludes_zero else ""
+    return f"{result.mean:+.2f} [{result.low:+.2f}, {result.high:+.2f}]{mark}"
+
+
+def pooled_std(rows: list[Row]):
+    """(pooled sample std of final top-1 over the rows with >= 2 seeds, their number), or None."""
+    spreads = [(len(v) - 1, statistics.variance(v)) for v in (row.values("final", "test_top1") for row in rows)
+               if len(v) >= 2]
+    if not spreads:
+        return None
+    return math.sqrt(sum(dof * var for dof, var in spreads) / sum(dof for dof, _ in spreads)), len(spreads)
+
+
+def seeds_needed(std: float, delta: float) -> int:
+    """The smallest n with t(0.975, 2n-2) * std * sqrt(2/n) <= delta: with n seeds on each side and this
+    spread, an observed difference of delta has a 95% interval (two-sided, two-sample) that excludes zero.
+    The left side only falls as n grows, so a doubling search then a bisection finds it."""
+    too_few = lambda n: t_quantile(0.975, 2 * n - 2) * std * math.sqrt(2 / n) > delta
+    low, high = 1, 2  # one seed gives no interval at all
+    while too_few(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if too_few(middle) else (low, middle)
+    return high
+
+
+def seeds_line(rows: list[Row], delta: float) -> str:
+    pooled = pooled_std(rows)
+    if pooled is None:
+        return (f"Seeds per row for a {delta:g}-point difference: unknown until a row of the table has >= 2 "
+                "finished seeds.")
+    std, n_rows = pooled
+    return (f"Seeds per row to tell a {delta:g}-point difference at 95% (two-sided, two-sample): "
+            f"{seeds_needed(std, delta)}, the smallest n with t(0.975, 2n-2) x s x sqrt(2/n) <= {delta:g}, "
+            f"s = {std:.2f}: the pooled sample std of final top-1 over the {n_rows} row(s) with >= 2 seeds.")
+
+
+# ---------------------------------------------------------------- the report
+
+@functools.cache  # the table is rendered twice (printed, and table.md): build each model once
 def count_params(net: str, att: str) -> str:
     import models  # torch is only needed for this column
     from utils import count_parameters
@@ -111,82 +392,164 @@ def cell(mean, std):
 
 HEADER = ["Name", "Recipe", "Resolution", "#Params", "Seeds", "Top-1 final", "Top-5 final",
           "Top-1 best", "Top-5 best", "Paper Top-1", "Δ best", "Paper Top-5", "Δ best"]
+DIFF_HEADER = ["Name", "Recipe", "Seeds", "Δ final vs baseline", "Δ best vs baseline", "Δ final vs EMA",
+               "Δ best vs EMA"]
+TABLE_NOTE = ("Top-1/Top-5: test accuracy (%), mean ± sample standard deviation over seeds. 'best' is the epoch "
+              "with the highest test top-1, as the paper picks it (on the test set: optimistic); 'final' is the "
+              "last epoch. Δ: our best-epoch mean minus the paper. Recipe: after ';', what differs from the "
+              "paper's configuration without changing the recipe (amp, sync_bn, b x world = 128, or the --data "
+              "path of a run that did not record its dataset).")
+DIFF_NOTE = ("Δ: mean top-1 over seeds minus that of the same net's baseline (or EMA) row of the same configuration, "
+             "[95% Welch t interval over seeds]; * the interval excludes 0.")
 
 
-def table_body(rows: list[Row]) -> list[list[str]]:
-    """The cells of every row with finished runs."""
-    body = []
-    for row in rows:
-        if not row.finished:
-            continue
-        params = count_params(row.net, row.att)
-        final1, best1, final5, best5 = (row.stats(w, k) for w, k in (("final", "test_top1"), ("best", "test_top1"),
-                                                                     ("final", "test_top5"), ("best", "test_top5")))
-        _, paper1, paper5 = PAPER.get((row.net, row.att), (None, None, None))
-        delta = lambda ours, paper: "" if paper is None else f"{ours - paper:+.2f}"
-        body.append([row.name, row.recipe, "32x32", params, str(final1[2]), cell(*final1[:2]), cell(*final5[:2]),
-                     cell(*best1[:2]), cell(*best5[:2]), "" if paper1 is None else f"{paper1:.2f}",
-                     delta(best1[0], paper1), "" if paper5 is None else f"{paper5:.2f}", delta(best5[0], paper5)])
-    return body
+def row_cells(row: Row) -> list[str]:
+    """Name to Top-5 best."""
+    final1, best1, final5, best5 = (row.stats(w, k) for w, k in (("final", "test_top1"), ("best", "test_top1"),
+                                                                 ("final", "test_top5"), ("best", "test_top5")))
+    return [row.name, row.recipe_cell, "32x32", count_params(row.identity.net, row.att), str(final1[2]),
+            cell(*final1[:2]), cell(*final5[:2]), cell(*best1[:2]), cell(*best5[:2])]
 
 
-def table_lines(rows: list[Row], body: list[list[str]], markdown: bool) -> list[str]:
+def paper_cells(row: Row) -> list[str]:
+    """row_cells, then the paper's figures and our best-epoch mean minus them."""
+    _, paper1, paper5 = PAPER.get((row.identity.net, row.att), (None, None, None))
+    best1, best5 = row.stats("best", "test_top1")[0], row.stats("best", "test_top5")[0]
+    paper = lambda value: "" if value is None else f"{value:.2f}"
+    delta = lambda ours, value: "" if value is None else f"{ours - value:+.2f}"
+    return row_cells(row) + [paper(paper1), delta(best1, paper1), paper(paper5), delta(best5, paper5)]
+
+
+def difference_cells(row: Row, by_identity: dict) -> list[str]:
+    cells = [row.name, row.recipe_cell, str(len(row.finished))]
+    for att, what in (("none", "baseline"), ("ema", "EMA")):
+        reference = by_identity.get(row.identity._replace(att=att))
+        for which in ("final", "best"):
+            cells.append("-" if row.att == att else interval_cell(compare(row, reference, which, what)))
+    return cells
+
+
+def render(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
-        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-    else:
-        widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(HEADER)]
-        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
-        lines = [fmt(HEADER), "-" * len(fmt(HEADER))] + [fmt(r) for r in body]
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
+                                                                                 for r in body]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
+    fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+    return [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in body]
+
+
+def sections(rows: list[Row]):
+    """(the paper's rows, the other rows), each with finished runs."""
+    counted = [row for row in rows if row.finished]
+    return [r for r in counted if in_paper_rows(r.identity)], [r for r in counted if not in_paper_rows(r.identity)]
+
+
+def differences_table(rows: list[Row], by_identity: dict, markdown: bool) -> list[str]:
+    return ["", DIFF_NOTE, ""] + render(DIFF_HEADER, [difference_cells(row, by_identity) for row in rows], markdown)
+
+
+def report_lines(rows: list[Row], delta: float, markdown: bool) -> list[str]:
+    paper, other = sections(rows)
+    by_identity = {row.identity: row for row in rows}
+    lines = render(HEADER, [paper_cells(row) for row in paper], markdown)
+    if not paper:
+        lines.insert(0, "No finished runs with the paper's configuration yet.")
+    lines += ["", TABLE_NOTE]
+    if paper:
+        lines += differences_table(paper, by_identity, markdown)
+    lines += ["", seeds_line(paper, delta)]
+    if other:
+        lines += ["", "Other configurations, never in the table above (Recipe: after ';', what differs from the "
+                      "paper):", ""]
+        lines += render(HEADER[:9], [row_cells(row) for row in other], markdown)
+        lines += differences_table(other, by_identity, markdown)
+    duplicates = [pair for row in rows for pair in row.duplicates]
+    if duplicates:
+        lines += ["", "Duplicates (the same configuration and seed as a newer run, which counts instead):"]
+        lines += [f"- {run.folder}: seed {run.seed}, as {kept.folder}" for run, kept in duplicates]
     unfinished = [run for row in rows for run in row.unfinished]
     if unfinished:
         lines += ["", "Unfinished (not in the table):"]
-        lines += [f"- {run.folder}: {len(run.rows)}/{run.planned} epochs" for run in unfinished]
-    if not body:
-        lines.insert(0, "No finished runs yet.")
-    lines += ["", "Top-1/Top-5: test accuracy (%), mean ± sample standard deviation over seeds. "
-              "'best' is the epoch with the highest test top-1, as the paper picks it (on the test set: "
-              "optimistic); 'final' is the last epoch. Δ: our best-epoch mean minus the paper."]
+        lines += [f"- {run.folder}: {len(run.rows)}/{run.identity.epochs} epochs" for run in unfinished]
     return lines
 
 
-def plot_curves(rows: list[Row], path: Path) -> bool:
-    """Test top-1 against epoch, one line per row (mean over seeds) with its min/max band."""
+# ---------------------------------------------------------------- pictures
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None: the table works without it."""
     try:
         import matplotlib
     except ImportError:
-        print("curves skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return False
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_curves(plt, rows: list[Row], path: Path) -> None:
+    """Test top-1 against epoch, one line per row (mean over seeds) with its min/max band."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for row in rows:
-        if not row.finished:
-            continue
         epochs = min(len(run.rows) for run in row.finished)
         curves = [[run.rows[e]["test_top1"] for run in row.finished] for e in range(epochs)]
         x = list(range(1, epochs + 1))
         line, = ax.plot(x, [statistics.fmean(c) for c in curves],
-                        label=f"{row.name} ({row.recipe}, {len(row.finished)} seeds)")
+                        label=f"{row.name} ({row.recipe_cell}, {len(row.finished)} seeds)")
         ax.fill_between(x, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("CIFAR-100: mean over seeds, band from min to max")
+    ax.set_title("Test top-1: mean over seeds, band from min to max")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return True
+
+
+def plot_deltas(plt, rows: list[Row], path: Path) -> None:
+    """Forest plot: each row's final top-1 minus its baseline's, with the 95% Welch interval."""
+    by_identity = {row.identity: row for row in rows}
+    entries = []
+    for row in rows:
+        if row.att != "none":
+            result = compare(row, by_identity.get(row.identity._replace(att="none")), "final", "baseline")
+            if isinstance(result, Interval):
+                entries.append((f"{row.name} ({row.recipe_cell})", result))
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.4 * max(len(entries), 2)))
+    for y, (_, result) in zip(range(len(entries), 0, -1), entries):  # the first row on top
+        ax.errorbar([result.mean], [y], xerr=[[result.mean - result.low], [result.high - result.mean]], fmt="o",
+                    capsize=4, color="C3" if result.excludes_zero else "C0")
+    ax.set_yticks(range(len(entries), 0, -1), [name for name, _ in entries])
+    ax.set_ylim(0.5, max(len(entries), 1) + 0.5)
+    if not entries:
+        ax.text(0.5, 0.5, "no row and its baseline both have >= 2 finished seeds yet", ha="center",
+                transform=ax.transAxes)
+    ax.axvline(0, color="grey", linestyle="--")
+    ax.set_xlabel("final test top-1 minus the baseline's (points)")
+    ax.set_title("Difference to the baseline, 95% Welch interval over seeds (red: excludes 0)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
-    p.add_argument("--out", default="results", help="folder for table.md and curves.png")
+    p.add_argument("--out", default="results", help="folder for table.md, curves.png and deltas.png")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--delta", type=positive_number, default=0.3,
+                   help="top-1 difference (points) for the seeds-needed line (default 0.3)")
     args = p.parse_args(argv)
     checkpoint_dir = Path(args.checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -194,14 +557,24 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     rows = group(read_runs(checkpoint_dir))
-    body = table_body(rows)
-    print("\n".join(table_lines(rows, body, args.markdown)))
+    print("\n".join(report_lines(rows, args.delta, args.markdown)))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text("\n".join(table_lines(rows, body, markdown=True)) + "\n")
     written = [out / "table.md"]
-    if plot_curves(rows, out / "curves.png"):
-        written.append(out / "curves.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text("\n".join(report_lines(rows, args.delta, markdown=True)) + "\n")
+        plt = pyplot()
+        if plt is None:
+            print("curves.png and deltas.png skipped: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+        else:
+            paper, other = sections(rows)
+            plot_curves(plt, paper + other, out / "curves.png")
+            plot_deltas(plt, paper + other, out / "deltas.png")
+            written += [out / "curves.png", out / "deltas.png"]
+    except OSError as e:
+        print(f"error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 

@@ -2,23 +2,32 @@
 
     python benchmark.py -net resnet50 -att ema
 
-(a) classic: torchvision transforms in a DataLoader with --workers, fp32, contiguous, eager;
-(b) fast: the trainer's defaults on this device (device-resident data and batched augmentation,
-    autocast, channels_last where they help), plus --compile if asked.
-Also: each data path alone, and on a GPU the model FLOPs utilization. Warm-up steps are not timed,
-and the device is synchronized before every clock read. Speed is measured here, never in tests.
+Configurations (--configs), each training with the trainer's own step (training.train_step):
+  classic      torchvision transforms in a DataLoader with --workers, fp32, contiguous, eager
+  eager        data on the device with batched augmentation (--loader device), autocast, eager
+  compiled     the same, torch.compile'd
+  compiled-cl  the same, torch.compile'd, channels_last
+(default: all four on a GPU; classic and eager on the CPU, where compiling takes minutes).
+Also the data paths alone, EMA alone against the authors' operations, the model FLOPs utilization
+on a GPU, and proxies of GPU speed that any device can measure: host synchronisations and ATen
+operations per training step, graphs and graph breaks under torch.compile. Warm-up steps (which
+include compiling) are not timed; the device is synchronized before every clock read. Speed is
+measured here, never in tests.
 """
 import argparse
 import os
 import platform
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
+import training
 import utils
 from conf import settings
 from models.attention import EMA
@@ -28,6 +37,8 @@ GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
     "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "V100": 125e12,
 }
+CONFIGS = ("classic", "eager", "compiled", "compiled-cl")
+EPOCH_IMAGES = 50_000
 
 
 def parse_args(argv=None):
@@ -38,15 +49,16 @@ def parse_args(argv=None):
     p.add_argument("-att", default="ema", choices=models.list_attentions())
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=128 if cuda else 32)
     p.add_argument("--steps", type=int, default=50 if cuda else 5, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first (compiling included)")
     p.add_argument("--workers", type=int, default=4 if cuda else 0, help="classic loader processes")
     p.add_argument("--recipe", default="classic", choices=list(settings.RECIPES),
                    help="whose augmentations both paths run (classic has the rotation)")
     p.add_argument("--data", default=settings.DATA_DIR,
                    help="CIFAR-100 root; random images of CIFAR's shape when it holds none")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None, help="fast config (default: the trainer's)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
+                   help="autocast of the fast configurations (default: the trainer's)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS if cuda else CONFIGS[:2]),
+                   help="configurations to time (default: all on a GPU, classic and eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     args = p.parse_args(argv)
     for name in ("b", "steps", "warmup", "workers"):
@@ -91,39 +103,100 @@ def data_rate(loader, device, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def train_rate(args, loader, speed: utils.SpeedSettings) -> float:
-    """Training images/s of one configuration: warm-up steps first, then `steps` timed ones."""
-    torch.manual_seed(0)
-    model = models.create_model(args.net, args.att, settings.NUM_CLASSES).to(speed.device, memory_format=speed.memory_format)
-    step_model = torch.compile(model) if speed.compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=settings.MOMENTUM,
-                                weight_decay=settings.WEIGHT_DECAY)
-    scaler = speed.grad_scaler()
-    stream = endless(loader)
+class StepRunner:
+    """The trainer's per-step work (training.train_step, the LR schedule, the running totals) for one
+    configuration, on a fresh model."""
 
-    def step():
-        images, labels = next(stream)
-        images, labels = speed.inputs(images), labels.to(speed.device, non_blocking=True)
-        with speed.autocast():
-            loss = nn.functional.cross_entropy(step_model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def __init__(self, args, loader, speed: training.SpeedSettings):
+        torch.manual_seed(0)
+        torch._dynamo.reset()  # each configuration compiles (and times its warm-up) on its own
+        self.speed = speed
+        self.model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+        self.model.to(speed.device, memory_format=speed.memory_format)
+        speed.enable_fast_kernels()
+        self.step_model = speed.compiled(self.model)
+        self.optimizer = training.make_optimizer(self.model, 0.01, speed.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.scaler = speed.grad_scaler()
+        self.totals = training.RunningTotals(speed.device)
+        self.stream = endless(loader)
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(speed.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(speed.device)
-    return args.steps * args.b / (time.perf_counter() - start)
+    def step(self):
+        images, labels = next(self.stream)
+        images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
+        loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler, self.speed)
+        self.scheduler.step()
+        self.totals.add(loss, hits, len(labels))
+
+    def timed(self, warmup: int, steps: int) -> tuple[float, float]:
+        """(seconds of the warm-up steps, seconds per timed step)."""
+        start = time.perf_counter()
+        for _ in range(warmup):
+            self.step()
+        synchronize(self.speed.device)
+        warmed = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.speed.device)
+        return warmed - start, (time.perf_counter() - warmed) / steps
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each one kernel launch or more on a GPU)."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Records the calls that make the host wait for the device: reading a value back (.item(),
+    .tolist(), bool(), ...) or building a tensor from Python values (torch.tensor(...), a copy to
+    the device). While `paused`, nothing is recorded."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+    BUILDS = {torch.tensor, torch.as_tensor, torch.scalar_tensor}
+
+    def __enter__(self):
+        self.calls, self.paused = [], False
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.paused and (func in self.READS or func in self.BUILDS):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def step_proxies(runner: StepRunner) -> tuple[int, float]:
+    """(ATen ops in one eager training step, host synchronisations per step over three steps)."""
+    runner.step()  # first-use work (workers, lazy initialisation) is not a step's
+    with OpCounter() as ops:
+        runner.step()
+    steps = 3
+    with HostSyncCounter() as syncs:
+        for _ in range(steps):
+            runner.step()
+    return ops.count, len(syncs.calls) / steps
+
+
+def graph_breaks(model: nn.Module, images: torch.Tensor, speed: training.SpeedSettings):
+    """(graphs, graph breaks, first break reason) that torch.compile makes of the training forward."""
+    model.train()
+    with speed.autocast():
+        explanation = torch._dynamo.explain(model)(images)
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    return explanation.graph_count, explanation.graph_break_count, (reasons[0] if reasons else None)
 
 
 class UpstreamStyleEMA(EMA):
-    """The authors' sequence of operations (adaptive pools, a sigmoid per strip, two matmuls and an
-    add), for timing against ours; the same math, tested equal in tests/test_loader.py."""
+    """The authors' sequence of operations (groups folded into the batch, adaptive pools, a sigmoid
+    per strip, two matmuls and an add), for timing against ours; the same math, tested equal in
+    tests/test_loader.py."""
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -141,21 +214,9 @@ class UpstreamStyleEMA(EMA):
         return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched (each one kernel launch or more on a GPU)."""
-
-    def __enter__(self):
-        self.count = 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def ema_comparison(device, batch: int, repeats: int):
+def ema_comparison(device, batch: int, repeats: int, memory_format):
     """Forward + backward of one EMA at ResNet50's first-stage shape: ours against upstream's ops."""
-    x = torch.randn(batch, 256, 32, 32, device=device, requires_grad=True)
+    x = torch.randn(batch, 256, 32, 32, device=device).contiguous(memory_format=memory_format).requires_grad_()
     results = {}
     for name, cls in (("ours", EMA), ("upstream", UpstreamStyleEMA)):
         torch.manual_seed(0)
@@ -177,7 +238,32 @@ def ema_comparison(device, batch: int, repeats: int):
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    bf16 = "native bf16 (AVX512-BF16/AMX)" if training.native_cpu_bf16() else "no native bf16"
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, {bf16}")
+
+
+def configurations(device, args) -> dict:
+    fast = training.SpeedSettings.resolve(device, args.amp, channels_last=False, compile=False)
+    return {
+        "classic": ("workers", training.SpeedSettings(device)),  # fp32, contiguous, eager
+        "eager": ("device", fast),
+        "compiled": ("device", replace(fast, compile=True)),
+        "compiled-cl": ("device", replace(fast, compile=True, channels_last=True)),
+    }
+
+
+def describe(loader: str, speed: training.SpeedSettings) -> str:
+    return (f"{loader} loader, {'fp32' if speed.amp == 'off' else speed.amp}, "
+            f"{'channels_last' if speed.channels_last else 'contiguous'}, {'compiled' if speed.compile else 'eager'}")
+
+
+def peak_flops(args, device):
+    if device.type != "cuda":
+        return None
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name(device)), None)
 
 
 def main(argv=None):
@@ -185,29 +271,50 @@ def main(argv=None):
     device = utils.default_device()
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
-    classic = utils.SpeedSettings(device)  # fp32, contiguous, eager
-    fast = utils.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile)
-    generator = torch.Generator(device)
-    generator.manual_seed(0)
-    workers_loader = utils.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
-                                       torch.Generator().manual_seed(0))
-    device_loader = utils.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)
+    generator = torch.Generator(device).manual_seed(0)
+    loaders = {"workers": utils.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
+                                            torch.Generator().manual_seed(0)),
+               "device": utils.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
+    configs = configurations(device, args)
 
     mflops = utils.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES))
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"{args.net} + {args.att}: {mflops:.0f} forward MFLOPs per image; batch {args.b}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; {source}")
 
+    print_data_paths(args, loaders, device)
+    print_proxies(args, loaders["device"], configs["eager"][1])
+
+    peak = peak_flops(args, device)
+    print(f"\ntraining (images/s; 200 epochs = {200 * EPOCH_IMAGES:,} images, training steps only):")
+    rates = {}
+    for name in args.configs:
+        loader, speed = configs[name]
+        warm_s, step_s = StepRunner(args, loaders[loader], speed).timed(args.warmup, args.steps)
+        rates[name] = args.b / step_s
+        mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
+        ratio = f"   {rates[name] / rates['classic']:5.2f}x classic" if "classic" in rates else ""
+        print(f"  {name:<12} {describe(loader, speed):<52} {rates[name]:9.1f}{ratio}{mfu}   "
+              f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up {warm_s:.0f} s)")
+    if device.type == "cuda":
+        print("  MFU: 3 x forward FLOPs x images/s / " +
+              (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass --peak-tflops"))
+
+    if args.att == "ema":
+        print_ema_comparison(args, device)
+
+
+def print_data_paths(args, loaders, device):
     data_batches = max(args.steps, 10)
-    workers_rate = data_rate(workers_loader, device, data_batches)
+    workers_rate = data_rate(loaders["workers"], device, data_batches)
     workers_per_core = workers_rate / max(args.workers, 1)  # each worker (or the main process) is one core
-    device_rate = data_rate(device_loader, device, data_batches)
+    device_rate = data_rate(loaders["device"], device, data_batches)
     print("\ndata path alone (images/s):")
     print(f"  workers loader ({args.workers} workers): {workers_rate:10.0f}   per core {workers_per_core:9.0f}")
     if device.type == "cpu":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core, measured, rather than the all-threads rate divided
-        device_per_core = data_rate(device_loader, device, data_batches)
+        device_per_core = data_rate(loaders["device"], device, data_batches)
         torch.set_num_threads(threads)
         print(f"  device loader ({threads} threads):   {device_rate:10.0f}   per core {device_per_core:9.0f} (1 thread)")
         print(f"  device / workers per core:  {device_per_core / workers_per_core:.1f}x")
@@ -215,34 +322,28 @@ def main(argv=None):
         print(f"  device loader (on the GPU): {device_rate:10.0f}")
         print(f"  device / workers:           {device_rate / workers_rate:.1f}x")
 
-    print(f"\ntraining (images/s):")
-    classic_rate = train_rate(args, workers_loader, classic)
-    print(f"  classic  workers loader, fp32, contiguous, eager: {classic_rate:10.1f}")
-    fast_rate = train_rate(args, device_loader, fast)
-    fast_label = (f"device loader, amp {fast.amp}, {'channels_last' if fast.channels_last else 'contiguous'}, "
-                  f"{'compiled' if fast.compile else 'eager'}")
-    print(f"  fast     {fast_label}: {fast_rate:10.1f}")
-    print(f"  fast / classic: {fast_rate / classic_rate:.2f}x")
-    epoch_minutes = 50_000 / fast_rate / 60
-    print(f"  200 epochs of 50,000 images at the fast rate: {200 * epoch_minutes / 60:.2f} h")
 
-    if args.att == "ema":
-        ema = ema_comparison(device, args.b, max(args.steps, 3))
-        print(f"\nEMA alone, forward + backward, input ({args.b}, 256, 32, 32):")
+def print_proxies(args, loader, speed):
+    """What predicts GPU speed, measured on any device."""
+    runner = StepRunner(args, loader, speed)
+    ops, syncs = step_proxies(runner)
+    images = speed.inputs(next(iter(loader))[0])
+    graphs, breaks, reason = graph_breaks(runner.model, images, speed)
+    print(f"\nproxies ({describe('device', speed)}):")
+    print(f"  host synchronisations per training step: {syncs:g}")
+    print(f"  ATen ops per training step, eager (forward, backward, optimizer): {ops}")
+    print(f"  torch.compile of the training forward: {graphs} graph(s), {breaks} graph break(s)"
+          + (f"; first: {reason}" if reason else ""))
+
+
+def print_ema_comparison(args, device):
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        ema = ema_comparison(device, args.b, max(args.steps, 3), memory_format)
+        layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+        print(f"\nEMA alone, eager fp32, forward + backward, input ({args.b}, 256, 32, 32) {layout}:")
         for name, (ms, ops) in ema.items():
             print(f"  {name:<9} {ms:8.2f} ms   {ops:3d} ATen ops in the forward")
         print(f"  upstream / ours: {ema['upstream'][0] / ema['ours'][0]:.2f}x time")
-
-    if device.type == "cuda":
-        name = device_name(device)
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
-            (flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-        if peak is None:
-            print(f"\nMFU: unknown peak for {name}; pass --peak-tflops")
-        else:
-            train_flops = 3 * mflops * 1e6  # forward + backward (about twice the forward)
-            print(f"\nMFU (3 x forward FLOPs x images/s / {peak / 1e12:.0f} TFLOP/s dense bf16 peak): "
-                  f"classic {train_flops * classic_rate / peak:.1%}, fast {train_flops * fast_rate / peak:.1%}")
 
 
 if __name__ == "__main__":

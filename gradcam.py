@@ -107,7 +107,9 @@ def main(argv=None):
         print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     net, att = checkpoint["args"]["net"], checkpoint["args"]["att"]
-    print(f"{args.out}: Grad-CAM of {net} + {att} ({path}, epoch {checkpoint['epoch']}) on {len(captions)} test images")
+    epoch = "" if checkpoint["epoch"] is None else f", epoch {checkpoint['epoch']}"
+    print(f"{args.out}: Grad-CAM of {net} + {att} ({path}{epoch}) on {len(captions)} test images")
+    print(f"checkpoint layout: {checkpoint['layout']}")
     return 0
 
 

@@ -50,10 +50,11 @@ def imagenet_rows():
         if attention == "none":
             baseline_mmacs = mmacs
         elif attention == "ema" and baseline_mmacs is not None:
-            # EMA folds its G groups into the batch; counted for one group only, its cost is 1/G.
+            # The authors' EMA folds its G groups into the batch; counted for one group only (as a
+            # per-sample counter dividing by that batch would), its cost is 1/G.
             groups = next(m.groups for m in model.modules() if isinstance(m, EMA))
             one_group = baseline_mmacs + (mmacs - baseline_mmacs) / groups
-            row["note"] = (f"EMA's convs and products over all {groups} groups; counted for one group "
+            row["note"] = (f"EMA's convolutions over all {groups} groups; counted for one group "
                            f"(as a per-sample counter that divides by EMA's own batch would): {one_group:.1f}")
         yield row
 

@@ -3,12 +3,15 @@
     python test.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth
     python test.py -weights checkpoint/resnet50_ema/<run>      # a run folder: its last.pth
 
--net and -att default to the checkpoint's own; given, they must match it.
+-net and -att default to the checkpoint's own; given, they must match it. A checkpoint of the NAM
+authors' or the classic CIFAR-100 repo's training script (upstream_checkpoints.py) records neither:
+give both.
 """
 import argparse
 import sys
 
 import models
+import training
 import utils
 from conf import settings
 from utils import UserError
@@ -43,16 +46,18 @@ def test(args):
     model, checkpoint, path = utils.load_trained_model(args.weights, args.net, args.att)
     saved = checkpoint["args"]
     net, att = saved["net"], saved["att"]
-    speed = utils.SpeedSettings.resolve(utils.default_device(), amp=args.amp)
+    # One pass over the test set: compiling would cost more time than it saves.
+    speed = training.SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
     utils.ensure_cifar100(args.data)
     dataset = utils.CIFAR100Folder(args.data, train=False)
     loader = utils.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
-    stats = utils.evaluate(model, loader, speed)
+    stats = training.evaluate(model, loader, speed)
     total, no_norm = utils.count_parameters(model)
 
-    print(f"{path}: {net} + {att}, recipe {saved['recipe']}, after {checkpoint['epoch']} epochs, "
-          f"{len(loader.dataset):,} test images")
+    epochs = "" if checkpoint["epoch"] is None else f", after {checkpoint['epoch']} epochs"
+    print(f"{path}: {net} + {att}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
+    print(f"checkpoint layout: {checkpoint['layout']}")
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
           f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")
     print(f"parameters {total:,} (all), {no_norm:,} (without BatchNorm/GroupNorm); "

@@ -5,7 +5,7 @@
     python train_cifar100.py -resume                                 # continue the newest resnet50_ema run
 
 Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv,args.json} and TensorBoard logs in
-runs/<net>_<att>/<run>/. Recipes: ../shared/SPEC.md section 5 and conf/global_settings.py.
+runs/<net>_<att>/<run>/. Recipes: conf/global_settings.py and docs/reference.md.
 """
 import argparse
 import csv
@@ -25,15 +25,20 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 import models
+import training
 import utils
 from conf import settings
 from models.attention import nam_l1_penalty
 from utils import UserError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: no RNG states (each epoch's randomness comes from the seed and the epoch)
+READABLE_FORMATS = (1, 2)
 # Arguments a resumed run may change; every other one is taken from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "data", "workers", "loader", "amp", "channels_last", "compile")
-NAN_CHECK_EVERY = 50  # steps between finiteness checks of the loss (each one waits for the GPU)
+# Steps between checks for divergence and stop requests: each check waits for the device, so the
+# GPU runs ahead of Python in between.
+CHECK_EVERY = 50
+ESTIMATE_AFTER = 6  # steps timed for the CPU's time estimate
 
 
 def positive(kind):
@@ -71,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format (default on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default off)")
+                   help="torch.compile the model (default on CUDA, off on the CPU)")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,
@@ -140,18 +145,6 @@ def resolve_resume(args):
             setattr(saved, name, getattr(args, name))
     saved.resume = str(path)
     return saved, checkpoint
-
-
-def rng_state(generator):
-    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RunOutputs:
@@ -243,6 +236,281 @@ class Diverged(UserError):
     pass
 
 
+class LossWatch:
+    """The step losses since the last check, kept on the device, and at each check the verdict.
+
+    Training has diverged at the first non-finite loss. Under fp16 the gradient scaler skips a step
+    whose gradients overflow and lowers its scale, so there only a loss that stays non-finite for
+    CHECK_EVERY steps in a row is divergence.
+    """
+
+    def __init__(self, tolerated: int):
+        self.tolerated = tolerated  # non-finite steps in a row that are not divergence yet
+        self.losses, self.first_step, self.streak, self.streak_start = [], 0, 0, 0
+        self.last = None
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        if not self.losses:
+            self.first_step = step
+        self.losses.append(loss)
+
+    def diverged_at(self):
+        """The 1-based step at which the non-finite losses began, if training diverged; else None.
+        Waits for the device."""
+        finite = torch.isfinite(torch.stack(self.losses)).tolist()
+        self.last = self.losses[-1].item()
+        for step, ok in enumerate(finite, self.first_step + 1):
+            self.streak = 0 if ok else self.streak + 1
+            self.streak_start = step if self.streak == 1 else self.streak_start
+            if self.streak > self.tolerated:
+                return self.streak_start
+        self.losses = []
+        return None
+
+
+class Trainer:
+    """One run: set up from the arguments (and the checkpoint being resumed), then epoch after
+    epoch, checking every CHECK_EVERY steps for divergence and for a stop request."""
+
+    def __init__(self, args, processes, checkpoint):
+        self.args, self.processes = args, processes
+        device = processes.start()
+        self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile)
+        args.amp, args.channels_last, args.compile = self.speed.amp, self.speed.channels_last, self.speed.compile
+        args.loader = args.loader or "device"
+        if args.workers is None:
+            args.workers = 4 if device.type == "cuda" else 0
+        if args.sync_bn and processes.enabled and device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+        if processes.local_rank == 0:  # one download per machine, the other ranks wait for it
+            utils.ensure_cifar100(args.data)
+        processes.barrier()
+        self.out = RunOutputs(args, processes.main, purge_step=checkpoint["epoch"] + 1 if checkpoint else None)
+        self.recipe = settings.RECIPES[args.recipe]
+        self._load_data()
+        self._build_model()
+        self.epoch, self.step, self.best, self.history = 0, 0, {"top1": 0.0, "top5": 0.0, "epoch": 0}, []
+        self.totals = training.RunningTotals(device)
+        if checkpoint:
+            self._restore(checkpoint)
+        else:
+            self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
+
+    def _load_data(self):
+        args, device = self.args, self.speed.device
+        self.train_set = utils.CIFAR100Folder(args.data, train=True)
+        test_set = utils.CIFAR100Folder(args.data, train=False)
+        if args.subset:
+            self.train_set.truncate(args.subset)
+        # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
+        # epoch, then takes its shard.
+        self.generator = torch.Generator(device if args.loader == "device" else "cpu")
+        self.generator.manual_seed(args.seed)
+        self.train_data = utils.make_loader(args.loader, self.train_set, args.b, self.recipe, device, True,
+                                            args.workers, self.generator, self.processes)
+        self.test_data = utils.make_loader(args.loader, test_set, max(args.b, 256), self.recipe, device, False,
+                                           args.workers, processes=self.processes)
+        self.gate_images = next(iter(self.test_data))[0][:8] if args.gate_images else None  # the same every time
+
+    def _build_model(self):
+        args, speed, device = self.args, self.speed, self.speed.device
+        torch.manual_seed(args.seed)
+        model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+        training.initialise(model, self.recipe)
+        if args.sync_bn and self.processes.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter names: checkpoints load anywhere
+        self.model = model.to(device, memory_format=speed.memory_format)
+        self.optimizer = training.make_optimizer(model, args.lr, device)
+        steps_per_epoch = len(self.train_data)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: training.lr_factor(step, steps_per_epoch, args.warm))
+        self.scaler = speed.grad_scaler()
+        if self.scaler.is_enabled():  # fp16 skips the optimizer step on overflow; the LR schedule still advances
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        speed.enable_fast_kernels()
+        # `model` stays the plain module: checkpoints, the graph and the pictures use it. Steps go
+        # through DDP (gradients averaged over ranks) and torch.compile; evaluation through the
+        # compiled plain module (DDP adds nothing there).
+        self.eval_model = speed.compiled(model)
+        if self.processes.enabled:
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            self.step_model = speed.compiled(ddp)
+        else:
+            self.step_model = self.eval_model
+        self.penalty = (lambda: nam_l1_penalty(model, args.nam_l1)) if args.nam_l1 else None
+
+    def _restore(self, checkpoint):
+        args = self.args
+        if checkpoint.get("format") not in READABLE_FORMATS:
+            raise UserError(f"{args.resume} has checkpoint format {checkpoint.get('format')}, "
+                            f"this script reads formats {', '.join(map(str, READABLE_FORMATS))}")
+        kernels = [{key: group[key] for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if self.scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run did not use fp16
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+            self.best, self.history = checkpoint["best"], checkpoint["history"]
+            if self.processes.main:  # the saved sums cover every rank of the interrupted epoch
+                self.totals = training.RunningTotals(self.speed.device, *checkpoint["running"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        for group, kernel in zip(self.optimizer.param_groups, kernels):
+            group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
+        changes = self._arithmetic_changes(checkpoint)
+        if changes:
+            self.out.print(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would have "
+                           f"without the interruption")
+
+    def _arithmetic_changes(self, checkpoint) -> list[str]:
+        """What differs from the interrupted process in a way that changes the arithmetic."""
+        saved, args = checkpoint["args"], self.args
+        names = ["loader", "amp", "channels_last", "compile"] + (["workers"] if args.loader == "workers" else [])
+        changes = [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
+                   if saved.get(name) != getattr(args, name)]
+        if checkpoint["format"] == 1:
+            changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
+        for what, then, now in (("device", checkpoint.get("device"), self.speed.device.type),
+                                ("processes", checkpoint.get("world"), self.processes.world)):
+            if checkpoint["format"] > 1 and then != now:
+                changes.append(f"{what} {then} -> {now}")
+        return changes
+
+    def run(self, stop: StopRequest) -> int:
+        """Train until the last epoch or a stop request; the exit code."""
+        self._announce()
+        stop_signal = 0
+        while self.epoch < self.args.epochs and not stop_signal:
+            stop_signal = self.train_epoch(stop)
+            if self.step == len(self.train_data):
+                self.end_epoch()
+        return self.finish(stop_signal)
+
+    def _announce(self):
+        args, processes = self.args, self.processes
+        n_params = utils.count_parameters(self.model)[0]
+        launch = (f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled
+                  else f"batch {args.b}")
+        speed = self.speed
+        self.out.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
+                       f"epochs, {launch}, {len(self.train_set):,} training images, on {speed.device} "
+                       f"(amp {speed.amp}, {'channels_last' if speed.channels_last else 'contiguous'}, "
+                       f"{'compiled' if speed.compile else 'eager'}); checkpoints in {self.out.ckpt_dir}, "
+                       f"logs in {self.out.log_dir}")
+        if self.epoch or self.step:
+            self.out.print(f"resuming {args.resume}: epoch {self.epoch + 1}/{args.epochs}, "
+                           f"step {self.step}/{len(self.train_data)}")
+        self.started = time.time()
+
+    def train_epoch(self, stop: StopRequest) -> int:
+        """Steps from self.step to the epoch's end, or until a stop is agreed; the stop signal or 0.
+        Nothing between two checks waits for the device."""
+        args, processes, steps = self.args, self.processes, len(self.train_data)
+        training.seed_epoch(args.seed, self.epoch, self.generator)
+        self.step_model.train()
+        watch = LossWatch(tolerated=CHECK_EVERY - 1 if self.speed.amp == "fp16" else 0)
+        bar = tqdm(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{args.epochs}", unit="batch",
+                   leave=False, dynamic_ncols=True, disable=not processes.main)
+        self.epoch_start, first_step, stop_signal = time.time(), self.step, 0
+        for step, (images, labels) in utils.batches(self.train_data, self.step, self.epoch):
+            images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
+            loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler,
+                                             self.speed, self.penalty)
+            self.scheduler.step()
+            self.totals.add(loss, hits, len(labels))
+            watch.add(loss, step)
+            self.step = step + 1
+            bar.update()
+            if len(watch.losses) == CHECK_EVERY or self.step == steps or (stop.signal and not processes.enabled):
+                stop_signal = self.check(watch, stop, bar, first_step)
+                if stop_signal and self.step < steps:
+                    bar.close()
+                    return stop_signal
+            if self.step - first_step == ESTIMATE_AFTER and self.speed.device.type == "cpu" and processes.main:
+                self._estimate_cpu_time(first_step)
+        bar.close()
+        return stop_signal
+
+    def check(self, watch: LossWatch, stop: StopRequest, bar, first_step: int) -> int:
+        """The periodic check: divergence and stop requests, agreed by every rank; the progress bar's
+        numbers. The one place in an epoch that waits for the device."""
+        bad_step = watch.diverged_at()
+        stop_signal = int(self.processes.max(torch.tensor([stop.signal or 0], device=self.speed.device)).item())
+        first_bad = self.processes.min(torch.tensor([bad_step or math.inf], device=self.speed.device)).item()
+        if math.isfinite(first_bad):
+            raise_divergence(self.epoch + 1, int(first_bad), self.out.ckpt_dir)
+        images_per_s = (self.step - first_step) * self.args.b / (time.time() - self.epoch_start)
+        bar.set_postfix(loss=f"{watch.last:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4g}",
+                        img_s=f"{images_per_s * self.processes.world:.0f}")
+        return stop_signal
+
+    def _estimate_cpu_time(self, first_step):
+        # Measured over the steps after the first (which is slower).
+        minutes = (time.time() - self.epoch_start) / (self.step - first_step) * len(self.train_data) / 60
+        tqdm.write(f"warning: no GPU; about {minutes:.1f} min per epoch, "
+                   f"{minutes * (self.args.epochs - self.epoch) / 60:.1f} h for the remaining "
+                   f"{self.args.epochs - self.epoch} epochs")
+
+    def end_epoch(self):
+        """Test, log, checkpoint."""
+        args = self.args
+        loss_sum, hits, seen = self.totals.read(self.processes)
+        self.processes.broadcast_buffers(self.model)
+        test = training.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
+        self.epoch, self.step = self.epoch + 1, 0
+        self.totals = training.RunningTotals(self.speed.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"epoch": self.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * hits / seen,
+               "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+               "seconds": round(time.time() - self.epoch_start, 2)}
+        self.history.append(row)
+        is_best = test["top1"] > self.best["top1"]
+        if is_best:
+            self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": self.epoch}
+        self.out.log_epoch(self.history)
+        if args.gate_images and self.epoch % args.gate_images == 0:
+            self.out.gate_images(self.model, self.gate_images, self.recipe, self.speed, self.epoch)
+        state = self.checkpoint_state()
+        self.out.save("last.pth", state)
+        if is_best:
+            self.out.save("best.pth", state)
+        self.out.print(f"epoch {self.epoch}/{args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
+                       f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
+                       f"top-5 {row['test_top5']:.2f}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue at (epoch, step); a collective under torchrun. Randomness
+        needs no state: each epoch's is derived from (seed, epoch)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+            "step": self.step, "running": self.totals.read(self.processes), "best": self.best,
+            "history": self.history, "args": vars(self.args), "device": self.speed.device.type,
+            "world": self.processes.world,
+        }
+
+    def finish(self, stop_signal: int) -> int:
+        """The one way out of a run that was not cut short by an error: save what an interruption
+        would lose, say how to go on, return the exit code."""
+        out = self.out
+        if not stop_signal:
+            final = self.history[-1]
+            out.finish(self.args, final, self.best)
+            out.print(f"done in {(time.time() - self.started) / 60:.1f} min. final (epoch {final['epoch']}): top-1 "
+                      f"{final['test_top1']:.2f} top-5 {final['test_top5']:.2f}; best (epoch {self.best['epoch']}, "
+                      f"picked on the test set): top-1 {self.best['top1']:.2f} top-5 {self.best['top5']:.2f}")
+            return 0
+        if self.step:  # stopped mid-epoch; an epoch's end has saved already
+            out.save("last.pth", self.checkpoint_state())
+        out.close()
+        out.print(f"saved {out.ckpt_dir / 'last.pth'} (epoch {self.epoch + (self.step > 0)}, step {self.step}); "
+                  f"resume with:\n  {resume_command(out.ckpt_dir, self.processes)}")
+        return 128 + stop_signal
+
+
 def main(argv=None):
     args = parse_args(argv)
     processes = utils.Distributed.from_environment()
@@ -250,7 +518,7 @@ def main(argv=None):
     try:
         return train(args, processes)
     except Diverged as e:
-        print(f"error{where}: {e}", file=sys.stderr)
+        print(f"\nerror{where}: {e}", file=sys.stderr)
         return 1
     except UserError as e:
         print(f"error{where}: {e}", file=sys.stderr)
@@ -262,202 +530,20 @@ def main(argv=None):
         processes.close()
 
 
-def train(args, processes):
+def train(args, processes) -> int:
     args, checkpoint = resolve_resume(args)
     args.epochs = args.epochs or settings.EPOCHS
     args.data = args.data or settings.DATA_DIR
-    recipe = settings.RECIPES[args.recipe]
-    args.warm = recipe["warm"] if args.warm is None else args.warm
+    args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
     args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    device = processes.start()
-    speed = utils.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile)
-    args.amp, args.channels_last, args.compile = speed.amp, speed.channels_last, speed.compile
-    args.loader = args.loader or "device"
-    if args.workers is None:
-        args.workers = 4 if device.type == "cuda" else 0
-    sync_bn = args.sync_bn and processes.enabled
-    if sync_bn and device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
-
-    if processes.local_rank == 0:  # one download per machine, the other ranks wait for it
-        utils.ensure_cifar100(args.data)
-    processes.barrier()
-    out = RunOutputs(args, processes.main, purge_step=checkpoint["epoch"] + 1 if checkpoint else None)
-    train_set, test_set = utils.CIFAR100Folder(args.data, train=True), utils.CIFAR100Folder(args.data, train=False)
-    if args.subset:
-        train_set.truncate(args.subset)
-    # Every rank holds the same generator state: the same epoch is drawn everywhere, then sharded.
-    generator = torch.Generator(device if args.loader == "device" else "cpu")
-    generator.manual_seed(args.seed)
-    train_data = utils.make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator,
-                                   processes)
-    test_data = utils.make_loader(args.loader, test_set, max(args.b, 256), recipe, device, False, args.workers,
-                                  processes=processes)
-    steps_per_epoch = len(train_data)
-    gate_batch = next(iter(test_data))[0][:8] if args.gate_images else None  # the same images every time
-
-    torch.manual_seed(args.seed)
-    model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
-    utils.initialise(model, recipe)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter names: checkpoints load anywhere
-    model.to(device, memory_format=speed.memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=settings.MOMENTUM,
-                                weight_decay=settings.WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: utils.lr_factor(step, steps_per_epoch, args.warm))
-    scaler = speed.grad_scaler()
-    if scaler.is_enabled():  # fp16 skips the optimizer step when gradients overflow; the LR schedule still advances
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-    criterion = nn.CrossEntropyLoss()
-    # `model` stays the plain module: checkpoints, the graph and evaluation use it. Training steps
-    # go through DDP (gradients averaged over ranks) and torch.compile when asked.
-    if processes.enabled:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    else:
-        step_model = model
-    step_model = torch.compile(step_model) if speed.compile else step_model
-
-    # Where to start: (epoch, step within it), with the RNG state as it was when that epoch began.
-    epoch, start_step, best, history = 0, 0, {"top1": 0.0, "top5": 0.0, "epoch": 0}, []
-    running = torch.zeros(3, dtype=torch.float64, device=device)  # this rank's loss sum, top-1 hits, images
-    if checkpoint:
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{args.resume} has checkpoint format {checkpoint.get('format')}, "
-                            f"this script reads format {CHECKPOINT_FORMAT}")
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_state(checkpoint["rng"], generator)
-            epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-            best, history = checkpoint["best"], checkpoint["history"]
-            if processes.main:  # the saved sums cover every rank of the interrupted epoch
-                running = torch.tensor(checkpoint["running"], dtype=torch.float64, device=device)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        if epoch >= args.epochs:
-            out.close()
-            out.print(f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to continue")
-            return 0
-        out.print(f"resuming {args.resume}: epoch {epoch + 1}/{args.epochs}, step {start_step}/{steps_per_epoch}")
-    else:
-        out.graph(model, speed.inputs(next(iter(test_data))[0][:2]))
-
-    def checkpoint_state(next_epoch, step, epoch_rng):
-        """Everything needed to continue at (next_epoch, step); a collective under torchrun."""
-        return {
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": next_epoch,
-            "step": step, "rng": epoch_rng, "running": processes.sum(running.clone()).tolist(),
-            "best": best, "history": history, "args": vars(args),
-        }
-
+    trainer = Trainer(args, processes, checkpoint)
+    if trainer.epoch >= args.epochs:
+        trainer.out.close()
+        trainer.out.print(f"{args.resume} already finished {trainer.epoch}/{args.epochs} epochs; "
+                          f"raise --epochs to continue")
+        return 0
     with StopRequest(announce=processes.main) as stop:
-        n_params = utils.count_parameters(model)[0]
-        launch = f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled \
-            else f"batch {args.b}"
-        out.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} epochs, "
-                  f"{launch}, {len(train_set):,} training images, on {device}; "
-                  f"checkpoints in {out.ckpt_dir}, logs in {out.log_dir}")
-        started = time.time()
-        steps_here, estimate_pending = 0, device.type == "cpu" and processes.main
-        while epoch < args.epochs:
-            epoch_rng = rng_state(generator)
-            model.train()
-            recent_losses, stop_signal = [], 0
-            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True, disable=not processes.main)
-            epoch_start = time.time()
-            for step, (images, labels) in utils.batches(train_data, start_step, epoch):
-                images, labels = speed.inputs(images), labels.to(device, non_blocking=True)
-                with speed.autocast():
-                    logits = step_model(images)
-                    loss = criterion(logits, labels)
-                if args.nam_l1:
-                    loss = loss + nam_l1_penalty(model, args.nam_l1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # a no-op scale unless --amp fp16
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-
-                loss = loss.detach()
-                top1 = utils.topk_correct(logits, labels, ks=(1,))[0]
-                running += torch.stack([loss.double() * len(labels), top1.double(),
-                                        torch.tensor(len(labels), dtype=torch.float64, device=device)])
-                recent_losses.append(loss)
-                bar.update()
-                last_step = step + 1 == steps_per_epoch
-                # Checks wait for the device, so they come every NAN_CHECK_EVERY steps; under torchrun
-                # the ranks agree there on whether to stop, so that none is left waiting for the others.
-                if len(recent_losses) == NAN_CHECK_EVERY or last_step or (stop.signal and not processes.enabled):
-                    finite = torch.isfinite(torch.stack(recent_losses))
-                    first_bad = step + 2 - len(recent_losses) + int((~finite).int().argmax()) if not finite.all() else 0
-                    # One all-reduce (max) for both: the stop signal, and the earliest bad step (negated).
-                    flags = torch.tensor([stop.signal or 0, -(first_bad or 2 ** 40)], device=device)
-                    stop_signal, first_bad = processes.max(flags).tolist()
-                    if -first_bad != 2 ** 40:
-                        raise_divergence(epoch + 1, -first_bad, out.ckpt_dir)
-                    recent_losses = []
-                    images_per_s = (step + 1 - start_step) * args.b / (time.time() - epoch_start)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}",
-                                    img_s=f"{images_per_s * processes.world:.0f}")
-                    if stop_signal and not last_step:
-                        bar.close()
-                        out.save("last.pth", checkpoint_state(epoch, step + 1, epoch_rng))
-                        out.close()
-                        out.print(f"saved {out.ckpt_dir / 'last.pth'} (epoch {epoch + 1}, step {step + 1}); "
-                                  f"resume with:\n  {resume_command(out.ckpt_dir, processes)}")
-                        return 128 + stop_signal
-                steps_here += 1
-                if estimate_pending and steps_here == 1:
-                    first_step_done = time.time()  # the first step is slower: time the next five
-                elif estimate_pending and steps_here == 6:
-                    estimate_pending = False
-                    epoch_min = (time.time() - first_step_done) / 5 * steps_per_epoch / 60
-                    tqdm.write(f"warning: no GPU; about {epoch_min:.1f} min per epoch, "
-                               f"{epoch_min * (args.epochs - epoch) / 60:.1f} h for the remaining "
-                               f"{args.epochs - epoch} epochs")
-            bar.close()
-
-            loss_sum, hits, seen = processes.sum(running.clone()).tolist()
-            processes.broadcast_buffers(model)
-            test_stats = utils.evaluate(model, test_data, speed, processes)
-            epoch += 1
-            lr = optimizer.param_groups[0]["lr"]
-            history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * hits / seen,
-                            "test_loss": test_stats["loss"], "test_top1": test_stats["top1"],
-                            "test_top5": test_stats["top5"], "seconds": round(time.time() - epoch_start, 2)})
-            is_best = test_stats["top1"] > best["top1"]
-            if is_best:
-                best = {"top1": test_stats["top1"], "top5": test_stats["top5"], "epoch": epoch}
-            running.zero_()
-            start_step = 0
-            out.log_epoch(history)
-            if args.gate_images and epoch % args.gate_images == 0:
-                out.gate_images(model, gate_batch, recipe, speed, epoch)
-            state = checkpoint_state(epoch, 0, rng_state(generator))
-            out.save("last.pth", state)
-            if is_best:
-                out.save("best.pth", state)
-            row = history[-1]
-            out.print(f"epoch {epoch}/{args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
-                      f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
-                      f"top-5 {row['test_top5']:.2f}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
-            if stop_signal:
-                out.close()
-                out.print(f"stopped after epoch {epoch}; resume with:\n  {resume_command(out.ckpt_dir, processes)}")
-                return 128 + stop_signal
-
-    final = history[-1]
-    out.finish(args, final, best)
-    out.print(f"done in {(time.time() - started) / 60:.1f} min. final (epoch {final['epoch']}): top-1 "
-              f"{final['test_top1']:.2f} top-5 {final['test_top5']:.2f}; best (epoch {best['epoch']}, picked "
-              f"on the test set): top-1 {best['top1']:.2f} top-5 {best['top5']:.2f}")
-    return 0
+        return trainer.run(stop)
 
 
 def resume_command(ckpt_dir, processes) -> str:

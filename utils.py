@@ -1,5 +1,4 @@
 """Helpers shared by the scripts: data, schedules, checkpoints, metrics, parameter and FLOP counts."""
-import bisect
 import hashlib
 import itertools
 import math
@@ -58,7 +57,9 @@ class Distributed:
         if device.type == "cuda":
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        # device_id binds NCCL's communicator to this GPU now, not at the first collective.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10),
+                                device_id=device if device.type == "cuda" else None)
         return device
 
     def close(self) -> None:
@@ -75,6 +76,12 @@ class Distributed:
         """In place: the element-wise maximum over all ranks."""
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the element-wise minimum over all ranks."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor
 
     def barrier(self) -> None:
@@ -332,114 +339,18 @@ def make_loader(kind: str, dataset: ImageArray, batch_size: int, recipe: dict, d
                                      seed=generator.initial_seed())
     elif processes.enabled:
         dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world))
-    # The loader's own generator draws the shuffle and the workers' seeds: its state at the start of
-    # an epoch replays that epoch exactly.
+    # The loader's own generator draws the shuffle and the workers' seeds, so seeding it when an
+    # epoch starts fixes that epoch. Workers are therefore started anew each epoch (persistent ones
+    # would carry their random state from one epoch into the next).
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      generator=generator, num_workers=workers, pin_memory=device.type == "cuda")
 
-
-# ---------------------------------------------------------------- device and speed settings
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-@dataclass
-class SpeedSettings:
-    """How the model runs on `device`: autocast dtype, memory format, torch.compile."""
-    device: torch.device
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-
-    @classmethod
-    def resolve(cls, device, amp=None, channels_last=None, compile=None) -> "SpeedSettings":
-        """Fill unset options with the defaults for the device."""
-        cuda = device.type == "cuda"
-        if amp is None:
-            # bf16 halves memory traffic and runs on tensor cores (or AVX512-BF16/AMX units), with
-            # fp32's range: no loss scaling.
-            amp = "bf16" if (torch.cuda.is_bf16_supported() if cuda else native_cpu_bf16()) else "off"
-        # NHWC is the layout cuDNN's tensor-core convolutions want; NCHW would cost transposes.
-        channels_last = cuda if channels_last is None else channels_last
-        return cls(device, amp, channels_last, bool(compile))
-
-    @property
-    def memory_format(self):
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def grad_scaler(self):
-        # fp16's narrow range needs the loss scaled up so that small gradients do not flush to zero.
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-
-
-# ---------------------------------------------------------------- model initialisation and schedule
-
-def initialise(model: nn.Module, recipe: dict) -> None:
-    """The paper recipe's init (the NAM authors' script): every Conv2d weight kaiming_uniform_ with
-    default arguments, every BatchNorm weight 1 and bias 0; PyTorch's defaults elsewhere."""
-    if recipe["init"] == "pytorch":
-        return
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_uniform_(m.weight)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def lr_factor(step: int, steps_per_epoch: int, warm_epochs: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based): a linear warm-up over the first warm_epochs,
-    reaching 1 at its last step (the classic script's first step ran at LR 0), then x0.2 at each
-    milestone. Stepped per iteration; between milestones it equals MultiStepLR stepped per epoch."""
-    warm_steps = warm_epochs * steps_per_epoch
-    warm = (step + 1) / warm_steps if step < warm_steps else 1.0
-    return warm * settings.LR_DECAY ** bisect.bisect_right(settings.MILESTONES, step // steps_per_epoch)
-
-
-# ---------------------------------------------------------------- metrics
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Number of images whose label is among the top-k predictions, for each k (as tensors)."""
-    top = logits.topk(max(ks), dim=1).indices
-    hits = top == labels[:, None]
-    return [hits[:, :k].any(1).sum() for k in ks]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, speed: "SpeedSettings", processes: Distributed = SINGLE_PROCESS) -> dict:
-    """Mean loss per image and top-1/top-5 accuracy (%) over the loader; under torchrun, over every
-    rank's shard (the shards cover the test set once)."""
-    model.eval()
-    device = speed.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
-    for images, labels in loader:
-        images, labels = speed.inputs(images), labels.to(device, non_blocking=True)
-        with speed.autocast():
-            logits = model(images)
-        top1, top5 = topk_correct(logits, labels)
-        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-        totals += torch.stack([loss.double(), top1.double(), top5.double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
-    loss_sum, top1, top5, n = processes.sum(totals).tolist()
-    return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
-
+# ---------------------------------------------------------------- counting
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -496,6 +407,7 @@ def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed: 
         if ema is not None:
             store = lambda module, inputs, output, name=name: gates.__setitem__(name, module.spatial_gate(inputs[0]))
             handles.append(ema.register_forward_hook(store))
+    images = images.to(speed.device)  # a DataLoader's test images are on the CPU, the model may not be
     was_training = model.training
     model.eval()
     try:
@@ -543,11 +455,18 @@ def checkpoint_file(path) -> Path:
 
 def load_trained_model(weights, net=None, att=None):
     """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to the
-    checkpoint's own; given, they must match it."""
+    checkpoint's own; given, they must match it. A checkpoint of another repo's script (see
+    upstream_checkpoints.py) records no net/att: both are then required, and the returned checkpoint
+    only describes it (args net/att/recipe, epoch or None, layout). Every checkpoint has "layout", the
+    detected layout in words."""
     import models  # here, not at the top: models does not need utils, utils only needs models for this
+    import upstream_checkpoints  # here too: it builds on this module
 
     path = checkpoint_file(weights)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, ours_only=False)
+    if not upstream_checkpoints.is_ours(checkpoint):
+        model, description = upstream_checkpoints.trained_model(checkpoint, path, net, att)
+        return model, description, path
     saved = checkpoint["args"]
     net, att = net or saved["net"], att or saved["att"]
     if (net, att) != (saved["net"], saved["att"]):
@@ -557,12 +476,14 @@ def load_trained_model(weights, net=None, att=None):
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
+    checkpoint["layout"] = upstream_checkpoints.describe_ours(checkpoint)
     return model, checkpoint, path
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, ours_only: bool = True):
     """Read a checkpoint with weights_only=True: a file that needs arbitrary code to unpickle is
-    refused, never executed."""
+    refused, never executed. With ours_only=False, whatever the file holds is returned, for
+    upstream_checkpoints.py to recognise; otherwise anything but one of this repo's is refused."""
     path = checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -574,6 +495,8 @@ def load_checkpoint(path) -> dict:
                         f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(checkpoint, dict) or not {"model", "args"} <= checkpoint.keys():
+    import upstream_checkpoints  # here, not at the top: it builds on this module
+
+    if ours_only and not upstream_checkpoints.is_ours(checkpoint):
         raise UserError(f"{path} is not a checkpoint of this repo (no model weights and arguments)")
     return checkpoint

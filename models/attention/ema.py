@@ -6,11 +6,20 @@ Authors' code: github.com/YOLOonMe/EMA-attention-module. Submodule names (`gn`, 
 """
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class EMA(nn.Module):
-    """Channels are split into ``factor`` groups of k = channels / factor; the groups are folded into
-    the batch and share one set of weights: 10k^2 + 4k parameters."""
+    """Channels are split into ``factor`` groups of k = channels / factor that share one set of
+    weights: 10k^2 + 4k parameters.
+
+    The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W). That reshape copies
+    a channels_last tensor, so this module computes the same thing on (B, C, H, W) directly: the
+    shared k -> k convolutions become grouped convolutions with the weights repeated per group, the
+    one-channel-per-group GroupNorm becomes a GroupNorm with one channel per group over all C, and
+    the sums over a group's k channels are views (B, G, k, ...). Every step keeps the input's memory
+    layout; the result equals the folded computation (tests/test_ema.py).
+    """
 
     def __init__(self, channels: int, factor: int = 32):
         super().__init__()
@@ -26,29 +35,29 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = x.reshape(b * self.groups, c // self.groups, h, w)
-        return (g * self._gate(g)).reshape(b, c, h, w)
+        return (x.unflatten(1, (self.groups, -1)) * self.spatial_gate(x).unsqueeze(2)).flatten(1, 2)
 
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate forward() multiplies each group by, sigmoid of the cross-spatial weights:
-        (B, G, H, W), for pictures."""
-        b, c, h, w = x.shape
-        return self._gate(x.reshape(b * self.groups, c // self.groups, h, w)).reshape(b, self.groups, h, w)
-
-    def _gate(self, g: torch.Tensor) -> torch.Tensor:
-        """(B*G, k, H, W) grouped input -> (B*G, 1, H, W) gate."""
-        h, w = g.shape[2:]
+        """(B, C, H, W) -> (B, G, H, W): the gate that forward() multiplies each group by, sigmoid of
+        the cross-spatial weights (also drawn by the pictures)."""
+        h, w = x.shape[2:]
+        g = self.groups
         # 1x1 branch: strip pooling along each axis, one shared 1x1 conv on both strips.
-        strips = torch.cat([g.mean(3, keepdim=True), g.mean(2, keepdim=True).transpose(2, 3)], dim=2)
-        gate_h, gate_w = self.conv1x1(strips).sigmoid().split([h, w], dim=2)
-        x1 = self.gn(g * gate_h * gate_w.transpose(2, 3))
+        strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
+        gate_h, gate_w = self._grouped(self.conv1x1, strips).sigmoid().split([h, w], dim=2)
+        y = x * gate_h * gate_w.transpose(2, 3)
+        x1 = F.group_norm(y, y.shape[1], self.gn.weight.repeat(g), self.gn.bias.repeat(g), self.gn.eps)
         # 3x3 branch.
-        x2 = self.conv3x3(g)
+        x2 = self._grouped(self.conv3x3, x)
 
-        # Cross-spatial learning: each branch's channel descriptor weights the other branch's map.
-        a1 = x1.mean((2, 3)).softmax(-1).unsqueeze(1)  # (B*G, 1, k)
-        a2 = x2.mean((2, 3)).softmax(-1).unsqueeze(1)
-        # baddbmm fuses the second product with the sum: a1 @ x2 + a2 @ x1.
-        m = torch.baddbmm(a1 @ x2.flatten(2), a2, x1.flatten(2))  # (B*G, 1, H*W)
-        return m.reshape(-1, 1, h, w).sigmoid()
+        # Cross-spatial learning: each branch's channel descriptor (softmax over a group's k
+        # channels) weights the other branch's map; the k weighted maps of a group are summed.
+        a1 = x1.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
+        a2 = x2.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
+        weights = (a1 * x2 + a2 * x1).unflatten(1, (g, -1)).sum(2)
+        return weights.sigmoid()
+
+    def _grouped(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """conv applied to each group of x's channels with the same (shared) weights."""
+        return F.conv2d(x, conv.weight.repeat(self.groups, 1, 1, 1), conv.bias.repeat(self.groups),
+                        padding=conv.padding, groups=self.groups)

@@ -1,0 +1,99 @@
+"""The default configuration on a GPU. Skipped without CUDA; run on a GPU machine with
+
+    EMA_TEST_GPU=1 python -m pytest -q tests/test_gpu.py
+
+(only this file: the rest of the suite is meant for the CPU)."""
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_cifar100
+import training
+import utils
+from fake_cifar import write_fake_cifar100
+from test_loader import MEAN, STD, random_batch, torchvision_tensor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA and EMA_TEST_GPU=1 (README: One GPU check)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    # Two full batches of the default 128, and one test batch of 256.
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=256, n_test=256)
+
+
+def outputs(base, run):
+    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
+
+
+def test_defaults_resolve_to_compiled_bf16_channels_last():
+    device = torch.device("cuda")
+    speed = training.SpeedSettings.resolve(device)
+    assert speed.compile and speed.channels_last
+    assert speed.amp == ("bf16" if training.native_cuda_bf16(device) else "fp16")
+
+
+def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_path, monkeypatch):
+    """ResNet50 + EMA as `python train_cifar100.py --b 128` runs it. The first epoch compiles; in the
+    second, CUDA's sync debug mode reports any step that waits for the GPU (checks excepted)."""
+    synced = []
+    original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
+
+    def train_epoch(self, stop):
+        if self.epoch == 0:
+            return original_epoch(self, stop)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original_epoch(self, stop)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                synced.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+
+    def check(self, *args):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return original_check(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(train_cifar100.Trainer, "check", check)
+    assert train_cifar100.main(["--b", "128", "--epochs", "2", "--data", str(data_root)] + outputs(tmp_path, "gpu")) == 0
+    checkpoint = torch.load(tmp_path / "checkpoint/resnet50_ema/gpu/last.pth", weights_only=True)
+    args = checkpoint["args"]
+    assert (args["compile"], args["channels_last"], args["loader"]) == (True, True, "device")
+    assert args["amp"] == ("bf16" if training.native_cuda_bf16(torch.device("cuda")) else "fp16")
+    assert all(math.isfinite(row["train_loss"]) for row in checkpoint["history"])
+    assert synced == []
+
+
+def test_device_loader_equals_torchvision_on_cuda():
+    images, offsets, flips, angles = (t.cuda() for t in random_batch(64, seed=2))
+    out = utils.augment(images, offsets, flips, angles, MEAN.cuda(), STD.cuda())
+    for i in range(len(images)):
+        top, left = offsets[i].tolist()
+        expected = torchvision_tensor(images[i], top, left, bool(flips[i]), float(angles[i]))
+        assert torch.equal(out[i], expected), (i, int((out[i] != expected).sum()))
+
+
+def test_gpu_checkpoint_resumes_on_the_cpu_and_gate_images_with_workers(data_root, tmp_path):
+    tiny = ["-net", "resnet18", "-att", "ema", "-b", "64", "--data", str(data_root), "--no-compile"]
+    assert train_cifar100.main(tiny + ["--epochs", "1", "--loader", "workers", "--workers", "2",
+                                       "--gate-images", "1"] + outputs(tmp_path, "move")) == 0
+    folder = tmp_path / "checkpoint/resnet18_ema/move"
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EMA_TEST_GPU": "0"}
+    result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume", str(folder),
+                             "--epochs", "2"], capture_output=True, text=True, env=cpu_only, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "device cuda -> cpu" in result.stdout
+    assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 2

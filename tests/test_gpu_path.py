@@ -1,0 +1,216 @@
+"""What makes the GPU path fast and safe, checked on the CPU: no host synchronisation inside training
+steps, no graph breaks under torch.compile, EMA keeping channels_last, static graphs compiled once
+per run, resumes that change device, loader, precision or layout, fp16 overflow vs divergence."""
+import functools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import benchmark
+import models
+import train_cifar100
+import training
+from benchmark import UpstreamStyleEMA
+from fake_cifar import write_fake_cifar100
+from models.attention import ATTENTIONS, EMA, build_attention
+from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
+
+# ResNet18 + EMA on 160 images in batches of 32: 5 steps per epoch.
+TINY = ["-net", "resnet18", "-att", "ema", "-b", "32", "-lr", "0.02", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=160, n_test=64)
+
+
+def train(data_root, base, run, *extra):
+    return train_cifar100.main(TINY + ["--data", str(data_root), "--checkpoint-dir", str(base / "checkpoint"),
+                                       "--log-dir", str(base / "runs"), "--run-name", run] + list(extra))
+
+
+def last_checkpoint(base, run):
+    return torch.load(base / "checkpoint" / "resnet18_ema" / run / "last.pth", weights_only=True)
+
+
+def test_no_host_synchronisation_inside_training_steps(data_root, tmp_path, monkeypatch):
+    """Between two checks a step neither reads a device value nor builds a tensor from Python values."""
+    calls, checked_at = [], []
+    counter = benchmark.HostSyncCounter()
+    original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
+
+    def train_epoch(self, stop):
+        with counter:
+            try:
+                return original_epoch(self, stop)
+            finally:
+                calls.extend(counter.calls)
+
+    def check(self, *args):
+        counter.paused = True  # the check is where reading is allowed
+        try:
+            checked_at.append(self.step)
+            return original_check(self, *args)
+        finally:
+            counter.paused = False
+
+    monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(train_cifar100.Trainer, "check", check)
+    monkeypatch.setattr(train_cifar100, "CHECK_EVERY", 2)
+    assert train(data_root, tmp_path, "sync", "--epochs", "1") == 0
+    assert checked_at == [2, 4, 5]
+    assert calls == []
+
+
+def test_the_sync_counter_sees_what_it_must():
+    with benchmark.HostSyncCounter() as counter:
+        x = torch.ones(3)
+        x.sum().item()
+        bool(x[0] > 0)
+        x.tolist()
+        torch.tensor([1.0])
+    assert counter.calls == ["item", "__bool__", "tolist", "tensor"]
+
+
+def test_every_block_and_attention_compiles_without_graph_breaks():
+    """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each kind
+    runs the same code as the deep ones. MobileNetV2 (2 s a trace) with EMA, its own placement rule,
+    and without: the other modules' code is traced in the ResNets."""
+    assert {block for block, _ in RESNETS.values()} == {BasicBlock, Bottleneck}
+    speed = training.SpeedSettings(torch.device("cpu"))
+    images = torch.randn(2, 3, 32, 32)
+    nets = {("mobilenetv2", attention): models.create_model("mobilenetv2", attention) for attention in (None, "ema")}
+    for attention in [None, *ATTENTIONS]:
+        factory = functools.partial(build_attention, attention) if attention else None
+        nets.update({(block.__name__, attention): ResNet(block, (1, 1, 1, 1), 100, factory)
+                     for block in (BasicBlock, Bottleneck)})
+    for (name, attention), net in nets.items():
+        torch._dynamo.reset()
+        graphs, breaks, reason = benchmark.graph_breaks(net, images, speed)
+        assert (graphs, breaks) == (1, 0), (name, attention, reason)
+
+
+class LayoutCopies(TorchDispatchMode):
+    COPIES = {"aten.clone.default", "aten._to_copy.default", "aten.copy_.default"}
+
+    def __enter__(self):
+        self.copies = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.COPIES:
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
+    torch.manual_seed(0)
+    ours = EMA(64, 8).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p))
+    folded = UpstreamStyleEMA(64, 8).double()  # the authors' (B*G, k, H, W) formulation
+    folded.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 64, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    with LayoutCopies() as layout:
+        out = ours(x)
+    assert layout.copies == [] and out.is_contiguous(memory_format=memory_format)
+    expected = folded(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    ours_grads = torch.autograd.grad(out, [x, *ours.parameters()], grad_out)
+    folded_grads = torch.autograd.grad(expected, [x, *folded.parameters()], grad_out)
+    for got, want in zip(ours_grads, folded_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_compiled_training_makes_each_graph_once(data_root, tmp_path, monkeypatch):
+    """Full and partial training batches and the test batches: each static graph made in the first
+    epoch, none in the second (backend "eager": dynamo's graphs without inductor's minutes)."""
+    monkeypatch.setattr(training, "COMPILE_OPTIONS", {**training.COMPILE_OPTIONS, "backend": "eager"})
+    graphs_after = []
+    original = train_cifar100.Trainer.end_epoch
+
+    def end_epoch(self):
+        original(self)
+        graphs_after.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(train_cifar100.Trainer, "end_epoch", end_epoch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # 150 training images in batches of 32: four full ones and one of 22; the 64 test images fit one
+    # test batch: three graphs.
+    assert train(data_root, tmp_path, "compiled", "--epochs", "2", "--compile", "--subset", "150") == 0
+    assert graphs_after == [3, 3]
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    """One step of 16 per epoch and 16 test images: fp16 is emulated, slowly, on CPUs."""
+    return write_fake_cifar100(tmp_path_factory.mktemp("small"), n_train=16, n_test=16)
+
+
+def fresh_run(data_root, base):
+    assert train(data_root, base, "run", "--epochs", "1", "--amp", "off", "-b", "16") == 0
+
+
+@pytest.mark.parametrize("override", [
+    ["--amp", "fp16"],
+    ["--amp", "bf16"],
+    ["--loader", "workers"],
+    ["--channels-last"],
+])
+def test_every_allowed_override_resumes(override, small_root, tmp_path, capsys):
+    fresh_run(small_root, tmp_path)
+    capsys.readouterr()
+    folder = tmp_path / "checkpoint" / "resnet18_ema" / "run"
+    assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", *override]) == 0
+    out = capsys.readouterr().out
+    assert "not bitwise" in out
+    checkpoint = last_checkpoint(tmp_path, "run")
+    assert checkpoint["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+def test_a_gpu_checkpoint_resumes_on_the_cpu(small_root, tmp_path, capsys):
+    """A checkpoint written on CUDA by the old format (one CUDA RNG state per visible GPU, a CUDA
+    loader generator) or by this one (device "cuda") continues here, and says it is not bitwise."""
+    fresh_run(small_root, tmp_path)
+    path = tmp_path / "checkpoint" / "resnet18_ema" / "run" / "last.pth"
+    new_format = last_checkpoint(tmp_path, "run")
+    new_format["device"] = "cuda"
+    old_format = last_checkpoint(tmp_path, "run")
+    old_format.update(format=1, rng={"torch": torch.get_rng_state(), "loader": torch.zeros(16, dtype=torch.uint8),
+                                     "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4})
+    del old_format["device"], old_format["world"]
+    for checkpoint, expected in ((new_format, "device cuda -> cpu"), (old_format, "format-1")):
+        torch.save(checkpoint, path)
+        capsys.readouterr()
+        assert train_cifar100.main(["--resume", str(path), "--epochs", "2"]) == 0
+        assert expected in capsys.readouterr().out
+        assert last_checkpoint(tmp_path, "run")["epoch"] == 2
+
+
+def losses(*values):
+    return [torch.tensor(v) for v in values]
+
+
+def test_loss_watch_calls_divergence_only_what_fp16_would_not_skip():
+    nan, inf = float("nan"), float("inf")
+    strict = train_cifar100.LossWatch(tolerated=0)
+    for step, loss in enumerate(losses(1.0, 2.0, nan, 1.0)):
+        strict.add(loss, step)
+    assert strict.diverged_at() == 3  # 1-based: the third step
+
+    fp16 = train_cifar100.LossWatch(tolerated=2)  # the scaler may skip up to 2 overflowing steps in a row
+    for step, loss in enumerate(losses(1.0, inf, inf, 1.0)):
+        fp16.add(loss, step)
+    assert fp16.diverged_at() is None
+    for step, loss in enumerate(losses(inf, 2.0, inf), 4):
+        fp16.add(loss, step)
+    assert fp16.diverged_at() is None
+    for step, loss in enumerate(losses(nan, nan), 7):  # three in a row across two checks: steps 7-9
+        fp16.add(loss, step)
+    assert fp16.diverged_at() == 7

@@ -1,0 +1,189 @@
+"""The training engine that train_cifar100.py, test.py and benchmark.py share: how a model runs on a
+device (SpeedSettings), one training step, evaluation, the recipes' initialisation and LR schedule,
+and each epoch's randomness.
+
+Nothing in a training step or an evaluation batch reads a value back from the device: losses and
+hit counts stay there, and are read only where the caller chooses to wait (every few dozen steps).
+"""
+import bisect
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from conf import settings
+from utils import SINGLE_PROCESS, Distributed
+
+# Static shapes: one graph per batch shape (the full batches, the epoch's last partial batch, the
+# test batches), each compiled once per run, with kernels tuned for it.
+COMPILE_OPTIONS = {"dynamic": False}
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def native_cuda_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores (compute capability 8.0, Ampere, and newer). torch.cuda.is_bf16_supported()
+    also counts emulation, which makes V100s and T4s slower than fp32."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@dataclass
+class SpeedSettings:
+    """How the model runs on `device`: autocast dtype, memory format, torch.compile."""
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def resolve(cls, device, amp=None, channels_last=None, compile=None) -> "SpeedSettings":
+        """Fill unset options with the defaults for the device (chosen from benchmark.py's GPU run,
+        README "Speed")."""
+        cuda = device.type == "cuda"
+        if amp is None:
+            # bf16 halves memory traffic and runs on tensor cores, with fp32's range (no loss
+            # scaling); where only fp16 is native, fp16 with a gradient scaler.
+            if cuda:
+                amp = "bf16" if native_cuda_bf16(device) else "fp16"
+            else:
+                amp = "bf16" if native_cpu_bf16() else "off"
+        # NHWC is the layout cuDNN's tensor-core convolutions want (EMA keeps it, see its docstring);
+        # on the CPU it measured slower.
+        channels_last = cuda if channels_last is None else channels_last
+        # Eager PyTorch launches a kernel per operation, ~2,400 per ResNet50 + EMA step: the GPU
+        # waits on the launches. Compiled, they fuse. On the CPU compiling costs more than it saves.
+        compile = cuda if compile is None else compile
+        return cls(device, amp, channels_last, compile)
+
+    def enable_fast_kernels(self) -> None:
+        """cuDNN picks the fastest convolution algorithm per shape on first use (EMA's grouped
+        convolutions have unusual shapes); the choice is not bitwise reproducible across runs."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def grad_scaler(self):
+        # fp16's narrow range needs the loss scaled up so that small gradients do not flush to zero.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        return torch.compile(model, **COMPILE_OPTIONS) if self.compile else model
+
+
+def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
+    """The recipes' SGD. On CUDA the fused kernel updates every parameter in one launch, and takes
+    fp16's overflow check from the gradient scaler without waiting for the GPU."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.MOMENTUM,
+                           weight_decay=settings.WEIGHT_DECAY, fused=True if device.type == "cuda" else None)
+
+
+def train_step(step_model: nn.Module, images, labels, optimizer, scaler, speed: SpeedSettings, penalty=None):
+    """One optimizer step on a batch: (loss, top-1 hits), left on the device: nothing here waits for
+    it. `penalty`, if given, returns a term added to the loss (NAM's L1)."""
+    with speed.autocast():
+        logits = step_model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+    if penalty is not None:
+        loss = loss + penalty()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # a no-op scale unless --amp fp16
+    scaler.step(optimizer)  # skipped by an enabled scaler when fp16 gradients overflowed
+    scaler.update()
+    return loss.detach(), topk_correct(logits.detach(), labels, ks=(1,))[0]
+
+
+class RunningTotals:
+    """An epoch's loss sum and top-1 hits, kept on the device, and its image count, kept in Python."""
+
+    def __init__(self, device, loss_sum: float = 0.0, hits: float = 0.0, images: int = 0):
+        self.sums = torch.tensor([loss_sum, hits], dtype=torch.float64, device=device)
+        self.images = images
+
+    def add(self, loss: torch.Tensor, hits: torch.Tensor, images: int) -> None:
+        self.sums[0].add_(loss, alpha=images)
+        self.sums[1].add_(hits)
+        self.images += images
+
+    def read(self, processes: Distributed = SINGLE_PROCESS) -> list[float]:
+        """[loss sum, hits, images] over every rank; waits for the device."""
+        device = self.sums.device
+        return processes.sum(torch.cat([self.sums, torch.tensor([self.images], dtype=torch.float64,
+                                                                device=device)])).tolist()
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Number of images whose label is among the top-k predictions, for each k (as tensors)."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, :k].any(1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, speed: SpeedSettings, processes: Distributed = SINGLE_PROCESS) -> dict:
+    """Mean loss per image and top-1/top-5 accuracy (%) over the loader; under torchrun, over every
+    rank's shard (the shards cover the test set once). Reads the device once, at the end."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=speed.device)  # loss, top-1, top-5
+    images = 0
+    for batch, labels in loader:
+        batch, labels = speed.inputs(batch), labels.to(speed.device, non_blocking=True)
+        with speed.autocast():
+            logits = model(batch)
+        top1, top5 = topk_correct(logits, labels)
+        sums[0].add_(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        sums[1].add_(top1)
+        sums[2].add_(top5)
+        images += len(labels)
+    totals = torch.cat([sums, torch.tensor([images], dtype=torch.float64, device=speed.device)])
+    loss_sum, top1, top5, n = processes.sum(totals).tolist()
+    return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch's shuffle and augmentations, from the run's seed and the epoch:
+    any epoch can start anywhere (another loader, device or process count) with no state carried."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:8], "little") >> 1
+
+
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
+    """Seed everything an epoch draws from: the loader's generator, and the global generators that
+    torchvision's transforms use in the main process (DataLoader workers get seeds from `generator`)."""
+    torch.manual_seed(epoch_seed(seed, epoch))
+    generator.manual_seed(epoch_seed(seed, epoch))
+
+
+def initialise(model: nn.Module, recipe: dict) -> None:
+    """The paper recipe's init (the NAM authors' script): every Conv2d weight kaiming_uniform_ with
+    default arguments, every BatchNorm weight 1 and bias 0; PyTorch's defaults elsewhere."""
+    if recipe["init"] == "pytorch":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def lr_factor(step: int, steps_per_epoch: int, warm_epochs: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based): a linear warm-up over the first warm_epochs,
+    reaching 1 at its last step (the classic script's first step ran at LR 0), then x0.2 at each
+    milestone. Stepped per iteration; between milestones it equals MultiStepLR stepped per epoch."""
+    warm_steps = warm_epochs * steps_per_epoch
+    warm = (step + 1) / warm_steps if step < warm_steps else 1.0
+    return warm * settings.LR_DECAY ** bisect.bisect_right(settings.MILESTONES, step // steps_per_epoch)

@@ -8,7 +8,7 @@ Configurations (--configs), each training with the trainer's own step (training.
   compiled     the same, torch.compile'd
   compiled-cl  the same, torch.compile'd, channels_last
 (default: all four on a GPU; classic and eager on the CPU, where compiling takes minutes).
-Also the data paths alone, EMA alone against the authors' operations, the model FLOPs utilization
+With --profile, each configuration's top operations by device time. Also the data paths alone, EMA alone against the authors' operations, the model FLOPs utilization
 on a GPU, and proxies of GPU speed that any device can measure: host synchronisations and ATen
 operations per training step, graphs and graph breaks under torch.compile. Warm-up steps (which
 include compiling) are not timed; the device is synchronized before every clock read. Speed is
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS if cuda else CONFIGS[:2]),
                    help="configurations to time (default: all on a GPU, classic and eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing each configuration, print its top operations by device time (3 steps)")
     args = p.parse_args(argv)
     for name in ("b", "steps", "warmup", "workers"):
         if getattr(args, name) < (1 if name in ("b", "steps") else 0):
@@ -127,6 +130,17 @@ class StepRunner:
         loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler, self.speed)
         self.scheduler.step()
         self.totals.add(loss, hits, len(labels))
+
+    def profile_table(self, steps: int = 3, rows: int = 15) -> str:
+        """The operations taking the most device time over a few (warm) steps."""
+        cuda = self.speed.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+            synchronize(self.speed.device)
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
     def timed(self, warmup: int, steps: int) -> tuple[float, float]:
         """(seconds of the warm-up steps, seconds per timed step)."""
@@ -290,12 +304,15 @@ def main(argv=None):
     rates = {}
     for name in args.configs:
         loader, speed = configs[name]
-        warm_s, step_s = StepRunner(args, loaders[loader], speed).timed(args.warmup, args.steps)
+        runner = StepRunner(args, loaders[loader], speed)
+        warm_s, step_s = runner.timed(args.warmup, args.steps)
         rates[name] = args.b / step_s
         mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
         ratio = f"   {rates[name] / rates['classic']:5.2f}x classic" if "classic" in rates else ""
         print(f"  {name:<12} {describe(loader, speed):<52} {rates[name]:9.1f}{ratio}{mfu}   "
               f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up {warm_s:.0f} s)")
+        if args.profile:
+            print(runner.profile_table())
     if device.type == "cuda":
         print("  MFU: 3 x forward FLOPs x images/s / " +
               (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass --peak-tflops"))

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
                    help="autocast dtype (default bf16 on GPUs and CPUs that compute it natively, else off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default on CUDA)")
+                   help="NHWC memory format (default on CUDA, except with -att ema: see README Speed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default on CUDA, off on the CPU)")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
@@ -275,7 +275,7 @@ class Trainer:
     def __init__(self, args, processes, checkpoint):
         self.args, self.processes = args, processes
         device = processes.start()
-        self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile)
+        self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att)
         args.amp, args.channels_last, args.compile = self.speed.amp, self.speed.channels_last, self.speed.compile
         args.loader = args.loader or "device"
         if args.workers is None:

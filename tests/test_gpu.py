@@ -34,11 +34,12 @@ def outputs(base, run):
     return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
 
 
-def test_defaults_resolve_to_compiled_bf16_channels_last():
+def test_defaults_resolve_to_compiled_bf16_and_the_measured_layout():
     device = torch.device("cuda")
     speed = training.SpeedSettings.resolve(device)
     assert speed.compile and speed.channels_last
     assert speed.amp == ("bf16" if training.native_cuda_bf16(device) else "fp16")
+    assert not training.SpeedSettings.resolve(device, attention="ema").channels_last
 
 
 def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_path, monkeypatch):
@@ -60,18 +61,19 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
                 synced.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
 
     def check(self, *args):
+        mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("default")
         try:
             return original_check(self, *args)
         finally:
-            torch.cuda.set_sync_debug_mode("warn")
+            torch.cuda.set_sync_debug_mode(mode)
 
     monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", train_epoch)
     monkeypatch.setattr(train_cifar100.Trainer, "check", check)
     assert train_cifar100.main(["--b", "128", "--epochs", "2", "--data", str(data_root)] + outputs(tmp_path, "gpu")) == 0
     checkpoint = torch.load(tmp_path / "checkpoint/resnet50_ema/gpu/last.pth", weights_only=True)
     args = checkpoint["args"]
-    assert (args["compile"], args["channels_last"], args["loader"]) == (True, True, "device")
+    assert (args["compile"], args["channels_last"], args["loader"]) == (True, False, "device")
     assert args["amp"] == ("bf16" if training.native_cuda_bf16(torch.device("cuda")) else "fp16")
     assert all(math.isfinite(row["train_loss"]) for row in checkpoint["history"])
     assert synced == []

@@ -214,3 +214,13 @@ def test_loss_watch_calls_divergence_only_what_fp16_would_not_skip():
     for step, loss in enumerate(losses(nan, nan), 7):  # three in a row across two checks: steps 7-9
         fp16.add(loss, step)
     assert fp16.diverged_at() == 7
+
+
+def test_cuda_defaults_follow_the_measurements():
+    """Resolved without touching CUDA (amp given): compiled, channels_last except with EMA."""
+    cuda = torch.device("cuda")
+    speed = training.SpeedSettings.resolve(cuda, amp="bf16", attention="none")
+    assert speed.compile and speed.channels_last
+    assert not training.SpeedSettings.resolve(cuda, amp="bf16", attention="ema").channels_last
+    cpu = training.SpeedSettings.resolve(torch.device("cpu"), attention="none")
+    assert not cpu.compile and not cpu.channels_last

@@ -189,13 +189,14 @@ def test_compile_matches_eager_within_bf16_tolerance():
 
 def test_benchmark_runs_end_to_end():
     result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "-net", "resnet18", "-att", "ema",
-                             "-b", "4", "--steps", "1", "--warmup", "1", "--data", "/nonexistent"],
+                             "-b", "4", "--steps", "1", "--warmup", "1", "--data", "/nonexistent", "--profile"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for line in ("workers loader (0 workers)", "device / workers per core", "classic      workers loader, fp32",
                  "eager        device loader", "x classic", "random images of CIFAR's shape",
-                 "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step"):
+                 "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
+                 "Self CPU time total"):
         assert line in out, out
 
 

@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cifar
 import models
 import training
 import utils
@@ -75,16 +76,16 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def training_images(args) -> tuple[utils.ImageArray, str]:
+def training_images(args) -> tuple[cifar.ImageArray, str]:
     n = args.b * (args.warmup + args.steps + 1)
-    folder = os.path.join(args.data, utils.CIFAR_FOLDER)
+    folder = os.path.join(args.data, cifar.CIFAR_FOLDER)
     if os.path.isfile(os.path.join(folder, "train")):
-        dataset = utils.CIFAR100Folder(args.data, train=True)
+        dataset = cifar.CIFAR100Folder(args.data, train=True)
         dataset.truncate(n)
         return dataset, f"CIFAR-100 from {folder}"
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return utils.ImageArray(data, rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
+    return cifar.ImageArray(data, rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
 
 
 def endless(loader):
@@ -286,12 +287,12 @@ def main(argv=None):
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
-    loaders = {"workers": utils.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
+    loaders = {"workers": cifar.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
                                             torch.Generator().manual_seed(0)),
-               "device": utils.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
+               "device": cifar.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
     configs = configurations(device, args)
 
-    mflops = utils.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES))
+    mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES))
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"{args.net} + {args.att}: {mflops:.0f} forward MFLOPs per image; batch {args.b}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; {source}")

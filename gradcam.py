@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+import cifar
 import models
 import utils
 from conf import settings
@@ -87,15 +88,15 @@ def main(argv=None):
         p.error("--images and --columns must be at least 1")
     try:
         model, checkpoint, path = utils.load_trained_model(args.weights, args.net, args.att)
-        utils.ensure_cifar100(args.data)
-        dataset = utils.CIFAR100Folder(args.data, train=False)
+        cifar.ensure_cifar100(args.data)
+        dataset = cifar.CIFAR100Folder(args.data, train=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = utils.default_device()
     model.to(device).eval()
     recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
-    loader = utils.make_loader("device", dataset, args.images, recipe, device, train=False)
+    loader = cifar.make_loader("device", dataset, args.images, recipe, device, train=False)
     images, labels = next(iter(loader))
     cams, predicted = grad_cam(model, images)
     names = dataset.classes

@@ -10,7 +10,7 @@ from conf import settings
 from models import create_model, list_attentions
 from models.attention import EMA
 from models.mobilenetv2 import MobileNetV2
-from utils import count_mflops, count_parameters
+from models import count_mflops, count_parameters
 
 NOTES = {
     "nam": "the paper counts the baseline: NAM's own BN (2C per block) is left out, the backbone's BN kept",

@@ -382,7 +382,7 @@ def seeds_line(rows: list[Row], delta: float) -> str:
 @functools.cache  # the table is rendered twice (printed, and table.md): build each model once
 def count_params(net: str, att: str) -> str:
     import models  # torch is only needed for this column
-    from utils import count_parameters
+    from models import count_parameters
     return f"{count_parameters(models.create_model(net, att, settings.NUM_CLASSES))[0] / 1e6:.2f}M"
 
 

@@ -10,6 +10,7 @@ give both.
 import argparse
 import sys
 
+import cifar
 import models
 import training
 import utils
@@ -49,11 +50,11 @@ def test(args):
     # One pass over the test set: compiling would cost more time than it saves.
     speed = training.SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
-    utils.ensure_cifar100(args.data)
-    dataset = utils.CIFAR100Folder(args.data, train=False)
-    loader = utils.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
+    cifar.ensure_cifar100(args.data)
+    dataset = cifar.CIFAR100Folder(args.data, train=False)
+    loader = cifar.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
     stats = training.evaluate(model, loader, speed)
-    total, no_norm = utils.count_parameters(model)
+    total, no_norm = models.count_parameters(model)
 
     epochs = "" if checkpoint["epoch"] is None else f", after {checkpoint['epoch']} epochs"
     print(f"{path}: {net} + {att}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
@@ -61,7 +62,7 @@ def test(args):
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
           f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")
     print(f"parameters {total:,} (all), {no_norm:,} (without BatchNorm/GroupNorm); "
-          f"{utils.count_mflops(model):.1f} MFLOPs per 32x32 image")
+          f"{models.count_mflops(model):.1f} MFLOPs per 32x32 image")
     return stats
 
 

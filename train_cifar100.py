@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
+import cifar
 import models
 import training
 import utils
@@ -283,7 +284,7 @@ class Trainer:
         if args.sync_bn and processes.enabled and device.type != "cuda":
             raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
         if processes.local_rank == 0:  # one download per machine, the other ranks wait for it
-            utils.ensure_cifar100(args.data)
+            cifar.ensure_cifar100(args.data)
         processes.barrier()
         self.out = RunOutputs(args, processes.main, purge_step=checkpoint["epoch"] + 1 if checkpoint else None)
         self.recipe = settings.RECIPES[args.recipe]
@@ -298,17 +299,17 @@ class Trainer:
 
     def _load_data(self):
         args, device = self.args, self.speed.device
-        self.train_set = utils.CIFAR100Folder(args.data, train=True)
-        test_set = utils.CIFAR100Folder(args.data, train=False)
+        self.train_set = cifar.CIFAR100Folder(args.data, train=True)
+        test_set = cifar.CIFAR100Folder(args.data, train=False)
         if args.subset:
             self.train_set.truncate(args.subset)
         # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
         # epoch, then takes its shard.
         self.generator = torch.Generator(device if args.loader == "device" else "cpu")
         self.generator.manual_seed(args.seed)
-        self.train_data = utils.make_loader(args.loader, self.train_set, args.b, self.recipe, device, True,
+        self.train_data = cifar.make_loader(args.loader, self.train_set, args.b, self.recipe, device, True,
                                             args.workers, self.generator, self.processes)
-        self.test_data = utils.make_loader(args.loader, test_set, max(args.b, 256), self.recipe, device, False,
+        self.test_data = cifar.make_loader(args.loader, test_set, max(args.b, 256), self.recipe, device, False,
                                            args.workers, processes=self.processes)
         self.gate_images = next(iter(self.test_data))[0][:8] if args.gate_images else None  # the same every time
 
@@ -391,7 +392,7 @@ class Trainer:
 
     def _announce(self):
         args, processes = self.args, self.processes
-        n_params = utils.count_parameters(self.model)[0]
+        n_params = models.count_parameters(self.model)[0]
         launch = (f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled
                   else f"batch {args.b}")
         speed = self.speed
@@ -415,7 +416,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{args.epochs}", unit="batch",
                    leave=False, dynamic_ncols=True, disable=not processes.main)
         self.epoch_start, first_step, stop_signal = time.time(), self.step, 0
-        for step, (images, labels) in utils.batches(self.train_data, self.step, self.epoch):
+        for step, (images, labels) in cifar.batches(self.train_data, self.step, self.epoch):
             images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
             loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler,
                                              self.speed, self.penalty)

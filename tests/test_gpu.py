@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import cifar
 import train_cifar100
 import training
-import utils
 from fake_cifar import write_fake_cifar100
 from test_loader import MEAN, STD, random_batch, torchvision_tensor
 
@@ -81,7 +81,7 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
 
 def test_device_loader_equals_torchvision_on_cuda():
     images, offsets, flips, angles = (t.cuda() for t in random_batch(64, seed=2))
-    out = utils.augment(images, offsets, flips, angles, MEAN.cuda(), STD.cuda())
+    out = cifar.augment(images, offsets, flips, angles, MEAN.cuda(), STD.cuda())
     for i in range(len(images)):
         top, left = offsets[i].tolist()
         expected = torchvision_tensor(images[i], top, left, bool(flips[i]), float(angles[i]))

@@ -12,9 +12,9 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+import cifar
 import train_cifar100
 import training
-import utils
 from conf import settings
 from fake_cifar import write_fake_cifar100
 from models.attention import EMA
@@ -56,7 +56,7 @@ def torchvision_tensor(image, top, left, flip, angle):
 
 def test_crop_and_flip_equal_torchvision_exactly():
     images, offsets, flips, _ = random_batch(64)
-    out = utils.augment(images, offsets, flips, None, MEAN, STD)
+    out = cifar.augment(images, offsets, flips, None, MEAN, STD)
     assert flips.any() and not flips.all()
     for i in range(len(images)):
         top, left = offsets[i].tolist()
@@ -65,7 +65,7 @@ def test_crop_and_flip_equal_torchvision_exactly():
 
 def test_rotation_equals_torchvision():
     images, offsets, flips, angles = random_batch(64, seed=1)
-    out = utils.augment(images, offsets, flips, angles, MEAN, STD)
+    out = cifar.augment(images, offsets, flips, angles, MEAN, STD)
     differing = 0
     for i in range(len(images)):
         top, left = offsets[i].tolist()
@@ -78,7 +78,7 @@ def test_rotation_equals_torchvision():
 
 def test_random_parameters_have_torchvision_distributions():
     n = 90_000
-    loader = utils.DeviceLoader(utils.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
+    loader = cifar.DeviceLoader(cifar.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
                                 torch.device("cpu"), torch.Generator().manual_seed(0))
     order, offsets, flips, angles = loader.epoch_parameters()
     assert torch.equal(order.sort().values, torch.arange(n))
@@ -97,7 +97,7 @@ def test_random_parameters_have_torchvision_distributions():
 
 
 def test_paper_recipe_has_no_rotation():
-    loader = utils.DeviceLoader(utils.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
+    loader = cifar.DeviceLoader(cifar.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
                                 settings.RECIPES["paper"], torch.device("cpu"), torch.Generator().manual_seed(0))
     assert loader.epoch_parameters()[3] is None
 
@@ -108,10 +108,10 @@ def data_root(tmp_path_factory):
 
 
 def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
-    dataset = utils.CIFAR100Folder(data_root, train=True)
+    dataset = cifar.CIFAR100Folder(data_root, train=True)
 
     def epochs(seed):
-        loader = utils.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+        loader = cifar.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
                                    generator=torch.Generator().manual_seed(seed))
         return [list(loader) for _ in range(2)]
 
@@ -122,16 +122,16 @@ def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
     assert same(first[0], again[0]) and same(first[1], again[1])
     assert not same(first[0], first[1]) and not same(first[0], other[0])
     # Starting an epoch at step 2 gives the same batches as running through steps 0 and 1.
-    loader = utils.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+    loader = cifar.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
                                generator=torch.Generator().manual_seed(0))
-    skipped = [batch for _, batch in utils.batches(loader, 2)]
+    skipped = [batch for _, batch in cifar.batches(loader, 2)]
     assert same(skipped, first[0][2:])
 
 
 def test_device_and_workers_test_loaders_agree(data_root):
-    dataset = utils.CIFAR100Folder(data_root, train=False)
-    device = list(utils.make_loader("device", dataset, 16, CLASSIC, torch.device("cpu"), False))
-    workers = list(utils.make_loader("workers", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    dataset = cifar.CIFAR100Folder(data_root, train=False)
+    device = list(cifar.make_loader("device", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    workers = list(cifar.make_loader("workers", dataset, 16, CLASSIC, torch.device("cpu"), False))
     assert len(device) == len(workers) == 4
     for (a, la), (b, lb) in zip(device, workers):
         assert torch.equal(a, b) and torch.equal(la, lb)

@@ -5,6 +5,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradcam
+import cifar
 import models
 import train_cifar100
 import utils
@@ -44,8 +45,8 @@ def test_grad_cam_maps(trained):
     model, checkpoint, _ = utils.load_trained_model(base / "checkpoint" / "resnet18_ema" / "on")
     model.eval()
     recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
-    dataset = utils.CIFAR100Folder(data, train=False)
-    images, _ = next(iter(utils.make_loader("device", dataset, 8, recipe, torch.device("cpu"), train=False)))
+    dataset = cifar.CIFAR100Folder(data, train=False)
+    images, _ = next(iter(cifar.make_loader("device", dataset, 8, recipe, torch.device("cpu"), train=False)))
     cams, predicted = gradcam.grad_cam(model, images)
     assert cams.shape == (8, 32, 32) and predicted.shape == (8,)
     assert cams.min() >= 0 and cams.max() <= 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import cifar
 import test as test_script
 import train_cifar100
 import training
@@ -201,7 +202,7 @@ def test_missing_data_without_network(tmp_path, monkeypatch, capsys):
     def no_network(*a, **kw):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(utils.torchvision.datasets, "CIFAR100", no_network)
+    monkeypatch.setattr(cifar.torchvision.datasets, "CIFAR100", no_network)
     assert train_cifar100.main(TINY + ["--data", str(tmp_path / "nowhere")] + out_args(tmp_path, "x")) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "cifar-100-python/ with the files train, test and meta" in err
@@ -277,10 +278,10 @@ def test_lr_schedule():
 
 def test_recipes_transforms_and_init():
     paper, classic = settings.RECIPES["paper"], settings.RECIPES["classic"]
-    assert "RandomRotation" not in repr(utils.train_transform(paper))
-    assert "RandomRotation(degrees=[-15.0, 15.0]" in repr(utils.train_transform(classic))
-    assert f"mean={settings.CIFAR10_MEAN}" in repr(utils.test_transform(paper))
-    assert "RandomCrop" not in repr(utils.test_transform(paper))
+    assert "RandomRotation" not in repr(cifar.train_transform(paper))
+    assert "RandomRotation(degrees=[-15.0, 15.0]" in repr(cifar.train_transform(classic))
+    assert f"mean={settings.CIFAR10_MEAN}" in repr(cifar.test_transform(paper))
+    assert "RandomCrop" not in repr(cifar.test_transform(paper))
 
     import models
     torch.manual_seed(0)
@@ -296,7 +297,7 @@ def test_recipes_transforms_and_init():
 
 def test_unofficial_dataset_loads_with_a_warning(data_root):
     with pytest.warns(UserWarning, match="not the official CIFAR-100 file"):
-        dataset = utils.CIFAR100Folder(data_root, train=True)
+        dataset = cifar.CIFAR100Folder(data_root, train=True)
     image, label = dataset[0]
     assert image.size == (32, 32) and 0 <= label < 100
     assert dataset.data.shape == (160, 32, 32, 3) and len(dataset.classes) == 100
@@ -310,7 +311,7 @@ def test_dataset_pickle_with_code_is_refused(tmp_path):
         import pickle
         pickle.dump({b"data": SideEffect(marker), b"fine_labels": [0]}, f, protocol=2)
     with pytest.raises(utils.UserError, match="refused posix.system|refused os.system"):
-        utils.CIFAR100Folder(tmp_path, train=True)
+        cifar.CIFAR100Folder(tmp_path, train=True)
     assert not marker.exists()
 
 
@@ -318,7 +319,7 @@ def test_numpy1_pickles_like_the_official_files_load(tmp_path):
     # The official files were written by NumPy 1 under Python 2: their arrays name numpy.core.
     write_fake_cifar100(tmp_path, n_train=8, n_test=8)
     train = tmp_path / "cifar-100-python" / "train"
-    original = utils.CIFAR100Folder(tmp_path, train=True).data
+    original = cifar.CIFAR100Folder(tmp_path, train=True).data
     train.write_bytes(train.read_bytes().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
     assert b"cnumpy.core.multiarray\n" in train.read_bytes()
-    assert (utils.CIFAR100Folder(tmp_path, train=True).data == original).all()
+    assert (cifar.CIFAR100Folder(tmp_path, train=True).data == original).all()

@@ -17,6 +17,7 @@ measured here, never in tests.
 import argparse
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 
@@ -28,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifar
+import cli
 import models
 import training
 import utils
@@ -47,18 +49,15 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-net", default="resnet50", choices=models.list_models())
-    p.add_argument("-att", default="ema", choices=models.list_attentions())
+    cli.add_model(p, net="resnet50", att="ema")
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=128 if cuda else 32)
     p.add_argument("--steps", type=int, default=50 if cuda else 5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first (compiling included)")
     p.add_argument("--workers", type=int, default=4 if cuda else 0, help="classic loader processes")
     p.add_argument("--recipe", default="classic", choices=list(settings.RECIPES),
                    help="whose augmentations both paths run (classic has the rotation)")
-    p.add_argument("--data", default=settings.DATA_DIR,
-                   help="CIFAR-100 root; random images of CIFAR's shape when it holds none")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast of the fast configurations (default: the trainer's)")
+    cli.add_data(p)
+    cli.add_amp(p)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS if cuda else CONFIGS[:2]),
                    help="configurations to time (default: all on a GPU, classic and eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
@@ -281,8 +280,17 @@ def peak_flops(args, device):
     return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name(device)), None)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        benchmark(args)
+    except utils.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def benchmark(args):
     device = utils.default_device()
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
@@ -365,4 +373,4 @@ def print_ema_comparison(args, device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,8 +4,11 @@ gather (`augment`), equal per image to torchvision's result."""
 import hashlib
 import itertools
 import math
+import os
 import pickle
-import warnings
+import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,10 @@ CIFAR_FOLDER = "cifar-100-python"
 CROP_PADDING = 4
 CIFAR_LAYOUT = (f"<root>/{CIFAR_FOLDER}/ with the files train, test and meta "
                 "(Python pickles, as in the official cifar-100-python.tar.gz)")
+IMAGE_VALUES = 3 * 32 * 32  # one row of a split's data: the red, then green, then blue 32 x 32 planes
+# urllib waits forever by default: a network that accepts and never answers would hang the run. This
+# bounds every wait (connecting, each read), not the whole download.
+DOWNLOAD_TIMEOUT_S = 60
 
 
 class ImageArray(Dataset):
@@ -48,23 +55,39 @@ class CIFAR100Folder(ImageArray):
     """CIFAR-100 read from `<root>/cifar-100-python/`, the official on-disk format.
 
     Unlike torchvision's CIFAR100, a folder whose files differ from the official ones (a subset, a
-    custom set) is accepted with a warning instead of refused.
+    custom set) is accepted with a warning instead of refused. What training relies on is checked
+    when loading: at least one image, whole 3 x 32 x 32 images, whole-number labels within the
+    classes, and a class name for each class.
     """
 
     def __init__(self, root, train: bool, transform=None):
         folder = Path(root) / CIFAR_FOLDER
         split = "train" if train else "test"
         super().__init__(*_read_split(folder / split), transform)
-        self.classes = [name.decode() if isinstance(name, bytes) else name
-                        for name in _read_pickle(folder / "meta")["fine_label_names"]]
-        _warn_if_unofficial(folder, split)
+        self.classes = _read_class_names(folder / "meta")
+        with open(folder / split, "rb") as f:
+            self.md5 = hashlib.md5(f.read()).hexdigest()
+        self.official = self.md5 == dict(torchvision.datasets.CIFAR100.train_list +
+                                         torchvision.datasets.CIFAR100.test_list)[split]
+        if not self.official:
+            _warn_unofficial(folder, split)
+
+
+def dataset_identity(train: CIFAR100Folder, test: CIFAR100Folder) -> str:
+    """"cifar-100" for the official files, else "custom-" and 8 hex digits of the two files' MD5s:
+    what table.py groups runs by, whatever folder the data sits in."""
+    if train.official and test.official:
+        return "cifar-100"
+    return "custom-" + hashlib.md5((train.md5 + test.md5).encode()).hexdigest()[:8]
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain data and numpy arrays only: a dataset file cannot run code either."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode"),
+               # numpy scalars, such as labels written as a list of numpy ints
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -85,22 +108,67 @@ def _read_pickle(path: Path) -> dict:
 def _read_split(path: Path):
     entry = _read_pickle(path)
     try:
-        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        targets = [int(t) for t in entry["fine_labels"]]
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry["fine_labels"])
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} is not in CIFAR-100's format ({type(e).__name__}: {e}); "
                         f"expected keys data (N x 3072 uint8) and fine_labels") from None
-    if len(targets) != len(data):
-        raise UserError(f"{path} holds {len(data)} images but {len(targets)} labels")
-    return np.ascontiguousarray(data), targets
+    if data.size % IMAGE_VALUES:
+        raise UserError(f"{path}: its data holds {data.size} values, not a whole number of "
+                        f"3 x 32 x 32 images ({IMAGE_VALUES} values each)")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if len(images) == 0:
+        raise UserError(f"{path} holds no images")
+    targets = _checked_labels(path, labels)
+    if len(targets) != len(images):
+        raise UserError(f"{path} holds {len(images)} images but {len(targets)} labels")
+    return np.ascontiguousarray(images), targets
 
 
-def _warn_if_unofficial(folder: Path, split: str) -> None:
-    official = dict(torchvision.datasets.CIFAR100.train_list + torchvision.datasets.CIFAR100.test_list)
-    with open(folder / split, "rb") as f:
-        if hashlib.md5(f.read()).hexdigest() != official[split]:
-            warnings.warn(f"{folder / split} is not the official CIFAR-100 file (MD5 differs): "
-                          f"using it as a custom dataset", stacklevel=3)
+def _checked_labels(path: Path, labels: np.ndarray) -> list:
+    """The labels as ints, once each is known to be a whole number naming one of the classes (int()
+    alone would turn 2.7 into 2, and an index past the classes would fail only inside the loss)."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise UserError(f"{path}: fine_labels must be a list of integers, not {labels.dtype} values "
+                        f"of shape {labels.shape}")
+    if labels.dtype.kind == "f":
+        fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+        if fractional.any():
+            first = int(np.argmax(fractional))
+            raise UserError(f"{path}: fine_labels[{first}] is {labels[first].item()}, not a whole number "
+                            f"(labels must be integers); non-integer labels: {fractional.sum()} of {len(labels)}")
+    outside = (labels < 0) | (labels >= settings.NUM_CLASSES)
+    if outside.any():
+        first, last_class = int(np.argmax(outside)), settings.NUM_CLASSES - 1
+        raise UserError(f"{path}: fine_labels[{first}] is {labels[first].item()}, outside 0..{last_class} "
+                        f"(CIFAR-100 has {settings.NUM_CLASSES} classes); out-of-range labels: "
+                        f"{outside.sum()} of {len(labels)}")
+    return labels.astype(np.int64).tolist()
+
+
+def _read_class_names(path: Path) -> list:
+    """fine_label_names, one per class. Every label is below NUM_CLASSES (checked when reading the
+    split), so NUM_CLASSES names are enough for every label to have one."""
+    names = _read_pickle(path).get("fine_label_names")
+    if not isinstance(names, (list, tuple)):
+        raise UserError(f"{path} has no list fine_label_names (the class names); expected layout: {CIFAR_LAYOUT}")
+    if len(names) < settings.NUM_CLASSES:
+        raise UserError(f"{path} names {len(names)} classes in fine_label_names; "
+                        f"CIFAR-100 has {settings.NUM_CLASSES}")
+    return [name.decode() if isinstance(name, bytes) else name for name in names]
+
+
+# Folders already reported as unofficial: one line per folder and process, not one per split.
+_reported_unofficial = set()
+
+
+def _warn_unofficial(folder: Path, split: str) -> None:
+    """Once per folder and process, a plain line rather than a Python warning with its source line."""
+    if folder.resolve() in _reported_unofficial:
+        return
+    _reported_unofficial.add(folder.resolve())
+    print(f"warning: {folder / split} is not the official CIFAR-100 file (MD5 differs): "
+          f"using {folder} as a custom dataset", file=sys.stderr)
 
 
 def ensure_cifar100(root) -> None:
@@ -109,11 +177,33 @@ def ensure_cifar100(root) -> None:
     if all((folder / name).is_file() for name in ("train", "test", "meta")):
         return
     try:
-        torchvision.datasets.CIFAR100(root, train=True, download=True)
+        _download_cifar100(Path(root))
     except Exception as e:
+        why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
         raise UserError(f"CIFAR-100 is not in {Path(root).resolve()} and could not be downloaded "
-                        f"({type(e).__name__}: {e}). Expected layout: {CIFAR_LAYOUT}. Download it "
+                        f"({why}). Expected layout: {CIFAR_LAYOUT}. Download it "
                         f"elsewhere and copy it there, or point --data at the folder holding it.") from None
+
+
+def _download_cifar100(root: Path) -> None:
+    """Download and unpack into a scratch folder, then move the checked files into place: an
+    interrupted or failed download leaves nothing that looks like a dataset."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-100-download-") as scratch:
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torchvision.datasets.CIFAR100(scratch, train=True, download=True)  # also checks the files' MD5s
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
+        (root / CIFAR_FOLDER).mkdir(exist_ok=True)
+        for name in ("meta", "test", "train"):
+            os.replace(Path(scratch) / CIFAR_FOLDER / name, root / CIFAR_FOLDER / name)
+
+
+def _timed_out(error: Exception) -> bool:
+    # urllib raises a timeout as it is, or wrapped in a URLError when it happened while connecting.
+    return isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
 
 
 def train_transform(recipe: dict):

@@ -3,14 +3,15 @@
     python params.py
 
 The paper counts parameters two ways without saying so: its baseline/CBAM/SA/ECA rows count every
-parameter, its CA and EMA rows leave out every BatchNorm/GroupNorm affine parameter (SPEC.md section 4).
+parameter, its CA and EMA rows leave out every BatchNorm/GroupNorm affine parameter (docs/reference.md section 4).
 Both counts are shown, with the one that reproduces the paper's figure.
 """
+import argparse
+
 from conf import settings
-from models import create_model, list_attentions
-from models.attention import EMA
+from models import count_mflops, count_parameters, create_model, list_attentions
+from models.attention import ATTENTIONS, EMA
 from models.mobilenetv2 import MobileNetV2
-from models import count_mflops, count_parameters
 
 NOTES = {
     "nam": "the paper counts the baseline: NAM's own BN (2C per block) is left out, the backbone's BN kept",
@@ -42,7 +43,7 @@ def imagenet_rows():
     the unit of the paper's "MFLOPs"."""
     baseline_mmacs = None
     for net, attention, paper_m, paper_mmacs in settings.PAPER_IMAGENET:
-        model = MobileNetV2(1000, None if attention == "none" else attention, cifar=False)
+        model = MobileNetV2(1000, ATTENTIONS.get(attention), cifar=False)
         total, no_norm = count_parameters(model)
         mmacs = count_mflops(model, image_size=224) / 2
         row = dict(net=net, attention=attention, total=total, no_norm=no_norm, paper_m=paper_m, mmacs=mmacs,
@@ -59,7 +60,9 @@ def imagenet_rows():
         yield row
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     header = f"{'row':<22}{'all params':>13}{'no-norm params':>16}{'paper':>9}  {'matches':<9}{'MFLOPs':>9}"
     print(header)
     print("-" * len(header))

@@ -54,7 +54,7 @@ RECORDED_DATASET = re.compile(r"cifar-100|custom-[0-9a-f]{8}")  # what the train
 
 
 def paper_configuration(recipe: str) -> dict:
-    """The paper's value of every identity key that a row does not name itself (SPEC.md section 5)."""
+    """The paper's value of every identity key that a row does not name itself (docs/reference.md section 3)."""
     return {"lr": settings.LR, "b": settings.BATCH_SIZE, "world": 1, "epochs": settings.EPOCHS,
             "warm": settings.RECIPES[recipe]["warm"], "subset": None, "dataset": "cifar-100", "amp": "off",
             "nam_l1": 0.0, "sync_bn": False, "init_from": None}

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 import cifar
+import cli
 import models
 import training
 import utils
@@ -18,19 +19,20 @@ from conf import settings
 from utils import UserError
 
 
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("-net", choices=models.list_models(), default=None)
-    p.add_argument("-att", choices=models.list_attentions(), default=None)
-    p.add_argument("-weights", "--weights", required=True, help="a checkpoint file, or a run folder (its last.pth)")
-    p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=256)
-    p.add_argument("--data", default=settings.DATA_DIR, help="dataset root")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast dtype (default bf16 on GPUs and CPUs that compute it natively, else off)")
-    args = p.parse_args(argv)
-    if args.b <= 0:
-        p.error(f"-b must be positive, got {args.b}")
-    return args
+    cli.add_model(p)
+    cli.add_weights(p)
+    p.add_argument("-b", "--b", "--batch-size", dest="b", type=cli.positive(int), default=256,
+                   help="test batch size (default 256)")
+    cli.add_data(p)
+    cli.add_amp(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -7,18 +7,27 @@
 Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv,args.json} and TensorBoard logs in
 runs/<net>_<att>/<run>/. Recipes: conf/global_settings.py and docs/reference.md.
 """
+import sys
+
+import cli
+
+if __name__ == "__main__":
+    cli.answer_help(cli.train_parser)  # before the imports below, which take seconds
+
 import argparse
 import csv
 import json
 import math
 import signal
-import sys
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -26,7 +35,9 @@ from tqdm import tqdm
 
 import cifar
 import models
+import pictures
 import training
+import upstream_checkpoints
 import utils
 from conf import settings
 from models.attention import nam_l1_penalty
@@ -42,62 +53,8 @@ CHECK_EVERY = 50
 ESTIMATE_AFTER = 6  # steps timed for the CPU's time estimate
 
 
-def positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("-net", default="resnet50", choices=models.list_models(), help="default resnet50")
-    p.add_argument("-att", default="ema", choices=models.list_attentions(), help="default ema; 'none': the baseline")
-    p.add_argument("-b", "--b", "--batch-size", dest="b", type=positive(int), default=settings.BATCH_SIZE,
-                   help=f"batch size, per process under torchrun (default {settings.BATCH_SIZE})")
-    p.add_argument("-lr", type=positive(float), default=settings.LR, help=f"initial learning rate (default {settings.LR})")
-    p.add_argument("-warm", type=int, default=None, help="warm-up epochs (default: the recipe's)")
-    p.add_argument("-gpu", action="store_true", help="accepted for the classic CLI; the device is chosen automatically")
-    p.add_argument("-resume", "--resume", nargs="?", const="newest", default=None, metavar="PATH",
-                   help="continue a run: alone, the newest run of -net/-att; or a last.pth or run folder")
-    p.add_argument("--epochs", type=positive(int), default=None, help=f"default {settings.EPOCHS}")
-    p.add_argument("--data", default=None, help=f"dataset root (default {settings.DATA_DIR})")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffle, augmentations (default 0)")
-    p.add_argument("--workers", type=int, default=None, help="--loader workers: processes (default 4, 0 on CPU)")
-    p.add_argument("--loader", choices=("device", "workers"), default=None,
-                   help="device: data kept and augmented on the training device (default); "
-                        "workers: torchvision transforms in DataLoader processes (the classic scripts)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast dtype (default bf16 on GPUs and CPUs that compute it natively, else off)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default on CUDA, except with -att ema: see README Speed)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default on CUDA, off on the CPU)")
-    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
-    p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
-    p.add_argument("--nam-l1", type=float, default=0.0,
-                   help=f"NAM's L1 strength on its BN weights (NAM's paper: {settings.NAM_L1})")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: SyncBatchNorm across ranks")
-    p.add_argument("--gate-images", type=int, default=0, metavar="K",
-                   help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)")
-    p.add_argument("--run-name", dest="run", default=None, help="run folder name (default: the start time)")
-    p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR, help=f"default {settings.CHECKPOINT_DIR}/")
-    p.add_argument("--log-dir", default=settings.LOG_DIR, help=f"TensorBoard root (default {settings.LOG_DIR}/)")
-    args = p.parse_args(argv)
-    if args.warm is not None and args.warm < 0:
-        p.error("-warm must be >= 0")
-    if args.workers is not None and args.workers < 0:
-        p.error("--workers must be >= 0")
-    if not args.nam_l1 >= 0:
-        p.error("--nam-l1 must be >= 0")
-    if args.gate_images < 0:
-        p.error("--gate-images must be >= 0")
-    return args
+    return cli.parse_train_args(argv)
 
 
 class StopRequest:
@@ -128,7 +85,9 @@ class StopRequest:
 
 
 def resolve_resume(args):
-    """(args to run with, checkpoint or None). A resumed run takes its arguments from its checkpoint."""
+    """(args to run with, checkpoint or None). A resumed run takes its arguments from its checkpoint,
+    except the allowed overrides, and writes where it was pointed: into the checkpoint's folder, and
+    TensorBoard into this command's --log-dir, whatever paths the checkpoint recorded."""
     if args.resume is None:
         return args, None
     if args.resume == "newest":
@@ -140,12 +99,33 @@ def resolve_resume(args):
     else:
         path = utils.checkpoint_file(args.resume)
     checkpoint = utils.load_checkpoint(path)
-    saved = argparse.Namespace(**checkpoint["args"])
+    saved = argparse.Namespace(**checked_saved_args(checkpoint["args"], path))
     for name in RESUMABLE_OVERRIDES:
         if getattr(args, name) is not None:
             setattr(saved, name, getattr(args, name))
-    saved.resume = str(path)
+    saved.resume, saved.run = str(path), path.parent.name
+    saved.checkpoint_dir, saved.log_dir = args.checkpoint_dir, args.log_dir
     return saved, checkpoint
+
+
+def checked_saved_args(saved, path) -> dict:
+    """The arguments a checkpoint recorded, on top of today's defaults (for keys older runs lack);
+    refused with a message when they could not have come from this script."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: its recorded arguments are a {type(saved).__name__}, not a dict")
+    merged = {**vars(parse_args([])), **saved}
+    problems = [f"no {key}" for key in ("net", "att") if key not in saved]
+    for key, known in (("net", models.list_models()), ("att", models.list_attentions()),
+                       ("recipe", list(settings.RECIPES))):
+        if merged[key] not in known:
+            problems.append(f"unknown {key} {merged[key]!r}")
+    for key, kind, least in (("b", int, 1), ("lr", (int, float), 0), ("seed", int, 0), ("epochs", (int, type(None)), 1)):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or (value is not None and value < least):
+            problems.append(f"{key}={value!r}")
+    if problems:
+        raise UserError(f"{path}: its recorded arguments cannot be resumed ({', '.join(problems)})")
+    return merged
 
 
 class RunOutputs:
@@ -155,12 +135,10 @@ class RunOutputs:
     TAGS = (("Train/loss", "train_loss"), ("Train/top1", "train_top1"), ("Train/lr", "lr"),
             ("Test/loss", "test_loss"), ("Test/top1", "test_top1"), ("Test/top5", "test_top5"))
 
-    def __init__(self, args, active: bool, purge_step):
-        run_id = f"{args.net}_{args.att}"
-        self.ckpt_dir = Path(args.checkpoint_dir) / run_id / args.run
-        self.log_dir = Path(args.log_dir) / run_id / args.run
-        self.active = active
-        self.writer = None
+    def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
+        self.ckpt_dir = ckpt_dir
+        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / ckpt_dir.name
+        self.active, self.writer, self.lock = active, None, None
         if not active:
             return
         for folder in (self.ckpt_dir, self.log_dir):
@@ -171,11 +149,46 @@ class RunOutputs:
                 probe.unlink()
             except OSError as e:
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+        self.lock = utils.RunLock(self.ckpt_dir)
+        if resumed_epoch is None:
+            self._claim_new_run()
+        else:
+            self._forget_events_after(resumed_epoch)
+        for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
+            leftover.unlink()
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
         utils.write_atomic(self.ckpt_dir / "args.json", lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"),
                            text=True)
-        # purge_step drops anything an earlier, interrupted process logged past the checkpoint.
-        self.writer = SummaryWriter(self.log_dir, purge_step=purge_step)
+        self.writer = SummaryWriter(self.log_dir)
+
+    def _claim_new_run(self):
+        """A new run never writes over a run that saved a checkpoint. What an earlier attempt logged
+        before its first checkpoint (it was killed) would show twice in TensorBoard: it goes."""
+        if (self.ckpt_dir / "last.pth").exists():
+            self.close()
+            raise UserError(f"{self.ckpt_dir} already holds a run: continue it with --resume {self.ckpt_dir}, "
+                            f"or choose another --run-name")
+        stale = list(self.log_dir.glob("events.out.tfevents.*"))
+        for events in stale:
+            events.unlink()
+        if stale:
+            self.print(f"removed {len(stale)} TensorBoard file(s) of an earlier attempt that saved no checkpoint "
+                       f"from {self.log_dir}")
+
+    def _forget_events_after(self, epoch: int):
+        """Remove from the event files what an interrupted process logged after the checkpoint being
+        resumed, and the final metrics of a finished run being extended: TensorBoard's own reader
+        (load_fast=false) ignores SummaryWriter's purge_step and would show those steps twice."""
+        for path in sorted(self.log_dir.glob("events.out.tfevents.*")):
+            records = list(RawEventFileLoader(str(path)).Load())
+            kept = [record for record in records if self._still_valid(event_pb2.Event.FromString(record), epoch)]
+            if len(kept) < len(records):
+                utils.write_atomic(path, lambda f: write_records(f, kept))
+
+    @staticmethod
+    def _still_valid(event, epoch: int) -> bool:
+        final_metrics = any(value.tag.startswith(("hparam/", "_hparams_/")) for value in event.summary.value)
+        return event.step <= epoch and not final_metrics
 
     def print(self, *lines):
         if self.active:
@@ -209,7 +222,7 @@ class RunOutputs:
     def gate_images(self, model, images, recipe, speed, epoch):
         if not self.active:
             return
-        for name, grid in utils.ema_gate_grids(model, images, recipe, speed).items():
+        for name, grid in pictures.ema_gate_grids(model, images, recipe, speed).items():
             self.writer.add_image(f"EMA gates/{name}", grid, epoch)
 
     def save(self, name, state):
@@ -231,6 +244,8 @@ class RunOutputs:
     def close(self):
         if self.writer:
             self.writer.close()
+        if self.lock:
+            self.lock.release()
 
 
 class Diverged(UserError):
@@ -275,32 +290,68 @@ class Trainer:
 
     def __init__(self, args, processes, checkpoint):
         self.args, self.processes = args, processes
+        self.notes = []  # printed once the run folder is open
         device = processes.start()
         self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att)
+        amp = self.speed.amp
+        if device.type == "cpu" and (amp == "fp16" or amp == "bf16" and not training.native_cpu_bf16()):
+            self.notes.append(f"warning: this CPU emulates --amp {amp}, much slower than --amp off")
         args.amp, args.channels_last, args.compile = self.speed.amp, self.speed.channels_last, self.speed.compile
         args.loader = args.loader or "device"
         if args.workers is None:
             args.workers = 4 if device.type == "cuda" else 0
         if args.sync_bn and processes.enabled and device.type != "cuda":
             raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+        args.world = processes.world
         if processes.local_rank == 0:  # one download per machine, the other ranks wait for it
             cifar.ensure_cifar100(args.data)
         processes.barrier()
-        self.out = RunOutputs(args, processes.main, purge_step=checkpoint["epoch"] + 1 if checkpoint else None)
         self.recipe = settings.RECIPES[args.recipe]
         self._load_data()
         self._build_model()
         self.epoch, self.step, self.best, self.history = 0, 0, {"top1": 0.0, "top5": 0.0, "epoch": 0}, []
         self.totals = training.RunningTotals(device)
+        self.checkpoint, self.out = checkpoint, None
         if checkpoint:
             self._restore(checkpoint)
+
+    def open_outputs(self):
+        """The run folder, once everything given has been validated: nothing is written before."""
+        args = self.args
+        folder = (Path(args.resume).parent if self.checkpoint
+                  else Path(args.checkpoint_dir) / f"{args.net}_{args.att}" / args.run)
+        self.out = RunOutputs(args, folder, self.processes.main, self.epoch if self.checkpoint else None)
+        for note in self.notes:
+            self.out.print(note)
+        if self.checkpoint:
+            self._repair_best()
         else:
             self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
+
+    def _repair_best(self):
+        """best.pth must hold the epoch the record calls best. A crash while it was written leaves an
+        older one; the record's best epoch is then the one last.pth holds, so last.pth rebuilds it."""
+        if not self.processes.main or not self.best["epoch"]:
+            return
+        path = self.out.ckpt_dir / "best.pth"
+        try:
+            held = utils.load_checkpoint(path)["epoch"] if path.is_file() else None
+        except UserError:
+            held = None
+        if held == self.best["epoch"]:
+            return
+        if (self.checkpoint["epoch"], self.checkpoint["step"]) == (self.best["epoch"], 0):
+            self.out.save("best.pth", self.checkpoint)
+            self.out.print(f"rebuilt {path} from last.pth: it held epoch {held}, the best is epoch {self.best['epoch']}")
+        else:
+            self.out.print(f"warning: {path} holds epoch {held} but the best is epoch {self.best['epoch']}, "
+                           f"which no checkpoint holds any more; best.pth is stale")
 
     def _load_data(self):
         args, device = self.args, self.speed.device
         self.train_set = cifar.CIFAR100Folder(args.data, train=True)
         test_set = cifar.CIFAR100Folder(args.data, train=False)
+        args.dataset = cifar.dataset_identity(self.train_set, test_set)  # for table.py's run identity
         if args.subset:
             self.train_set.truncate(args.subset)
         # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
@@ -318,6 +369,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
         training.initialise(model, self.recipe)
+        if args.init_from and not args.resume:  # a resumed run loads its own weights
+            layout = upstream_checkpoints.load_weights_into(model, args.init_from)
+            self.notes.append(f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
         if args.sync_bn and self.processes.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter names: checkpoints load anywhere
         self.model = model.to(device, memory_format=speed.memory_format)
@@ -363,8 +417,8 @@ class Trainer:
             group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
         changes = self._arithmetic_changes(checkpoint)
         if changes:
-            self.out.print(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would have "
-                           f"without the interruption")
+            self.notes.append(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would have "
+                              f"without the interruption")
 
     def _arithmetic_changes(self, checkpoint) -> list[str]:
         """What differs from the interrupted process in a way that changes the arithmetic."""
@@ -468,7 +522,7 @@ class Trainer:
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
                "seconds": round(time.time() - self.epoch_start, 2)}
         self.history.append(row)
-        is_best = test["top1"] > self.best["top1"]
+        is_best = test["top1"] > self.best["top1"] or not self.best["epoch"]  # the first epoch is a best too
         if is_best:
             self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": self.epoch}
         self.out.log_epoch(self.history)
@@ -497,7 +551,7 @@ class Trainer:
         """The one way out of a run that was not cut short by an error: save what an interruption
         would lose, say how to go on, return the exit code."""
         out = self.out
-        if not stop_signal:
+        if self.epoch == self.args.epochs:  # done, even if a stop request came with the last step
             final = self.history[-1]
             out.finish(self.args, final, self.best)
             out.print(f"done in {(time.time() - self.started) / 60:.1f} min. final (epoch {final['epoch']}): top-1 "
@@ -508,7 +562,7 @@ class Trainer:
             out.save("last.pth", self.checkpoint_state())
         out.close()
         out.print(f"saved {out.ckpt_dir / 'last.pth'} (epoch {self.epoch + (self.step > 0)}, step {self.step}); "
-                  f"resume with:\n  {resume_command(out.ckpt_dir, self.processes)}")
+                  f"resume with:\n  {resume_command(out.ckpt_dir, self.args.log_dir, self.processes)}")
         return 128 + stop_signal
 
 
@@ -539,17 +593,24 @@ def train(args, processes) -> int:
     args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     trainer = Trainer(args, processes, checkpoint)
     if trainer.epoch >= args.epochs:
-        trainer.out.close()
-        trainer.out.print(f"{args.resume} already finished {trainer.epoch}/{args.epochs} epochs; "
-                          f"raise --epochs to continue")
+        if processes.main:
+            print(f"{args.resume} already finished {trainer.epoch}/{args.epochs} epochs; raise --epochs to continue")
         return 0
+    trainer.open_outputs()
     with StopRequest(announce=processes.main) as stop:
         return trainer.run(stop)
 
 
-def resume_command(ckpt_dir, processes) -> str:
+def write_records(file, records):
+    writer = RecordWriter(file)
+    for record in records:
+        writer.write(record)
+
+
+def resume_command(ckpt_dir, log_root, processes) -> str:
     launcher = f"torchrun --nproc_per_node={processes.world}" if processes.enabled else "python"
-    return f"{launcher} train_cifar100.py --resume {ckpt_dir}"
+    logs = "" if log_root == settings.LOG_DIR else f" --log-dir {log_root}"
+    return f"{launcher} train_cifar100.py --resume {ckpt_dir}{logs}"
 
 
 def raise_divergence(epoch, step, ckpt_dir):

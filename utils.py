@@ -8,10 +8,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torchvision
 from torch import nn
 
 from conf import settings
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 class UserError(Exception):
@@ -94,65 +98,50 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---------------------------------------------------------------- pictures
-
-def colorize(maps: torch.Tensor) -> torch.Tensor:
-    """Maps in [0, 1], (..., H, W) -> RGB in [0, 1], (..., 3, H, W), with a jet-like colour scale."""
-    levels = maps.unsqueeze(-3) * 4
-    centres = torch.tensor([3.0, 2.0, 1.0], device=maps.device).view(3, 1, 1)  # red, green, blue peaks
-    return (1.5 - (levels - centres).abs()).clamp(0, 1)
-
-
-def unnormalize(images: torch.Tensor, recipe: dict) -> torch.Tensor:
-    """Normalized images -> RGB in [0, 1]."""
-    mean = torch.tensor(recipe["mean"], device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(recipe["std"], device=images.device).view(1, -1, 1, 1)
-    return (images * std + mean).clamp(0, 1)
-
-
-@torch.no_grad()
-def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed) -> dict:
-    """For the last block of each stage that has an EMA: a grid of [image | EMA's spatial gate
-    (sigmoid of its cross-spatial weights, mean over the groups, upsampled to the image)], (3, H, W)
-    in [0, 1], by stage name. Empty for a model without EMA."""
-    import models  # here, not at the top: models does not need utils
-    from models.attention import EMA
-
-    gates, handles = {}, []
-    for name, block in models.stage_ends(model).items():
-        ema = next((m for m in block.modules() if isinstance(m, EMA)), None)
-        if ema is not None:
-            store = lambda module, inputs, output, name=name: gates.__setitem__(name, module.spatial_gate(inputs[0]))
-            handles.append(ema.register_forward_hook(store))
-    images = images.to(speed.device)  # a DataLoader's test images are on the CPU, the model may not be
-    was_training = model.training
-    model.eval()
-    try:
-        with speed.autocast():
-            model(speed.inputs(images))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    pictures = unnormalize(images, recipe)
-    grids = {}
-    for name, gate in gates.items():
-        gate = nn.functional.interpolate(gate.float().mean(1, keepdim=True), size=images.shape[2:], mode="nearest")
-        cells = torch.cat([pictures, colorize(gate[:, 0])], dim=3)  # image and gate side by side
-        grids[name] = torchvision.utils.make_grid(cells, nrow=4, padding=2, pad_value=1)
-    return grids
-
-
 # ---------------------------------------------------------------- checkpoints
 
 def write_atomic(path: Path, write, text: bool = False) -> None:
-    """write(file) into a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    """write(file) into a temporary file beside `path`, then rename: a crash never leaves half a file,
+    and a failed write (a full disk) leaves no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
+                            f"the previous {path.name}, if any, is unchanged") from None
+        raise
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as this process lives: a second training that
+    targets the folder is refused, and the kernel drops the lock however the process ends. (No
+    locking where fcntl does not exist, i.e. on Windows.)"""
+
+    def __init__(self, folder: Path):
+        self.file = open(folder / ".lock", "a+")
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "?"
+            self.file.close()
+            raise UserError(f"{folder} is in use by another training (process {owner}); wait for it to end, "
+                            f"or use another --run-name") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -185,6 +174,10 @@ def load_trained_model(weights, net=None, att=None):
         model, description = upstream_checkpoints.trained_model(checkpoint, path, net, att)
         return model, description, path
     saved = checkpoint["args"]
+    if (not isinstance(saved, dict) or saved.get("net") not in models.list_models()
+            or saved.get("att") not in models.list_attentions() or saved.get("recipe") not in settings.RECIPES):
+        shown = {key: saved.get(key) for key in ("net", "att", "recipe")} if isinstance(saved, dict) else saved
+        raise UserError(f"{path}: its recorded arguments name no known network, attention and recipe ({shown})")
     net, att = net or saved["net"], att or saved["att"]
     if (net, att) != (saved["net"], saved["att"]):
         raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")

@@ -1,6 +1,5 @@
 """Model registry, ``create_model(net, attention=None, num_classes=100)``, and the parameter and
 FLOP counts of a model."""
-import functools
 from typing import Optional
 
 import torch
@@ -8,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conf import settings
-from models.attention import ATTENTIONS, build_attention
+from models.attention import ATTENTIONS
 from models.mobilenetv2 import MobileNetV2
 from models.resnet import RESNETS, ResNet, resnet
 
@@ -34,9 +33,10 @@ def create_model(net: str, attention: Optional[str] = None, num_classes: int = 1
         attention = None
     if attention is not None and attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose from: {', '.join(list_attentions())}")
+    constructor = ATTENTIONS[attention] if attention else None
     if net == "mobilenetv2":
-        return MobileNetV2(num_classes, attention, cifar=True)
-    return resnet(net, num_classes, functools.partial(build_attention, attention) if attention else None)
+        return MobileNetV2(num_classes, constructor, cifar=True)
+    return resnet(net, num_classes, constructor)
 
 
 def stage_ends(model: nn.Module) -> dict[str, nn.Module]:

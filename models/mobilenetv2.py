@@ -5,8 +5,9 @@ torchvision's `mobilenet_v2` (width 1.0: 3,504,872 parameters with 1000 classes)
 
 Attention placement: in each inverted-residual block, on the expanded width, after the depthwise
 conv + BN + ReLU6 and before the linear 1x1 projection. EMA, as in its authors' MobileNetV2, only
-where the expanded width is above 144 channels: the first six blocks (expanded widths 32, 96, 144,
-144, 144... see EMA_MIN_WIDTH) have none; the other modules go in every block.
+where the expanded width is above 144 channels (EMA_MIN_WIDTH): the 17 blocks have expanded widths
+32, 96, 144, 144, 192, 192, 192, 384, ..., 960, so the first four have none and the other 13 have
+one; the other modules go in every block (docs/reference.md, 1.3 MobileNetV2).
 
 Two shapes: `cifar=True` (stride 1 in the stem and in the first stride-2 stage, so 32x32 inputs end
 at 4x4; what train_cifar100.py trains) and `cifar=False` (the ImageNet network, 224x224 inputs, for
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.attention import build_attention
+from models.attention import AttentionConstructor, EMA
 
 EMA_MIN_WIDTH = 145  # EMA only on expanded widths above 144 (the authors' placement)
 
@@ -53,9 +54,12 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 100, attention: Optional[str] = None, cifar: bool = True):
+    def __init__(self, num_classes: int = 100, attention: Optional[AttentionConstructor] = None,
+                 cifar: bool = True):
+        """`attention`: a constructor from models.attention.ATTENTIONS (called with each block's
+        expanded width), or None for the baseline."""
         super().__init__()
-        min_width = EMA_MIN_WIDTH if attention == "ema" else 0
+        min_width = EMA_MIN_WIDTH if attention is EMA else 0
         in_channels = 32
         features = [conv_bn_relu6(3, in_channels, 3, stride=1 if cifar else 2)]
         self.stage_ends = {}  # stage name -> index in `features` of its last block
@@ -64,7 +68,7 @@ class MobileNetV2(nn.Module):
                 s = 1  # the first stride-2 stage keeps 32x32 inputs at 32x32: 4x4 at the end
             for i in range(n):
                 hidden = in_channels * t
-                module = build_attention(attention, hidden) if attention and hidden >= min_width else None
+                module = attention(hidden) if attention and hidden >= min_width else None
                 features.append(InvertedResidual(in_channels, c, s if i == 0 else 1, t, module))
                 in_channels = c
             self.stage_ends[f"stage{index + 1}"] = len(features) - 1

@@ -2,21 +2,23 @@
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; the CIFAR variant follows the
 classic CIFAR-100 training repos. The attention module sits on the block's output width, after the
-residual branch's last BN, before the shortcut add and the final ReLU (../shared/SPEC.md section 1).
+residual branch's last BN, before the shortcut add and the final ReLU (docs/reference.md, 1.2 Where
+the attention module sits). `attention` is a constructor from models.attention.ATTENTIONS (called with
+each block's output width), or None for the baseline.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-AttentionFactory = Optional[Callable[[int], nn.Module]]
+from models.attention import AttentionConstructor
 
 
 class ResidualBlock(nn.Module):
     """relu(attention(residual(x)) + shortcut(x)): the attention sits on the residual branch's output."""
 
     def __init__(self, residual: nn.Module, in_planes: int, out_planes: int, stride: int,
-                 attention: AttentionFactory):
+                 attention: Optional[AttentionConstructor]):
         super().__init__()
         self.residual = residual
         self.attention = attention(out_planes) if attention else nn.Identity()
@@ -30,7 +32,7 @@ class ResidualBlock(nn.Module):
 class BasicBlock(ResidualBlock):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+    def __init__(self, in_planes: int, planes: int, stride: int, attention: Optional[AttentionConstructor]):
         out = planes * self.expansion
         super().__init__(nn.Sequential(
             nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
@@ -44,7 +46,7 @@ class BasicBlock(ResidualBlock):
 class Bottleneck(ResidualBlock):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, attention: AttentionFactory):
+    def __init__(self, in_planes: int, planes: int, stride: int, attention: Optional[AttentionConstructor]):
         out = planes * self.expansion
         super().__init__(nn.Sequential(
             nn.Conv2d(in_planes, planes, 1, bias=False),
@@ -66,7 +68,8 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, num_blocks, num_classes: int = 100, attention: AttentionFactory = None):
+    def __init__(self, block, num_blocks, num_classes: int = 100,
+                 attention: Optional[AttentionConstructor] = None):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 3, padding=1, bias=False),
@@ -100,6 +103,6 @@ RESNETS = {
 }
 
 
-def resnet(name: str, num_classes: int = 100, attention: AttentionFactory = None) -> ResNet:
+def resnet(name: str, num_classes: int = 100, attention: Optional[AttentionConstructor] = None) -> ResNet:
     block, num_blocks = RESNETS[name]
     return ResNet(block, num_blocks, num_classes, attention)

@@ -42,14 +42,31 @@ def make_images(n, num_classes, seed):
 
 def write_fake_cifar100(root, n_train=256, n_test=128, num_classes=5, seed=0):
     """Write root/cifar-100-python/{train,test,meta}; return root."""
-    folder = Path(root) / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         data, labels = make_images(n, num_classes, split_seed)
-        _dump({b"data": data, b"fine_labels": [int(x) for x in labels],
-               b"coarse_labels": [int(x) % 20 for x in labels],
-               b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-               b"batch_label": f"fake {split} batch".encode()}, folder / split)
-    _dump({b"fine_label_names": [f"class_{i}".encode() for i in range(100)],
-           b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}, folder / "meta")
+        write_split(root, split, data, [int(x) for x in labels])
+    write_meta(root, [f"class_{i}".encode() for i in range(100)])
     return Path(root)
+
+
+def write_split(root, split, data, labels):
+    """Write root/cifar-100-python/<split> holding `data` and `labels` as given, valid or not. The
+    coarse labels are all 0: nothing reads them."""
+    folder = _folder(root)
+    _dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * len(labels),
+           b"filenames": [f"img_{i}.png".encode() for i in range(len(data))],
+           b"batch_label": f"fake {split} batch".encode()}, folder / split)
+
+
+def write_meta(root, fine_label_names):
+    """Write root/cifar-100-python/meta; fine_label_names None leaves that key out."""
+    entry = {b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}
+    if fine_label_names is not None:
+        entry = {b"fine_label_names": fine_label_names, **entry}
+    _dump(entry, _folder(root) / "meta")
+
+
+def _folder(root):
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -35,12 +35,12 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     assert "2 processes, global batch 32" in first.stdout
 
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "ddp"
-    resumed = torchrun(ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2")
+    resumed = torchrun(ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 2/2, step 0/" in resumed.stdout and resumed.stdout.count("epoch 2/2 ") == 1
 
     # Only rank 0 wrote: one set of files, one TensorBoard event file per process that logged.
-    assert sorted(p.name for p in folder.iterdir()) == ["args.json", "best.pth", "last.pth", "metrics.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "args.json", "best.pth", "last.pth", "metrics.csv"]
     events = list((tmp_path / "runs" / "resnet18_ema" / "ddp").iterdir())
     assert len(events) == 2  # the first launch and the resumed one, rank 0 each time
     checkpoint = torch.load(folder / "last.pth", weights_only=True)
@@ -56,7 +56,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     assert "64 test images" in out
 
     # A DDP checkpoint resumes in a single process too.
-    assert train_cifar100.main(["--resume", str(folder), "--epochs", "3"]) == 0
+    assert train_cifar100.main(["--resume", str(folder), "--epochs", "3", "--log-dir", str(tmp_path / "runs")]) == 0
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 3
 
 

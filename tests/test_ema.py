@@ -1,4 +1,4 @@
-"""EMA against an independent, loop-level computation of SPEC.md section 3's seven steps."""
+"""EMA against an independent, loop-level computation of the seven steps of docs/reference.md, 2.2 EMA."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,6 @@
 """What makes the GPU path fast and safe, checked on the CPU: no host synchronisation inside training
 steps, no graph breaks under torch.compile, EMA keeping channels_last, static graphs compiled once
 per run, resumes that change device, loader, precision or layout, fp16 overflow vs divergence."""
-import functools
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,7 +11,7 @@ import train_cifar100
 import training
 from benchmark import UpstreamStyleEMA
 from fake_cifar import write_fake_cifar100
-from models.attention import ATTENTIONS, EMA, build_attention
+from models.attention import ATTENTIONS, EMA
 from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
 
 # ResNet18 + EMA on 160 images in batches of 32: 5 steps per epoch.
@@ -82,8 +80,8 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
     images = torch.randn(2, 3, 32, 32)
     nets = {("mobilenetv2", attention): models.create_model("mobilenetv2", attention) for attention in (None, "ema")}
     for attention in [None, *ATTENTIONS]:
-        factory = functools.partial(build_attention, attention) if attention else None
-        nets.update({(block.__name__, attention): ResNet(block, (1, 1, 1, 1), 100, factory)
+        constructor = ATTENTIONS[attention] if attention else None
+        nets.update({(block.__name__, attention): ResNet(block, (1, 1, 1, 1), 100, constructor)
                      for block in (BasicBlock, Bottleneck)})
     for (name, attention), net in nets.items():
         torch._dynamo.reset()
@@ -166,7 +164,7 @@ def test_every_allowed_override_resumes(override, small_root, tmp_path, capsys):
     fresh_run(small_root, tmp_path)
     capsys.readouterr()
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "run"
-    assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", *override]) == 0
+    assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"), *override]) == 0
     out = capsys.readouterr().out
     assert "not bitwise" in out
     checkpoint = last_checkpoint(tmp_path, "run")
@@ -188,7 +186,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(small_root, tmp_path, capsys):
     for checkpoint, expected in ((new_format, "device cuda -> cpu"), (old_format, "format-1")):
         torch.save(checkpoint, path)
         capsys.readouterr()
-        assert train_cifar100.main(["--resume", str(path), "--epochs", "2"]) == 0
+        assert train_cifar100.main(["--resume", str(path), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 0
         assert expected in capsys.readouterr().out
         assert last_checkpoint(tmp_path, "run")["epoch"] == 2
 

@@ -1,4 +1,5 @@
 """MobileNetV2: exact parameter counts against torchvision, EMA's placement, both shapes, one epoch."""
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -7,8 +8,8 @@ import models
 import params
 import train_cifar100
 from fake_cifar import write_fake_cifar100
-from models.attention import EMA
-from models.mobilenetv2 import MobileNetV2
+from models.attention import ATTENTIONS, EMA
+from models.mobilenetv2 import InvertedResidual, MobileNetV2
 
 
 def n_params(model):
@@ -26,24 +27,30 @@ def test_imagenet_ema_parameter_count():
     # 960 (3). With k = width / 32, each EMA has 10k^2 + 4k parameters (conv1x1 k^2 + k, conv3x3
     # 9k^2 + k, GroupNorm 2k): 384, 1488, 3312 and 9120 for k = 6, 12, 18, 30, so
     # 3 * 384 + 4 * 1488 + 3 * 3312 + 3 * 9120 = 44,400 on top of the baseline's 3,504,872.
-    model = MobileNetV2(1000, "ema", cifar=False)
+    model = MobileNetV2(1000, EMA, cifar=False)
     emas = [m for m in model.modules() if isinstance(m, EMA)]
     widths = sorted(m.conv1x1.in_channels * m.groups for m in emas)
     assert widths == [192] * 3 + [384] * 4 + [576] * 3 + [960] * 3
     assert n_params(model) == 3_504_872 + 44_400 == 3_549_272
 
 
-def test_other_modules_go_in_every_block():
-    model = models.create_model("mobilenetv2", "eca")
-    blocks = [m for m in model.modules() if type(m).__name__ == "InvertedResidual"]
+def test_ema_skips_the_first_four_blocks():
+    blocks = [m for m in models.create_model("mobilenetv2", "ema").modules() if isinstance(m, InvertedResidual)]
+    assert [any(isinstance(x, EMA) for x in b.modules()) for b in blocks] == [False] * 4 + [True] * 13
+
+
+@pytest.mark.parametrize("attention", [name for name, make in ATTENTIONS.items() if make is not EMA])
+def test_other_modules_go_in_every_block(attention):
+    model = models.create_model("mobilenetv2", attention)
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
     assert len(blocks) == 17
-    assert all(any(type(x).__name__ == "ECA" for x in b.modules()) for b in blocks)
+    assert all(any(isinstance(x, ATTENTIONS[attention]) for x in b.modules()) for b in blocks)
 
 
 def test_both_shapes_forward_and_backward():
     cifar = models.create_model("mobilenetv2", "ema")
     assert cifar.features(torch.randn(2, 3, 32, 32)).shape == (2, 1280, 4, 4)
-    imagenet = MobileNetV2(1000, "ema", cifar=False)
+    imagenet = MobileNetV2(1000, EMA, cifar=False)
     assert imagenet.features(torch.randn(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
     for model, shape, classes in ((cifar, (2, 3, 32, 32), 100), (imagenet, (2, 3, 224, 224), 1000)):
         logits = model(torch.randn(shape))

@@ -1,14 +1,18 @@
-"""Every net x attention pair builds, runs, trains one step, and has the exact SPEC.md parameter totals."""
+"""Every net x attention pair builds, runs, trains one step, and has the exact parameter totals of
+docs/reference.md; a module added to the registry needs nothing else."""
 import pytest
 import torch
 from torch import nn
 
 import models
+import train_cifar100
+from fake_cifar import write_fake_cifar100
 from models.attention import (ATTENTIONS, CBAM, ECA, EMA, NAM, SE, CoordAtt, ShuffleAttention,
                               build_attention, nam_l1_penalty)
 from models.attention.eca import adaptive_kernel_size
+from models.resnet import ResidualBlock
 
-# SPEC.md sections 1 and 4: every parameter counted, 100 classes.
+# docs/reference.md, 2.1 Summary and 4 How the paper counted #Params: every parameter, 100 classes.
 EXACT_TOTALS = {
     ("resnet18", "none"): 11_220_132,
     ("resnet50", "none"): 23_705_252,
@@ -23,7 +27,7 @@ EXACT_TOTALS = {
     ("resnet101", "ema"): 43_072_004,
 }
 
-# SPEC.md section 2: parameters per block of width C.
+# docs/reference.md, 2.1 Summary: parameters per block of width C.
 PER_BLOCK = {
     "ema": lambda c: 10 * (c // 32) ** 2 + 4 * (c // 32),
     "se": lambda c: c * c // 8 + c // 16 + c,
@@ -75,9 +79,15 @@ def test_every_pair_trains_one_step(net, attention):
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 @pytest.mark.parametrize("shape", [(1, 256, 8, 8), (3, 256, 5, 9), (2, 256, 1, 1)])
 def test_modules_keep_the_input_shape(attention, shape):
-    module = build_attention(attention, shape[1]).eval()
+    module = ATTENTIONS[attention](shape[1]).eval()
     x = torch.randn(shape)
     assert module(x).shape == x.shape
+
+
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
+def test_every_module_rejects_a_width_it_cannot_take(attention):
+    with pytest.raises(ValueError):
+        ATTENTIONS[attention](0)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -86,7 +96,8 @@ def test_modules_keep_the_input_shape(attention, shape):
     (lambda: CBAM(24), "positive multiple of reduction"),
     (lambda: ECA(0), "positive number of channels"),
     (lambda: ECA(64, k_size=4), "odd positive k_size"),
-    (lambda: ShuffleAttention(192), "positive multiple of 2 \\* groups"),
+    (lambda: ShuffleAttention(192, groups=64), "positive multiple of 2 \\* groups"),
+    (lambda: ShuffleAttention(7), "positive, even number of channels"),
     (lambda: NAM(0), "positive number of channels"),
     (lambda: CoordAtt(0), "positive channels"),
 ])
@@ -97,9 +108,11 @@ def test_bad_channel_counts_fail_at_construction(make, match):
 
 def test_sa_narrow_blocks_use_fewer_groups():
     # Not in the paper: widths that are not multiples of 2 * 64 take the largest G below 64 that fits.
-    assert build_attention("sa", 64).groups == 32
-    assert build_attention("sa", 192).groups == 48  # MobileNetV2's expanded widths
-    assert build_attention("sa", 256).groups == 64
+    sa = ATTENTIONS["sa"]
+    assert sa(64).groups == 32
+    assert [sa(c).groups for c in (32, 96, 144, 192, 384, 576, 960)] == [16, 48, 36, 48, 64, 48, 60]  # MobileNetV2
+    assert sa(256).groups == 64
+    assert sa(6).groups == 3 and ShuffleAttention(256, groups=8).groups == 8
 
 
 def test_sa_channel_shuffle_interleaves_halves():
@@ -117,14 +130,56 @@ def test_sa_channel_shuffle_interleaves_halves():
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="resnet18, resnet34, resnet50"):
         models.create_model("vgg16")
-    with pytest.raises(ValueError, match="none, ema, se, cbam"):
+    with pytest.raises(ValueError, match=", ".join(models.list_attentions())):
         models.create_model("resnet18", "bam")
+    with pytest.raises(ValueError, match=", ".join(models.list_attentions())):
+        build_attention("bam", 64)
 
 
 def test_ema_import_path_and_registry():
     from models.attention import EMA as imported
     assert imported is ATTENTIONS["ema"]
-    assert set(ATTENTIONS) == {"ema", "se", "cbam", "eca", "sa", "nam", "ca"}
+    assert models.list_attentions() == ["none", *ATTENTIONS]
+    assert {"ema", "se", "cbam", "eca", "sa", "nam", "ca"} <= set(ATTENTIONS)  # the paper's table (but SSA)
+
+
+class TinyGate(nn.Module):
+    """A throwaway module: one learnt sigmoid gate per channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"TinyGate needs a positive number of channels; got channels={channels}")
+        self.logit = nn.Parameter(torch.zeros(channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.logit.sigmoid()
+
+
+def test_a_new_module_is_one_registry_line(monkeypatch, tmp_path):
+    """The README's promise: a module file and its line in ATTENTIONS, nothing else, and every net,
+    `train_cifar100.py -att` and the registry-driven tests take it."""
+    monkeypatch.setitem(ATTENTIONS, "tiny", TinyGate)
+    assert "tiny" in models.list_attentions()
+
+    torch.manual_seed(0)
+    model = models.create_model("resnet18", "tiny", num_classes=10)
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 8 and all(isinstance(b.attention, TinyGate) for b in blocks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([1, 7])).backward()
+    optimizer.step()
+    assert all(b.attention.logit.abs().sum() > 0 for b in blocks)  # every gate moved off its zero start
+    assert any(isinstance(m, TinyGate) for m in models.create_model("mobilenetv2", "tiny").modules())
+
+    data = write_fake_cifar100(tmp_path / "data", n_train=32, n_test=16)
+    argv = ["-net", "resnet18", "-att", "tiny", "-b", "32", "-warm", "0", "--epochs", "1", "--data", str(data),
+            "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name", "t"]
+    assert train_cifar100.main(argv) == 0
+    checkpoint = torch.load(tmp_path / "c/resnet18_tiny/t/last.pth", weights_only=True)
+    gates = [w for name, w in checkpoint["model"].items() if name.endswith("attention.logit")]
+    assert checkpoint["epoch"] == 1 and len(gates) == 8
+    assert all(w.abs().sum() > 0 for w in gates)  # one optimizer step (32 images, batch 32) trained them
 
 
 def test_nam_l1_penalty():

@@ -12,9 +12,18 @@ class ShuffleAttention(nn.Module):
     """x viewed as (B*G, C/G, H, W); one half of each group gets a channel gate, the other a spatial
     gate; halves concatenated, then a channel shuffle with 2 groups: 3C/G parameters."""
 
-    def __init__(self, channels: int, groups: int = 64):
+    def __init__(self, channels: int, groups: int | None = None):
+        """groups=None: the paper's G = 64 where the width allows it (a multiple of 128: every
+        ResNet50/101 block). Not in the paper: elsewhere (ResNet18/34's 64-wide stage, MobileNetV2's
+        expanded widths) the largest G below 64 that divides the width into halves, e.g. 32 for 64
+        channels, 48 for 192."""
         super().__init__()
-        if groups <= 0 or channels <= 0 or channels % (2 * groups):
+        if channels <= 0 or channels % 2:
+            raise ValueError(f"ShuffleAttention needs a positive, even number of channels; "
+                             f"got channels={channels}")
+        if groups is None:
+            groups = max(g for g in range(1, 65) if channels % (2 * g) == 0)
+        if groups <= 0 or channels % (2 * groups):
             raise ValueError(f"ShuffleAttention needs channels to be a positive multiple of 2 * groups; "
                              f"got channels={channels}, groups={groups}")
         self.groups = groups
@@ -33,11 +42,3 @@ class ShuffleAttention(nn.Module):
         out = torch.cat([channel_out, spatial_out], dim=1).reshape(b, c, h, w)
         # Channel shuffle with 2 groups: (B, 2, C/2, H, W) -> swap the two channel axes.
         return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-
-def shuffle_attention_for(channels: int) -> ShuffleAttention:
-    """SA with the paper's G = 64 where the width allows it (a multiple of 128: every ResNet50/101
-    block). Not in the paper: elsewhere (ResNet18/34's 64-wide stage, MobileNetV2's expanded widths)
-    the largest G below 64 that divides the width into halves, e.g. 32 for 64 channels, 48 for 192."""
-    groups = max(g for g in range(1, 65) if channels % (2 * g) == 0) if channels % 2 == 0 else 0
-    return ShuffleAttention(channels, groups=groups)

@@ -1,0 +1,205 @@
+"""A run's folder: written only where it was pointed, by one process at a time, never before the
+inputs are validated; best.pth consistent with the record; TensorBoard without duplicated steps."""
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing import plugin_event_accumulator
+from torch.utils.tensorboard import SummaryWriter
+
+import test as test_script
+import train_cifar100
+import utils
+from fake_cifar import write_fake_cifar100
+
+# ResNet18 + EMA, one step of 16 images per epoch, fp32.
+SMALL = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--amp", "off"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=16, n_test=16)
+
+
+def roots(base):
+    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs")]
+
+
+def train(data_root, base, run, *extra):
+    return train_cifar100.main(SMALL + ["--data", str(data_root), "--run-name", run] + roots(base) + list(extra))
+
+
+def resume(base, folder, *extra):
+    return train_cifar100.main(["--resume", str(folder), "--log-dir", str(base / "runs")] + list(extra))
+
+
+def folder(base, run, kind="checkpoint"):
+    return base / kind / "resnet18_ema" / run
+
+
+def snapshot(path):
+    """Every file below path with its bytes."""
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def tensorboard_steps(log_folder, tag="Test/top1"):
+    """Steps of `tag` as `tensorboard --load_fast=false` reads them (its plugin event accumulator)."""
+    acc = plugin_event_accumulator.EventAccumulator(str(log_folder))
+    acc.Reload()
+    return [event.step for event in acc.Tensors(tag)]
+
+
+def test_a_copied_run_continues_as_the_copy(data_root, tmp_path):
+    assert train(data_root, tmp_path, "original", "--epochs", "1") == 0
+    copy = folder(tmp_path, "copy")
+    shutil.copytree(folder(tmp_path, "original"), copy)
+    before = snapshot(folder(tmp_path, "original"))
+    assert resume(tmp_path, copy, "--epochs", "2") == 0
+    assert snapshot(folder(tmp_path, "original")) == before
+    assert torch.load(copy / "last.pth", weights_only=True)["epoch"] == 2
+    assert tensorboard_steps(folder(tmp_path, "copy", "runs")) == [2]
+
+
+def test_recorded_paths_cannot_send_writes_elsewhere(data_root, tmp_path):
+    base = tmp_path / "inside"
+    assert train(data_root, base, "run", "--epochs", "1") == 0
+    last = folder(base, "run") / "last.pth"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["args"].update(run="../../../escaped", checkpoint_dir="../../..", log_dir="../../..")
+    torch.save(checkpoint, last)
+    outside = snapshot(tmp_path)
+    assert resume(base, last, "--epochs", "2") == 0
+    changed = {path for path, data in snapshot(tmp_path).items() if outside.get(path) != data}
+    assert changed and all(path.parts[0] == "inside" for path in changed), changed
+
+
+def test_nothing_is_written_before_the_checkpoint_is_validated(data_root, tmp_path, capsys):
+    assert train(data_root, tmp_path, "run", "--epochs", "2") == 0
+    run = folder(tmp_path, "run")
+    before = snapshot(tmp_path)
+    assert resume(tmp_path, run, "--epochs", "1") == 0  # already finished
+    assert "already finished" in capsys.readouterr().out
+    checkpoint = torch.load(run / "last.pth", weights_only=True)
+    bad = tmp_path / "elsewhere" / "last.pth"
+    bad.parent.mkdir()
+    for broken in ({**checkpoint, "format": 99}, {**checkpoint, "args": {}}, {**checkpoint, "args": [1, 2]},
+                   {**checkpoint, "args": {**checkpoint["args"], "net": "resnet7"}}):
+        torch.save(broken, bad)
+        before[bad.relative_to(tmp_path)] = bad.read_bytes()
+        assert resume(tmp_path, bad) == 2
+        assert "error:" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args", [{}, [1, 2], {"net": "resnet18"}, {"net": "resnet7", "att": "ema"}])
+def test_test_py_refuses_checkpoints_without_usable_arguments(args, tmp_path, capsys):
+    path = tmp_path / "odd.pth"
+    torch.save({"model": {}, "args": args, "format": 2}, path)
+    assert test_script.main(["-weights", str(path), "--data", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_one_process_per_run_folder(data_root, tmp_path, capsys):
+    run = folder(tmp_path, "busy")
+    run.mkdir(parents=True)
+    lock = utils.RunLock(run)  # another training holds it
+    try:
+        assert train(data_root, tmp_path, "busy", "--epochs", "1") == 2
+        assert "in use by another training" in capsys.readouterr().err
+        assert not (run / "args.json").exists()
+    finally:
+        lock.release()
+    assert train(data_root, tmp_path, "busy", "--epochs", "1") == 0  # free again
+
+
+def test_a_new_run_never_reuses_a_finished_runs_folder(data_root, tmp_path, capsys):
+    assert train(data_root, tmp_path, "taken", "--epochs", "1") == 0
+    before = snapshot(tmp_path)
+    assert train(data_root, tmp_path, "taken", "--epochs", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["--run-name", "../escape"], ["--run-name", "/tmp/abs"], ["--run-name", "."], ["--run-name", "a/b/c"],
+    ["--seed", "1e23"], ["--seed", str(2 ** 64)], ["--seed", "-1"], ["-lr", "1e300"],
+    ["--init-from", "x.pth", "--resume", "y"],
+])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar100.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(data_root, tmp_path, capsys):
+    assert train(data_root, tmp_path, "best", "--epochs", "1") == 0
+    run = folder(tmp_path, "best")
+    (run / "best.pth").unlink()  # as if the process died while writing it
+    (run / "best.pth.tmp").write_bytes(b"half a file")
+    capsys.readouterr()
+    assert resume(tmp_path, run, "--epochs", "2") == 0
+    assert "rebuilt" in capsys.readouterr().out
+    record = torch.load(run / "last.pth", weights_only=True)["best"]
+    assert torch.load(run / "best.pth", weights_only=True)["epoch"] == record["epoch"]
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(data_root, tmp_path, monkeypatch, capsys):
+    assert train(data_root, tmp_path, "full", "--epochs", "1") == 0
+    run = folder(tmp_path, "full")
+    last = (run / "last.pth").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert resume(tmp_path, run, "--epochs", "2") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert (run / "last.pth").read_bytes() == last
+    assert not list(run.glob("*.tmp"))
+
+
+def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoint(data_root, tmp_path):
+    logs = folder(tmp_path, "again", "runs")
+    with SummaryWriter(logs) as earlier:  # an attempt killed during its first epoch
+        earlier.add_scalar("Test/top1", 1.0, 1)
+    assert train(data_root, tmp_path, "again", "--epochs", "1") == 0
+    assert tensorboard_steps(logs) == [1]
+
+
+def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(data_root, tmp_path):
+    assert train(data_root, tmp_path, "killed", "--epochs", "2") == 0
+    logs = folder(tmp_path, "killed", "runs")
+    with SummaryWriter(logs) as crashed:  # epoch 3 logged, then killed before its last.pth was written
+        crashed.add_scalar("Test/top1", 1.0, 3)
+    assert resume(tmp_path, folder(tmp_path, "killed"), "--epochs", "3") == 0
+    assert tensorboard_steps(logs) == [1, 2, 3]
+
+
+def test_a_stop_at_the_very_last_step_still_finishes_the_run(data_root, tmp_path, monkeypatch):
+    original = train_cifar100.Trainer.check
+
+    def stop_at_the_end(self, watch, stop, *rest):
+        if self.epoch + 1 == self.args.epochs and self.step == len(self.train_data):
+            stop.signal = signal.SIGTERM
+        return original(self, watch, stop, *rest)
+
+    monkeypatch.setattr(train_cifar100.Trainer, "check", stop_at_the_end)
+    assert train(data_root, tmp_path, "last", "--epochs", "1") == 0
+    acc = plugin_event_accumulator.EventAccumulator(str(folder(tmp_path, "last", "runs")))
+    acc.Reload()
+    assert acc.PluginTagToContent("hparams")
+
+
+def test_init_from_is_recorded(data_root, tmp_path, capsys):
+    assert train(data_root, tmp_path, "source", "--epochs", "1") == 0
+    source = folder(tmp_path, "source")
+    assert train(data_root, tmp_path, "tuned", "--epochs", "1", "--init-from", str(source)) == 0
+    assert str(source) in capsys.readouterr().out
+    recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
+    assert recorded["init_from"] == str(source) and recorded["world"] == 1
+    assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8

@@ -23,6 +23,20 @@ def data_root(tmp_path_factory):
     return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=16, n_test=16)
 
 
+@pytest.fixture(scope="module")
+def finished(data_root, tmp_path_factory):
+    """A one-epoch run, trained once; tests work on copies (a copied run folder continues as itself)."""
+    base = tmp_path_factory.mktemp("finished")
+    assert train(data_root, base, "run", "--epochs", "1") == 0
+    return base
+
+
+def copy_run(finished, base, run):
+    for kind in ("checkpoint", "runs"):
+        shutil.copytree(folder(finished, "run", kind), folder(base, run, kind))
+    return folder(base, run)
+
+
 def roots(base):
     return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs")]
 
@@ -51,8 +65,8 @@ def tensorboard_steps(log_folder, tag="Test/top1"):
     return [event.step for event in acc.Tensors(tag)]
 
 
-def test_a_copied_run_continues_as_the_copy(data_root, tmp_path):
-    assert train(data_root, tmp_path, "original", "--epochs", "1") == 0
+def test_a_copied_run_continues_as_the_copy(finished, tmp_path):
+    copy_run(finished, tmp_path, "original")
     copy = folder(tmp_path, "copy")
     shutil.copytree(folder(tmp_path, "original"), copy)
     before = snapshot(folder(tmp_path, "original"))
@@ -62,9 +76,9 @@ def test_a_copied_run_continues_as_the_copy(data_root, tmp_path):
     assert tensorboard_steps(folder(tmp_path, "copy", "runs")) == [2]
 
 
-def test_recorded_paths_cannot_send_writes_elsewhere(data_root, tmp_path):
+def test_recorded_paths_cannot_send_writes_elsewhere(finished, tmp_path):
     base = tmp_path / "inside"
-    assert train(data_root, base, "run", "--epochs", "1") == 0
+    copy_run(finished, base, "run")
     last = folder(base, "run") / "last.pth"
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["args"].update(run="../../../escaped", checkpoint_dir="../../..", log_dir="../../..")
@@ -75,9 +89,8 @@ def test_recorded_paths_cannot_send_writes_elsewhere(data_root, tmp_path):
     assert changed and all(path.parts[0] == "inside" for path in changed), changed
 
 
-def test_nothing_is_written_before_the_checkpoint_is_validated(data_root, tmp_path, capsys):
-    assert train(data_root, tmp_path, "run", "--epochs", "2") == 0
-    run = folder(tmp_path, "run")
+def test_nothing_is_written_before_the_checkpoint_is_validated(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path, "run")
     before = snapshot(tmp_path)
     assert resume(tmp_path, run, "--epochs", "1") == 0  # already finished
     assert "already finished" in capsys.readouterr().out
@@ -134,9 +147,8 @@ def test_bad_arguments_exit_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(data_root, tmp_path, capsys):
-    assert train(data_root, tmp_path, "best", "--epochs", "1") == 0
-    run = folder(tmp_path, "best")
+def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path, "best")
     (run / "best.pth").unlink()  # as if the process died while writing it
     (run / "best.pth.tmp").write_bytes(b"half a file")
     capsys.readouterr()
@@ -147,9 +159,9 @@ def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(data_root, tmp_path,
     assert not list(run.glob("*.tmp"))
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(data_root, tmp_path, monkeypatch, capsys):
-    assert train(data_root, tmp_path, "full", "--epochs", "1") == 0
-    run = folder(tmp_path, "full")
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(finished, tmp_path, monkeypatch,
+                                                                             capsys):
+    run = copy_run(finished, tmp_path, "full")
     last = (run / "last.pth").read_bytes()
 
     def full_disk(obj, f):
@@ -171,13 +183,13 @@ def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoi
     assert tensorboard_steps(logs) == [1]
 
 
-def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(data_root, tmp_path):
-    assert train(data_root, tmp_path, "killed", "--epochs", "2") == 0
+def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(finished, tmp_path):
+    run = copy_run(finished, tmp_path, "killed")
     logs = folder(tmp_path, "killed", "runs")
-    with SummaryWriter(logs) as crashed:  # epoch 3 logged, then killed before its last.pth was written
-        crashed.add_scalar("Test/top1", 1.0, 3)
-    assert resume(tmp_path, folder(tmp_path, "killed"), "--epochs", "3") == 0
-    assert tensorboard_steps(logs) == [1, 2, 3]
+    with SummaryWriter(logs) as crashed:  # epoch 2 logged, then killed before its last.pth was written
+        crashed.add_scalar("Test/top1", 1.0, 2)
+    assert resume(tmp_path, run, "--epochs", "2") == 0
+    assert tensorboard_steps(logs) == [1, 2]
 
 
 def test_a_stop_at_the_very_last_step_still_finishes_the_run(data_root, tmp_path, monkeypatch):
@@ -195,9 +207,8 @@ def test_a_stop_at_the_very_last_step_still_finishes_the_run(data_root, tmp_path
     assert acc.PluginTagToContent("hparams")
 
 
-def test_init_from_is_recorded(data_root, tmp_path, capsys):
-    assert train(data_root, tmp_path, "source", "--epochs", "1") == 0
-    source = folder(tmp_path, "source")
+def test_init_from_is_recorded(data_root, finished, tmp_path, capsys):
+    source = folder(finished, "run")
     assert train(data_root, tmp_path, "tuned", "--epochs", "1", "--init-from", str(source)) == 0
     assert str(source) in capsys.readouterr().out
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())

@@ -174,8 +174,13 @@ def _warn_unofficial(folder: Path, split: str) -> None:
 def ensure_cifar100(root) -> None:
     """Download CIFAR-100 into root unless the folder is already there; a clear error otherwise."""
     folder = Path(root) / CIFAR_FOLDER
-    if all((folder / name).is_file() for name in ("train", "test", "meta")):
+    present = [name for name in ("train", "test", "meta") if (folder / name).is_file()]
+    if len(present) == 3:
         return
+    if present:  # a folder of the user's own: never overwritten by a download
+        missing = sorted({"train", "test", "meta"} - set(present))
+        raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
+                        f"{CIFAR_LAYOUT}")
     try:
         _download_cifar100(Path(root))
     except Exception as e:

@@ -15,7 +15,10 @@ if __name__ == "__main__":
     cli.answer_help(cli.train_parser)  # before the imports below, which take seconds
 
 import argparse
+import contextlib
 import csv
+import hashlib
+import io
 import json
 import math
 import signal
@@ -98,6 +101,8 @@ def resolve_resume(args):
         path = max(candidates, key=lambda p: p.stat().st_mtime)
     else:
         path = utils.checkpoint_file(args.resume)
+    if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
+        raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with --resume {path.parent}")
     checkpoint = utils.load_checkpoint(path)
     saved = argparse.Namespace(**checked_saved_args(checkpoint["args"], path))
     for name in RESUMABLE_OVERRIDES:
@@ -105,27 +110,53 @@ def resolve_resume(args):
             setattr(saved, name, getattr(args, name))
     saved.resume, saved.run = str(path), path.parent.name
     saved.checkpoint_dir, saved.log_dir = args.checkpoint_dir, args.log_dir
+    defaults = vars(parse_args([]))
+    kept = set(RESUMABLE_OVERRIDES) | {"resume", "checkpoint_dir", "log_dir"} | (
+        {"net", "att"} if args.resume == "newest" else set())  # -net/-att pick the newest run
+    ignored = [name for name, value in vars(args).items() if name not in kept and value != defaults[name]]
+    if ignored:
+        print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(ignored)}", file=sys.stderr)
     return saved, checkpoint
 
 
 def checked_saved_args(saved, path) -> dict:
-    """The arguments a checkpoint recorded, on top of today's defaults (for keys older runs lack);
-    refused with a message when they could not have come from this script."""
+    """The arguments a checkpoint recorded, on top of today's defaults (for keys older runs lack),
+    checked by the same parser as a command line: refused with a message when they could not have
+    come from this script."""
     if not isinstance(saved, dict):
         raise UserError(f"{path}: its recorded arguments are a {type(saved).__name__}, not a dict")
-    merged = {**vars(parse_args([])), **saved}
-    problems = [f"no {key}" for key in ("net", "att") if key not in saved]
-    for key, known in (("net", models.list_models()), ("att", models.list_attentions()),
-                       ("recipe", list(settings.RECIPES))):
-        if merged[key] not in known:
-            problems.append(f"unknown {key} {merged[key]!r}")
-    for key, kind, least in (("b", int, 1), ("lr", (int, float), 0), ("seed", int, 0), ("epochs", (int, type(None)), 1)):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or (value is not None and value < least):
-            problems.append(f"{key}={value!r}")
-    if problems:
-        raise UserError(f"{path}: its recorded arguments cannot be resumed ({', '.join(problems)})")
-    return merged
+    missing = [key for key in ("net", "att") if key not in saved]
+    if missing:
+        raise UserError(f"{path}: its recorded arguments lack {', '.join(missing)}")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as errors:
+            parsed = vars(cli.parse_train_args(as_command_line(saved)))
+    except (SystemExit, TypeError) as e:
+        reason = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1] if errors.getvalue() else str(e)
+        raise UserError(f"{path}: its recorded arguments cannot be resumed ({reason})") from None
+    checked = {key: parsed[key] for key in saved if key in parsed and saved[key] is not None}
+    return {**vars(parse_args([])), **saved, **checked}
+
+
+# Recorded, but replaced on resume: where it was pointed decides where a resumed run writes.
+NOT_RESUMED = ("resume", "init_from", "run", "checkpoint_dir", "log_dir")
+
+
+def as_command_line(saved: dict) -> list[str]:
+    """The command line that gives these arguments (flags must be true or false)."""
+    argv = []
+    for action in cli.train_parser()._actions:
+        value = saved.get(action.dest)
+        if value is None or not action.option_strings or action.dest in NOT_RESUMED:
+            continue
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise TypeError(f"{action.dest} is {value!r}, not true or false")
+            if value or isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(action.option_strings[0] if value else action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], str(value)]
+    return argv
 
 
 class RunOutputs:
@@ -137,7 +168,7 @@ class RunOutputs:
 
     def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
         self.ckpt_dir = ckpt_dir
-        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / ckpt_dir.name
+        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / log_name(ckpt_dir, args)
         self.active, self.writer, self.lock = active, None, None
         if not active:
             return
@@ -150,6 +181,7 @@ class RunOutputs:
             except OSError as e:
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
         self.lock = utils.RunLock(self.ckpt_dir)
+        self.log_lock = utils.RunLock(self.log_dir)  # a copied run folder could share it
         if resumed_epoch is None:
             self._claim_new_run()
         else:
@@ -246,6 +278,7 @@ class RunOutputs:
             self.writer.close()
         if self.lock:
             self.lock.release()
+            self.log_lock.release()
 
 
 class Diverged(UserError):
@@ -408,11 +441,15 @@ class Trainer:
                 self.scaler.load_state_dict(checkpoint["scaler"])
             self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
             self.best, self.history = checkpoint["best"], checkpoint["history"]
+            check_training_state(checkpoint)
             if self.processes.main:  # the saved sums cover every rank of the interrupted epoch
                 self.totals = training.RunningTotals(self.speed.device, *checkpoint["running"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if self.step >= len(self.train_data):
+            raise UserError(f"{args.resume} stopped at step {self.step} of its epoch, but this data gives "
+                            f"{len(self.train_data)} steps per epoch: resume with the data it was trained on")
         for group, kernel in zip(self.optimizer.param_groups, kernels):
             group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
         changes = self._arithmetic_changes(checkpoint)
@@ -601,10 +638,29 @@ def train(args, processes) -> int:
         return trainer.run(stop)
 
 
+def check_training_state(checkpoint) -> None:
+    """A ValueError unless epoch, step, best and history have the shapes this script writes."""
+    counts = [checkpoint["epoch"], checkpoint["step"], checkpoint["best"].get("epoch")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(f"epoch, step and best epoch must be whole numbers >= 0, got {counts}")
+    numbers = [checkpoint["best"].get(key) for key in ("top1", "top5")]
+    numbers += [row.get(key) for row in checkpoint["history"] for key in ("train_loss", "test_top1")]
+    if not all(isinstance(x, (int, float)) for x in numbers) or len(checkpoint["history"]) != checkpoint["epoch"]:
+        raise ValueError("best and history are not what this script records")
+
+
 def write_records(file, records):
     writer = RecordWriter(file)
     for record in records:
         writer.write(record)
+
+
+def log_name(ckpt_dir: Path, args) -> str:
+    """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the run
+    folder is not in a <net>_<att>/ folder, e.g. a copy elsewhere that kept the original's name."""
+    if ckpt_dir.parent.name == f"{args.net}_{args.att}":
+        return ckpt_dir.name
+    return f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
 
 
 def resume_command(ckpt_dir, log_root, processes) -> str:

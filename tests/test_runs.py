@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import cifar
 import test as test_script
 import train_cifar100
 import utils
@@ -214,3 +215,26 @@ def test_init_from_is_recorded(data_root, finished, tmp_path, capsys):
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
     assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
+
+
+def test_odd_recorded_arguments_and_states_are_refused(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path, "odd")
+    last = run / "last.pth"
+    good = torch.load(last, weights_only=True)
+    odd_args = [{"seed": 2 ** 70}, {"subset": "abc"}, {"amp": "fp8"}, {"channels_last": "yes"}, {"lr": 0.0}]
+    odd_states = [{"epoch": 1.5}, {"best": None}, {"history": "x"}, {"step": 99}]
+    for change in [{"args": {**good["args"], **odd}} for odd in odd_args] + odd_states:
+        torch.save({**good, **change}, last)
+        assert resume(tmp_path, run, "--epochs", "2") == 2, change
+        assert "error:" in capsys.readouterr().err
+    assert resume(tmp_path, run / "best.pth", "--epochs", "2") == 2  # best.pth is not resumed
+    assert "for test.py" in capsys.readouterr().err
+
+
+def test_a_partial_dataset_folder_is_never_overwritten(tmp_path):
+    root = write_fake_cifar100(tmp_path / "mine", n_train=8, n_test=8)
+    (root / "cifar-100-python" / "test").unlink()
+    train_bytes = (root / "cifar-100-python" / "train").read_bytes()
+    with pytest.raises(utils.UserError, match="not test"):
+        cifar.ensure_cifar100(root)
+    assert (root / "cifar-100-python" / "train").read_bytes() == train_bytes

@@ -41,7 +41,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
 
     # Only rank 0 wrote: one set of files, one TensorBoard event file per process that logged.
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "args.json", "best.pth", "last.pth", "metrics.csv"]
-    events = list((tmp_path / "runs" / "resnet18_ema" / "ddp").iterdir())
+    events = list((tmp_path / "runs" / "resnet18_ema" / "ddp").glob("events.out.tfevents.*"))
     assert len(events) == 2  # the first launch and the resumed one, rank 0 each time
     checkpoint = torch.load(folder / "last.pth", weights_only=True)
     assert checkpoint["epoch"] == 2 and [row["epoch"] for row in checkpoint["history"]] == [1, 2]

@@ -47,15 +47,15 @@ EPOCH_IMAGES = 50_000
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     cli.add_model(p, net="resnet50", att="ema")
-    p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=128 if cuda else 32)
-    p.add_argument("--steps", type=int, default=50 if cuda else 5, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first (compiling included)")
-    p.add_argument("--workers", type=int, default=4 if cuda else 0, help="classic loader processes")
+    p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=128 if cuda else 32,
+                   help="batch size (default 128 on a GPU, 32 on the CPU)")
+    p.add_argument("--steps", type=int, default=50 if cuda else 5, help="timed steps per configuration (default 50 on a GPU, 5 on the CPU)")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first, compiling included (default 10 on a GPU, 2 on the CPU)")
+    p.add_argument("--workers", type=int, default=4 if cuda else 0, help="classic loader processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--recipe", default="classic", choices=list(settings.RECIPES),
-                   help="whose augmentations both paths run (classic has the rotation)")
+                   help="whose augmentations both paths run (default classic, which has the rotation)")
     cli.add_data(p)
     cli.add_amp(p)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS if cuda else CONFIGS[:2]),

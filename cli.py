@@ -51,7 +51,8 @@ def positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
         if not value > 0 or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value

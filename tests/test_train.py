@@ -188,7 +188,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, 
     (["--epochs", "-3"], "must be positive"),
     (["-lr", "0"], "must be positive"),
     (["-lr", "nan"], "must be positive"),
-    (["-b", "many"], "expected a int"),
+    (["-b", "many"], "expected a whole number"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

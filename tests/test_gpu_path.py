@@ -146,22 +146,8 @@ def test_compiled_training_makes_each_graph_once(data_root, tmp_path, monkeypatc
     assert graphs_after == [3, 3]
 
 
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory):
-    """One step of 16 per epoch and 16 test images: fp16 is emulated, slowly, on CPUs."""
-    return write_fake_cifar100(tmp_path_factory.mktemp("small"), n_train=16, n_test=16)
-
-
-@pytest.fixture(scope="module")
-def finished_run(small_root, tmp_path_factory):
-    """One fp32 epoch, trained once; each test continues a copy of it."""
-    base = tmp_path_factory.mktemp("finished")
-    assert train(small_root, base, "run", "--epochs", "1", "--amp", "off", "-b", "16") == 0
-    return base
-
-
-def fresh_run(finished_run, base):
-    shutil.copytree(finished_run / "checkpoint", base / "checkpoint")
+def fresh_run(finished_small_run, base):
+    shutil.copytree(finished_small_run / "checkpoint", base / "checkpoint")
 
 
 @pytest.mark.parametrize("override", [
@@ -170,8 +156,8 @@ def fresh_run(finished_run, base):
     ["--loader", "workers"],
     ["--channels-last"],
 ])
-def test_every_allowed_override_resumes(override, finished_run, tmp_path, capsys):
-    fresh_run(finished_run, tmp_path)
+def test_every_allowed_override_resumes(override, finished_small_run, tmp_path, capsys):
+    fresh_run(finished_small_run, tmp_path)
     capsys.readouterr()
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "run"
     assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"), *override]) == 0
@@ -182,10 +168,10 @@ def test_every_allowed_override_resumes(override, finished_run, tmp_path, capsys
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
 
 
-def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_run, tmp_path, capsys):
+def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_small_run, tmp_path, capsys):
     """A checkpoint written on CUDA by the old format (one CUDA RNG state per visible GPU, a CUDA
     loader generator) or by this one (device "cuda") continues here, and says it is not bitwise."""
-    fresh_run(finished_run, tmp_path)
+    fresh_run(finished_small_run, tmp_path)
     path = tmp_path / "checkpoint" / "resnet18_ema" / "run" / "last.pth"
     new_format = last_checkpoint(tmp_path, "run")
     new_format["device"] = "cuda"

@@ -13,26 +13,12 @@ import cifar
 import test as test_script
 import train_cifar100
 import utils
+from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
-
-# ResNet18 + EMA, one step of 16 images per epoch, fp32.
-SMALL = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--amp", "off"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=16, n_test=16)
-
-
-@pytest.fixture(scope="module")
-def finished(data_root, tmp_path_factory):
-    """A one-epoch run, trained once; tests work on copies (a copied run folder continues as itself)."""
-    base = tmp_path_factory.mktemp("finished")
-    assert train(data_root, base, "run", "--epochs", "1") == 0
-    return base
 
 
 def copy_run(finished, base, run):
+    """A copy of the conftest's finished run, as `run` under base."""
     for kind in ("checkpoint", "runs"):
         shutil.copytree(folder(finished, "run", kind), folder(base, run, kind))
     return folder(base, run)
@@ -42,8 +28,8 @@ def roots(base):
     return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs")]
 
 
-def train(data_root, base, run, *extra):
-    return train_cifar100.main(SMALL + ["--data", str(data_root), "--run-name", run] + roots(base) + list(extra))
+def train(small_data, base, run, *extra):
+    return train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", run] + roots(base) + list(extra))
 
 
 def resume(base, folder, *extra):
@@ -66,8 +52,8 @@ def tensorboard_steps(log_folder, tag="Test/top1"):
     return [event.step for event in acc.Tensors(tag)]
 
 
-def test_a_copied_run_continues_as_the_copy(finished, tmp_path):
-    copy_run(finished, tmp_path, "original")
+def test_a_copied_run_continues_as_the_copy(finished_small_run, tmp_path):
+    copy_run(finished_small_run, tmp_path, "original")
     copy = folder(tmp_path, "copy")
     shutil.copytree(folder(tmp_path, "original"), copy)
     before = snapshot(folder(tmp_path, "original"))
@@ -77,9 +63,9 @@ def test_a_copied_run_continues_as_the_copy(finished, tmp_path):
     assert tensorboard_steps(folder(tmp_path, "copy", "runs")) == [2]
 
 
-def test_recorded_paths_cannot_send_writes_elsewhere(finished, tmp_path):
+def test_recorded_paths_cannot_send_writes_elsewhere(finished_small_run, tmp_path):
     base = tmp_path / "inside"
-    copy_run(finished, base, "run")
+    copy_run(finished_small_run, base, "run")
     last = folder(base, "run") / "last.pth"
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["args"].update(run="../../../escaped", checkpoint_dir="../../..", log_dir="../../..")
@@ -90,8 +76,8 @@ def test_recorded_paths_cannot_send_writes_elsewhere(finished, tmp_path):
     assert changed and all(path.parts[0] == "inside" for path in changed), changed
 
 
-def test_nothing_is_written_before_the_checkpoint_is_validated(finished, tmp_path, capsys):
-    run = copy_run(finished, tmp_path, "run")
+def test_nothing_is_written_before_the_checkpoint_is_validated(finished_small_run, tmp_path, capsys):
+    run = copy_run(finished_small_run, tmp_path, "run")
     before = snapshot(tmp_path)
     assert resume(tmp_path, run, "--epochs", "1") == 0  # already finished
     assert "already finished" in capsys.readouterr().out
@@ -115,23 +101,23 @@ def test_test_py_refuses_checkpoints_without_usable_arguments(args, tmp_path, ca
     assert "error:" in capsys.readouterr().err
 
 
-def test_one_process_per_run_folder(data_root, tmp_path, capsys):
+def test_one_process_per_run_folder(small_data, tmp_path, capsys):
     run = folder(tmp_path, "busy")
     run.mkdir(parents=True)
     lock = utils.RunLock(run)  # another training holds it
     try:
-        assert train(data_root, tmp_path, "busy", "--epochs", "1") == 2
+        assert train(small_data, tmp_path, "busy", "--epochs", "1") == 2
         assert "in use by another training" in capsys.readouterr().err
         assert not (run / "args.json").exists()
     finally:
         lock.release()
-    assert train(data_root, tmp_path, "busy", "--epochs", "1") == 0  # free again
+    assert train(small_data, tmp_path, "busy", "--epochs", "1") == 0  # free again
 
 
-def test_a_new_run_never_reuses_a_finished_runs_folder(data_root, tmp_path, capsys):
-    assert train(data_root, tmp_path, "taken", "--epochs", "1") == 0
+def test_a_new_run_never_reuses_a_finished_runs_folder(small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "taken", "--epochs", "1") == 0
     before = snapshot(tmp_path)
-    assert train(data_root, tmp_path, "taken", "--epochs", "1") == 2
+    assert train(small_data, tmp_path, "taken", "--epochs", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
 
@@ -148,8 +134,8 @@ def test_bad_arguments_exit_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished, tmp_path, capsys):
-    run = copy_run(finished, tmp_path, "best")
+def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished_small_run, tmp_path, capsys):
+    run = copy_run(finished_small_run, tmp_path, "best")
     (run / "best.pth").unlink()  # as if the process died while writing it
     (run / "best.pth.tmp").write_bytes(b"half a file")
     capsys.readouterr()
@@ -160,9 +146,9 @@ def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished, tmp_path, 
     assert not list(run.glob("*.tmp"))
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(finished, tmp_path, monkeypatch,
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(finished_small_run, tmp_path, monkeypatch,
                                                                              capsys):
-    run = copy_run(finished, tmp_path, "full")
+    run = copy_run(finished_small_run, tmp_path, "full")
     last = (run / "last.pth").read_bytes()
 
     def full_disk(obj, f):
@@ -176,16 +162,16 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(fini
     assert not list(run.glob("*.tmp"))
 
 
-def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoint(data_root, tmp_path):
+def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoint(small_data, tmp_path):
     logs = folder(tmp_path, "again", "runs")
     with SummaryWriter(logs) as earlier:  # an attempt killed during its first epoch
         earlier.add_scalar("Test/top1", 1.0, 1)
-    assert train(data_root, tmp_path, "again", "--epochs", "1") == 0
+    assert train(small_data, tmp_path, "again", "--epochs", "1") == 0
     assert tensorboard_steps(logs) == [1]
 
 
-def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(finished, tmp_path):
-    run = copy_run(finished, tmp_path, "killed")
+def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(finished_small_run, tmp_path):
+    run = copy_run(finished_small_run, tmp_path, "killed")
     logs = folder(tmp_path, "killed", "runs")
     with SummaryWriter(logs) as crashed:  # epoch 2 logged, then killed before its last.pth was written
         crashed.add_scalar("Test/top1", 1.0, 2)
@@ -193,7 +179,7 @@ def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(fi
     assert tensorboard_steps(logs) == [1, 2]
 
 
-def test_a_stop_at_the_very_last_step_still_finishes_the_run(data_root, tmp_path, monkeypatch):
+def test_a_stop_at_the_very_last_step_still_finishes_the_run(small_data, tmp_path, monkeypatch):
     original = train_cifar100.Trainer.check
 
     def stop_at_the_end(self, watch, stop, *rest):
@@ -202,23 +188,23 @@ def test_a_stop_at_the_very_last_step_still_finishes_the_run(data_root, tmp_path
         return original(self, watch, stop, *rest)
 
     monkeypatch.setattr(train_cifar100.Trainer, "check", stop_at_the_end)
-    assert train(data_root, tmp_path, "last", "--epochs", "1") == 0
+    assert train(small_data, tmp_path, "last", "--epochs", "1") == 0
     acc = plugin_event_accumulator.EventAccumulator(str(folder(tmp_path, "last", "runs")))
     acc.Reload()
     assert acc.PluginTagToContent("hparams")
 
 
-def test_init_from_is_recorded(data_root, finished, tmp_path, capsys):
-    source = folder(finished, "run")
-    assert train(data_root, tmp_path, "tuned", "--epochs", "1", "--init-from", str(source)) == 0
+def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys):
+    source = folder(finished_small_run, "run")
+    assert train(small_data, tmp_path, "tuned", "--epochs", "1", "--init-from", str(source)) == 0
     assert str(source) in capsys.readouterr().out
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
     assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
 
 
-def test_odd_recorded_arguments_and_states_are_refused(finished, tmp_path, capsys):
-    run = copy_run(finished, tmp_path, "odd")
+def test_odd_recorded_arguments_and_states_are_refused(finished_small_run, tmp_path, capsys):
+    run = copy_run(finished_small_run, tmp_path, "odd")
     last = run / "last.pth"
     good = torch.load(last, weights_only=True)
     odd_args = [{"seed": 2 ** 70}, {"subset": "abc"}, {"amp": "fp8"}, {"channels_last": "yes"}, {"lr": 0.0}]

@@ -210,7 +210,7 @@ def graph_breaks(model: nn.Module, images: torch.Tensor, speed: training.SpeedSe
 class UpstreamStyleEMA(EMA):
     """The authors' sequence of operations (groups folded into the batch, adaptive pools, a sigmoid
     per strip, two matmuls and an add), for timing against ours; the same math, tested equal in
-    tests/test_loader.py."""
+    tests/test_gpu_path.py."""
 
     def forward(self, x):
         b, c, h, w = x.shape

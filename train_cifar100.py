@@ -17,6 +17,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -235,6 +236,9 @@ class RunOutputs:
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             self.writer.add_graph(model, images)
+        # The tracer leaves reference cycles that hold the model and its check-run outputs (device
+        # memory on a GPU) until some later collection: free them before training starts.
+        gc.collect()
 
     def log_epoch(self, history):
         if not self.active:
@@ -531,7 +535,9 @@ class Trainer:
         numbers. The one place in an epoch that waits for the device."""
         bad_step = watch.diverged_at()
         stop_signal = int(self.processes.max(torch.tensor([stop.signal or 0], device=self.speed.device)).item())
-        first_bad = self.processes.min(torch.tensor([bad_step or math.inf], device=self.speed.device)).item()
+        # One dtype on every rank (an int here and inf there would be a collective mismatch).
+        first_bad = self.processes.min(torch.tensor([bad_step or math.inf], dtype=torch.float32,
+                                                    device=self.speed.device)).item()
         if math.isfinite(first_bad):
             raise_divergence(self.epoch + 1, int(first_bad), self.out.ckpt_dir)
         images_per_s = (self.step - first_step) * self.args.b / (time.time() - self.epoch_start)

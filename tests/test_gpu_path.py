@@ -12,29 +12,23 @@ import models
 import train_cifar100
 import training
 from benchmark import UpstreamStyleEMA
+from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
 from models.attention import ATTENTIONS, EMA
 from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
 
-# ResNet18 + EMA on 160 images in batches of 32: 5 steps per epoch.
-TINY = ["-net", "resnet18", "-att", "ema", "-b", "32", "-lr", "0.02", "--seed", "0"]
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=160, n_test=64)
-
-
-def train(data_root, base, run, *extra):
-    return train_cifar100.main(TINY + ["--data", str(data_root), "--checkpoint-dir", str(base / "checkpoint"),
-                                       "--log-dir", str(base / "runs"), "--run-name", run] + list(extra))
+def train(data, base, run, *extra):
+    return train_cifar100.main(SMALL_RUN + ["--seed", "0", "--data", str(data), "--run-name", run,
+                                            "--checkpoint-dir", str(base / "checkpoint"),
+                                            "--log-dir", str(base / "runs")] + list(extra))
 
 
 def last_checkpoint(base, run):
     return torch.load(base / "checkpoint" / "resnet18_ema" / run / "last.pth", weights_only=True)
 
 
-def test_no_host_synchronisation_inside_training_steps(data_root, tmp_path, monkeypatch):
+def test_no_host_synchronisation_inside_training_steps(small_data, tmp_path, monkeypatch):
     """Between two checks a step neither reads a device value nor builds a tensor from Python values."""
     calls, checked_at = [], []
     counter = benchmark.HostSyncCounter()
@@ -57,9 +51,9 @@ def test_no_host_synchronisation_inside_training_steps(data_root, tmp_path, monk
 
     monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", train_epoch)
     monkeypatch.setattr(train_cifar100.Trainer, "check", check)
-    monkeypatch.setattr(train_cifar100, "CHECK_EVERY", 2)
-    assert train(data_root, tmp_path, "sync", "--epochs", "1") == 0
-    assert checked_at == [2, 4, 5]
+    monkeypatch.setattr(train_cifar100, "CHECK_EVERY", 3)
+    assert train(small_data, tmp_path, "sync", "--epochs", "1", "-b", "4") == 0  # 4 steps
+    assert checked_at == [3, 4]
     assert calls == []
 
 
@@ -74,20 +68,24 @@ def test_the_sync_counter_sees_what_it_must():
 
 
 def test_every_block_and_attention_compiles_without_graph_breaks():
-    """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each kind
-    runs the same code as the deep ones. MobileNetV2 (2 s a trace) with EMA, its own placement rule,
-    and without: the other modules' code is traced in the ResNets."""
+    """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each kind,
+    without attention and with EMA, runs the same code as the deep ones, and each other attention
+    module is traced in both kinds of block. MobileNetV2 with EMA (its own placement rule) and without."""
     assert {block for block, _ in RESNETS.values()} == {BasicBlock, Bottleneck}
     speed = training.SpeedSettings(torch.device("cpu"))
-    images = torch.randn(2, 3, 32, 32)
-    nets = {("mobilenetv2", attention): models.create_model("mobilenetv2", attention) for attention in (None, "ema")}
-    for attention in [None, *ATTENTIONS]:
-        constructor = ATTENTIONS[attention] if attention else None
-        nets.update({(block.__name__, attention): ResNet(block, (1, 1, 1, 1), 100, constructor)
-                     for block in (BasicBlock, Bottleneck)})
-    for (name, attention), net in nets.items():
+    images, features = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 8, 8)
+    traced = {("mobilenetv2", attention): (models.create_model("mobilenetv2", attention), images)
+              for attention in (None, "ema")}
+    for block in (BasicBlock, Bottleneck):
+        for attention in (None, "ema"):
+            constructor = ATTENTIONS[attention] if attention else None
+            traced[(block.__name__, attention)] = (ResNet(block, (1, 1, 1, 1), 100, constructor), images)
+        for attention in set(ATTENTIONS) - {"ema"}:
+            traced[(block.__name__, attention)] = (block(64, 64, 1, ATTENTIONS[attention]), features)
+    assert len(traced) == 2 + 2 * len(ATTENTIONS) + 2
+    for (name, attention), (net, inputs) in traced.items():
         torch._dynamo.reset()
-        graphs, breaks, reason = benchmark.graph_breaks(net, images, speed)
+        graphs, breaks, reason = benchmark.graph_breaks(net, inputs, speed)
         assert (graphs, breaks) == (1, 0), (name, attention, reason)
 
 
@@ -126,7 +124,7 @@ def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_compiled_training_makes_each_graph_once(data_root, tmp_path, monkeypatch):
+def test_compiled_training_makes_each_graph_once(small_data, tmp_path, monkeypatch):
     """Full and partial training batches and the test batches: each static graph made in the first
     epoch, none in the second (backend "eager": dynamo's graphs without inductor's minutes)."""
     monkeypatch.setattr(training, "COMPILE_OPTIONS", {**training.COMPILE_OPTIONS, "backend": "eager"})
@@ -140,14 +138,23 @@ def test_compiled_training_makes_each_graph_once(data_root, tmp_path, monkeypatc
     monkeypatch.setattr(train_cifar100.Trainer, "end_epoch", end_epoch)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    # 150 training images in batches of 32: four full ones and one of 22; the 64 test images fit one
-    # test batch: three graphs.
-    assert train(data_root, tmp_path, "compiled", "--epochs", "2", "--compile", "--subset", "150") == 0
+    # 16 training images in batches of 12: a full one and one of 4; the 16 test images fit one test
+    # batch: three graphs.
+    assert train(small_data, tmp_path, "compiled", "--epochs", "2", "--compile", "-b", "12") == 0
     assert graphs_after == [3, 3]
 
 
-def fresh_run(finished_small_run, base):
-    shutil.copytree(finished_small_run / "checkpoint", base / "checkpoint")
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    """A one-epoch SMALL_RUN on 4 images in one batch: fp16, emulated on CPUs, costs seconds an image."""
+    base = tmp_path_factory.mktemp("tiny")
+    data = write_fake_cifar100(base / "data", n_train=4, n_test=4)
+    assert train(data, base, "run", "--epochs", "1", "-b", "4") == 0
+    return base
+
+
+def fresh_run(finished_tiny_run, base):
+    shutil.copytree(finished_tiny_run / "checkpoint", base / "checkpoint")
 
 
 @pytest.mark.parametrize("override", [
@@ -156,8 +163,8 @@ def fresh_run(finished_small_run, base):
     ["--loader", "workers"],
     ["--channels-last"],
 ])
-def test_every_allowed_override_resumes(override, finished_small_run, tmp_path, capsys):
-    fresh_run(finished_small_run, tmp_path)
+def test_every_allowed_override_resumes(override, finished_tiny_run, tmp_path, capsys):
+    fresh_run(finished_tiny_run, tmp_path)
     capsys.readouterr()
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "run"
     assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"), *override]) == 0
@@ -168,10 +175,10 @@ def test_every_allowed_override_resumes(override, finished_small_run, tmp_path, 
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
 
 
-def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_small_run, tmp_path, capsys):
+def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys):
     """A checkpoint written on CUDA by the old format (one CUDA RNG state per visible GPU, a CUDA
     loader generator) or by this one (device "cuda") continues here, and says it is not bitwise."""
-    fresh_run(finished_small_run, tmp_path)
+    fresh_run(finished_tiny_run, tmp_path)
     path = tmp_path / "checkpoint" / "resnet18_ema" / "run" / "last.pth"
     new_format = last_checkpoint(tmp_path, "run")
     new_format["device"] = "cuda"

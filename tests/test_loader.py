@@ -198,13 +198,3 @@ def test_benchmark_runs_end_to_end():
                  "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
                  "Self CPU time total"):
         assert line in out, out
-
-
-def test_upstream_style_ema_in_benchmark_computes_the_same():
-    import benchmark
-    torch.manual_seed(0)
-    ours = EMA(64, 8).double()
-    upstream = benchmark.UpstreamStyleEMA(64, 8).double()
-    upstream.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 64, 5, 7, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), upstream(x), rtol=0, atol=1e-12)

@@ -19,15 +19,14 @@ from fake_cifar import write_fake_cifar100, write_meta
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(small_data, tmp_path_factory):
     """A toy ResNet18 + EMA trained 2 epochs with gate images on, and a 1-epoch run with them off."""
     base = tmp_path_factory.mktemp("pictures")
-    data = write_fake_cifar100(base / "data", n_train=160, n_test=32)
-    common = ["-net", "resnet18", "-att", "ema", "-b", "32", "-lr", "0.02", "--data", str(data),
+    common = ["-net", "resnet18", "-att", "ema", "-b", "8", "-lr", "0.02", "--data", str(small_data),
               "--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs")]
     assert train_cifar100.main(common + ["--epochs", "2", "--gate-images", "1", "--run-name", "on"]) == 0
     assert train_cifar100.main(common + ["--epochs", "1", "--run-name", "off"]) == 0
-    return base, data
+    return base, small_data
 
 
 def image_tags(folder):

@@ -47,6 +47,7 @@ IDENTITY = {
     "nam_l1": 0.0,
     "sync_bn": False,
     "init_from": None,  # the weights a run started from instead of a fresh initialisation
+    "changed_on_resume": None,  # e.g. "amp off -> bf16 at epoch 3 step 0": a mixed run
 }
 Identity = namedtuple("Identity", IDENTITY)
 NUMBERS = ("lr", "b", "world", "epochs", "warm", "nam_l1")  # must be numbers: the table computes with them
@@ -57,7 +58,7 @@ def paper_configuration(recipe: str) -> dict:
     """The paper's value of every identity key that a row does not name itself (docs/reference.md section 3)."""
     return {"lr": settings.LR, "b": settings.BATCH_SIZE, "world": 1, "epochs": settings.EPOCHS,
             "warm": settings.RECIPES[recipe]["warm"], "subset": None, "dataset": "cifar-100", "amp": "off",
-            "nam_l1": 0.0, "sync_bn": False, "init_from": None}
+            "nam_l1": 0.0, "sync_bn": False, "init_from": None, "changed_on_resume": None}
 
 
 def differences(identity: Identity) -> dict:

@@ -51,6 +51,8 @@ CHECKPOINT_FORMAT = 2  # 2: no RNG states (each epoch's randomness comes from th
 READABLE_FORMATS = (1, 2)
 # Arguments a resumed run may change; every other one is taken from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "data", "workers", "loader", "amp", "channels_last", "compile")
+# What changes table.py's run identity among them (and the number of processes): a mixed run.
+IDENTITY_CHANGES_ON_RESUME = ("amp", "world", "dataset")
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
 # GPU runs ahead of Python in between.
 CHECK_EVERY = 50
@@ -456,10 +458,22 @@ class Trainer:
                             f"{len(self.train_data)} steps per epoch: resume with the data it was trained on")
         for group, kernel in zip(self.optimizer.param_groups, kernels):
             group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
+        self._record_identity_changes(checkpoint["args"])
         changes = self._arithmetic_changes(checkpoint)
         if changes:
             self.notes.append(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would have "
                               f"without the interruption")
+
+    def _record_identity_changes(self, saved: dict):
+        """A resume that changes what table.py counts as a run's identity (precision, processes, data)
+        makes a mixed run: args.changed_on_resume says so, and table.py lists it apart from both kinds."""
+        args = self.args
+        changes = [f"{name} {saved[name]} -> {getattr(args, name)}" for name in IDENTITY_CHANGES_ON_RESUME
+                   if name in saved and saved[name] != getattr(args, name)]
+        if changes:
+            now = f"{', '.join(changes)} at epoch {self.epoch + 1} step {self.step}"
+            args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
+            self.notes.append(f"note: {now}: a mixed run, which table.py lists apart")
 
     def _arithmetic_changes(self, checkpoint) -> list[str]:
         """What differs from the interrupted process in a way that changes the arithmetic."""

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
 import cifar
+import table
 import test as test_script
 import train_cifar100
 import utils
@@ -201,6 +202,23 @@ def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys)
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
     assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
+
+
+def test_a_resume_that_changes_the_identity_is_a_mixed_run(small_data, finished_small_run, tmp_path, capsys):
+    """Precision or data changed on resume: neither kind of run, so table.py lists it apart."""
+    run = copy_run(finished_small_run, tmp_path, "mixed")
+    other_data = write_fake_cifar100(tmp_path / "other", n_train=16, n_test=16, seed=1)
+    assert resume(tmp_path, run, "--epochs", "2", "--amp", "bf16") == 0
+    assert "amp off -> bf16 at epoch 2 step 0: a mixed run" in capsys.readouterr().out
+    assert resume(tmp_path, run, "--epochs", "3", "--data", str(other_data)) == 0
+    recorded = json.loads((run / "args.json").read_text())
+    assert recorded["changed_on_resume"].startswith("amp off -> bf16 at epoch 2 step 0; dataset custom-")
+    assert recorded["changed_on_resume"].endswith(" at epoch 3 step 0")
+    identity = table.run_identity(recorded)
+    assert not table.in_paper_rows(identity) and "changed_on_resume=amp off -> bf16" in table.label(identity)
+    unchanged = copy_run(finished_small_run, tmp_path, "unchanged")
+    assert resume(tmp_path, unchanged, "--epochs", "2") == 0
+    assert "changed_on_resume" not in json.loads((unchanged / "args.json").read_text())
 
 
 def test_odd_recorded_arguments_and_states_are_refused(finished_small_run, tmp_path, capsys):

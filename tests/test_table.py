@@ -304,6 +304,8 @@ def test_quick_trial_stays_out_of_the_paper_rows(tmp_path, capsys):
     ({"dataset": "custom-0123abcd"}, False, "dataset=custom-0123abcd"),
     ({"nam_l1": 1e-4}, False, "nam_l1=0.0001"),
     ({"init_from": "upstream.pth"}, False, "init_from=upstream.pth"),
+    ({"changed_on_resume": "amp off -> bf16 at epoch 3 step 0"}, False,
+     "changed_on_resume=amp off -> bf16 at epoch 3 step 0"),  # a mixed run
 ])
 def test_paper_rows_admit_only_the_papers_configuration(args, in_paper, label):
     identity = table.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0,

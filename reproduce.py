@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 import table
 from conf import settings
 
@@ -101,19 +102,25 @@ def run_all(jobs: list[Job], gpus: list) -> int:
     return len(failed)
 
 
+def gpu_ids(text):
+    """'0,1' -> ['0', '1']: distinct CUDA device numbers."""
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(i.isdigit() for i in ids) or len(set(map(int, ids))) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU numbers such as 0,1, got {text!r}")
+    return ids
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row")
-    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--seeds", type=cli.positive(int), default=3, help="seeds per row")
+    p.add_argument("--first-seed", type=cli.seed, default=0)
     p.add_argument("--recipe", nargs="+", default=["paper"], choices=list(settings.RECIPES))
-    p.add_argument("--gpus", default="", help="comma-separated GPU ids, one run on each at a time")
+    p.add_argument("--gpus", type=gpu_ids, default=[], help="comma-separated GPU ids, one run on each at a time")
     p.add_argument("--data", default=None, help="passed on to train_cifar100.py")
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
     p.add_argument("--run", action="store_true", help="run the commands instead of printing them")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    gpus = args.gpus
 
     jobs = plan(args)
     pending = [job for job in jobs if job.state in ("new", "interrupted")]

@@ -379,6 +379,18 @@ def test_reproduce_prints_every_row(tmp_path, capsys):
                     for seed in ("0", "1")}
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--first-seed", "-1"], "must be between 0 and 2**63 - 1"),
+    (["--seeds", "0"], "must be positive"),
+    (["--gpus", "0,0"], "expected distinct GPU numbers"),
+    (["--gpus", "cuda:0"], "expected distinct GPU numbers"),
+])
+def test_reproduce_refuses_bad_flags(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(flags + ["--checkpoint-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_reproduce_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     fake_run(tmp_path, "resnet50", "ema", 0, [10.0, 20.0], planned=2)  # finished
     interrupted = fake_run(tmp_path, "resnet101", "ca", 0, [10.0], planned=2)

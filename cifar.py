@@ -1,6 +1,7 @@
 """CIFAR-100 data: the official on-disk folder (read with a safe unpickler), torchvision's transforms
 for the classic DataLoader path, and the device-resident loader that augments a whole batch with one
 gather (`augment`), equal per image to torchvision's result."""
+import contextlib
 import hashlib
 import itertools
 import math
@@ -181,9 +182,13 @@ def ensure_cifar100(root) -> None:
         missing = sorted({"train", "test", "meta"} - set(present))
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
                         f"{CIFAR_LAYOUT}")
+    new_folders = [f for f in (Path(root), *Path(root).parents) if not f.exists()]  # deepest first
     try:
         _download_cifar100(Path(root))
     except Exception as e:
+        with contextlib.suppress(OSError):  # a failed download leaves no empty --data folder behind
+            for folder in new_folders:
+                folder.rmdir()
         why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
         raise UserError(f"CIFAR-100 is not in {Path(root).resolve()} and could not be downloaded "
                         f"({why}). Expected layout: {CIFAR_LAYOUT}. Download it "

@@ -197,9 +197,12 @@ def test_a_stalled_download_times_out_and_leaves_nothing(tmp_path, monkeypatch):
     archive, _ = fake_archive(tmp_path)
     with http_server(archive, stall=True) as url:
         monkeypatch.setattr(torchvision.datasets.CIFAR100, "url", url)
+        (tmp_path / "data").mkdir()
         message = download_error(tmp_path / "data")
+        assert "timed out" in download_error(tmp_path / "new" / "data")
     assert "timed out" in message
     assert not list((tmp_path / "data").iterdir())  # neither the half archive nor a dataset folder
+    assert not (tmp_path / "new").exists()  # nor the folders it made for --data
 
 
 def test_a_download_puts_the_checked_files_in_place(tmp_path, monkeypatch, capsys):

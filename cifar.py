@@ -1,7 +1,6 @@
 """CIFAR-100 data: the official on-disk folder (read with a safe unpickler), torchvision's transforms
 for the classic DataLoader path, and the device-resident loader that augments a whole batch with one
 gather (`augment`), equal per image to torchvision's result."""
-import contextlib
 import hashlib
 import itertools
 import math
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 
 from conf import settings
+import utils
 from utils import SINGLE_PROCESS, Distributed, UserError
 
 CIFAR_FOLDER = "cifar-100-python"
@@ -182,13 +182,11 @@ def ensure_cifar100(root) -> None:
         missing = sorted({"train", "test", "meta"} - set(present))
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
                         f"{CIFAR_LAYOUT}")
-    new_folders = [f for f in (Path(root), *Path(root).parents) if not f.exists()]  # deepest first
+    new_folders = utils.folders_to_make(Path(root))
     try:
         _download_cifar100(Path(root))
     except Exception as e:
-        with contextlib.suppress(OSError):  # a failed download leaves no empty --data folder behind
-            for folder in new_folders:
-                folder.rmdir()
+        utils.remove_empty(new_folders)  # a failed download leaves no empty --data folder behind
         why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
         raise UserError(f"CIFAR-100 is not in {Path(root).resolve()} and could not be downloaded "
                         f"({why}). Expected layout: {CIFAR_LAYOUT}. Download it "

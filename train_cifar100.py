@@ -175,16 +175,23 @@ class RunOutputs:
         self.active, self.writer, self.lock = active, None, None
         if not active:
             return
+        made = []
         for folder in (self.ckpt_dir, self.log_dir):
+            made += utils.folders_to_make(folder)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 probe = folder / ".write_test"
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
+                utils.remove_empty(made)
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
         self.lock = utils.RunLock(self.ckpt_dir)
-        self.log_lock = utils.RunLock(self.log_dir)  # a copied run folder could share it
+        try:
+            self.log_lock = utils.RunLock(self.log_dir)  # a copied run folder could share it
+        except UserError:
+            self.lock.release()
+            raise
         if resumed_epoch is None:
             self._claim_new_run()
         else:

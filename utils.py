@@ -1,5 +1,6 @@
 """The plumbing of a run that every script shares: problems reported as messages (UserError), this
 process's place in a torchrun launch (Distributed), and checkpoint files (atomic writes, safe loading)."""
+import contextlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -116,6 +117,18 @@ def write_atomic(path: Path, write, text: bool = False) -> None:
             raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
                             f"the previous {path.name}, if any, is unchanged") from None
         raise
+
+
+def folders_to_make(path: Path) -> list[Path]:
+    """The folders that making `path` would create, deepest first."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_empty(folders) -> None:
+    """Remove those of these folders (deepest first) that are empty: what a failed start made."""
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 class RunLock:

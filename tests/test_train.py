@@ -217,6 +217,11 @@ def test_unwritable_output_folder(data_root, tmp_path, capsys):
     assert train_cifar100.main(argv) == 2
     assert f"cannot write to {blocker}" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+    # An unwritable log folder: the checkpoint folders made a moment before go again.
+    argv = TINY + ["--data", str(data_root), "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-dir", str(blocker)]
+    assert train_cifar100.main(argv) == 2
+    assert f"cannot write to {blocker}" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_unreadable_and_corrupt_checkpoints(tmp_path, capsys):

@@ -168,6 +168,8 @@ def _warn_unofficial(folder: Path, split: str) -> None:
     if folder.resolve() in _reported_unofficial:
         return
     _reported_unofficial.add(folder.resolve())
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone says it
+        return
     print(f"warning: {folder / split} is not the official CIFAR-100 file (MD5 differs): "
           f"using {folder} as a custom dataset", file=sys.stderr)
 

@@ -33,6 +33,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 1/1 ") == 1  # rank 0 alone prints
     assert "2 processes, global batch 32" in first.stdout
+    assert first.stderr.count("is not the official CIFAR-100 file") == 1  # rank 0 alone
 
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "ddp"
     resumed = torchrun(ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))

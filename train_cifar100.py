@@ -416,7 +416,8 @@ class Trainer:
         model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
         training.initialise(model, self.recipe)
         if args.init_from and not args.resume:  # a resumed run loads its own weights
-            layout = upstream_checkpoints.load_weights_into(model, args.init_from)
+            this_run = f"this run's {args.net} + {args.att}"
+            layout = upstream_checkpoints.load_weights_into(model, args.init_from, this_run)
             self.notes.append(f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
         if args.sync_bn and self.processes.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter names: checkpoints load anywhere

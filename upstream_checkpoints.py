@@ -99,7 +99,7 @@ def is_ours(loaded) -> bool:
     return isinstance(loaded, dict) and {"model", "args"} <= loaded.keys()
 
 
-def load_weights_into(model: nn.Module, path) -> str:
+def load_weights_into(model: nn.Module, path, target: str = "the model") -> str:
     """Copy the weights of a checkpoint into `model`, for train_cifar100.py --init-from PATH; return
     the detected layout in words (for the log).
 
@@ -108,7 +108,8 @@ def load_weights_into(model: nn.Module, path) -> str:
     utils.initialise and any SyncBatchNorm conversion, before DDP or torch.compile wrap it), on any
     device. Every parameter and buffer (BatchNorm statistics included) is replaced; nothing else is
     read from the file: the optimizer, schedule, epoch and RNG start fresh. Strict: when a key of the
-    file or of the model does not fit, a UserError names the first one and `model` is left unchanged.
+    file or of the model does not fit, a UserError names the first one and `model` is left unchanged;
+    `target` names the model in that message (e.g. "resnet18 + ema").
     """
     path = utils.checkpoint_file(path)
     loaded = utils.load_checkpoint(path, ours_only=False)
@@ -116,7 +117,7 @@ def load_weights_into(model: nn.Module, path) -> str:
         found, layout, state = describe_ours(loaded), None, loaded["model"]
     else:
         layout, state, found = detect_upstream(loaded, path)
-    load_strictly(model, state, layout, f"{path} ({found})", "the model")
+    load_strictly(model, state, layout, f"{path} ({found})", target)
     return found
 
 

@@ -202,6 +202,9 @@ def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys)
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
     assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
+    # Weights of another network: the message names both sides.
+    assert train(small_data, tmp_path, "misfit", "--epochs", "1", "--init-from", str(source), "-att", "none") == 2
+    assert "resnet18 + ema) does not fit this run's resnet18 + none" in capsys.readouterr().err
 
 
 def test_a_resume_that_changes_the_identity_is_a_mixed_run(small_data, finished_small_run, tmp_path, capsys):

@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 
 from conf import settings
-import utils
-from utils import SINGLE_PROCESS, Distributed, UserError
+from utils import SINGLE_PROCESS, Distributed, UserError, folders_to_make, remove_empty
 
 CIFAR_FOLDER = "cifar-100-python"
 CROP_PADDING = 4
@@ -168,7 +167,7 @@ def _warn_unofficial(folder: Path, split: str) -> None:
     if folder.resolve() in _reported_unofficial:
         return
     _reported_unofficial.add(folder.resolve())
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone says it
+    if not Distributed.from_environment().main:  # under torchrun, rank 0 alone says it
         return
     print(f"warning: {folder / split} is not the official CIFAR-100 file (MD5 differs): "
           f"using {folder} as a custom dataset", file=sys.stderr)
@@ -184,11 +183,11 @@ def ensure_cifar100(root) -> None:
         missing = sorted({"train", "test", "meta"} - set(present))
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
                         f"{CIFAR_LAYOUT}")
-    new_folders = utils.folders_to_make(Path(root))
+    new_folders = folders_to_make(Path(root))
     try:
         _download_cifar100(Path(root))
     except Exception as e:
-        utils.remove_empty(new_folders)  # a failed download leaves no empty --data folder behind
+        remove_empty(new_folders)  # a failed download leaves no empty --data folder behind
         why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
         raise UserError(f"CIFAR-100 is not in {Path(root).resolve()} and could not be downloaded "
                         f"({why}). Expected layout: {CIFAR_LAYOUT}. Download it "

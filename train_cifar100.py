@@ -162,6 +162,12 @@ def as_command_line(saved: dict) -> list[str]:
     return argv
 
 
+def changed_arguments(saved: dict, args, names) -> list[str]:
+    """'name then -> now' for each of `names` whose recorded value is not this run's."""
+    return [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
+            if saved.get(name) != getattr(args, name)]
+
+
 class RunOutputs:
     """A run's checkpoints, metrics.csv and TensorBoard log. Only rank 0 writes; on the other ranks
     of a torchrun launch every method does nothing."""
@@ -476,8 +482,7 @@ class Trainer:
         """A resume that changes what table.py counts as a run's identity (precision, processes, data)
         makes a mixed run: args.changed_on_resume says so, and table.py lists it apart from both kinds."""
         args = self.args
-        changes = [f"{name} {saved[name]} -> {getattr(args, name)}" for name in IDENTITY_CHANGES_ON_RESUME
-                   if name in saved and saved[name] != getattr(args, name)]
+        changes = changed_arguments(saved, args, [name for name in IDENTITY_CHANGES_ON_RESUME if name in saved])
         if changes:
             now = f"{', '.join(changes)} at epoch {self.epoch + 1} step {self.step}"
             args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
@@ -487,8 +492,7 @@ class Trainer:
         """What differs from the interrupted process in a way that changes the arithmetic."""
         saved, args = checkpoint["args"], self.args
         names = ["loader", "amp", "channels_last", "compile"] + (["workers"] if args.loader == "workers" else [])
-        changes = [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
-                   if saved.get(name) != getattr(args, name)]
+        changes = changed_arguments(saved, args, names)
         if checkpoint["format"] == 1:
             changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
         for what, then, now in (("device", checkpoint.get("device"), self.speed.device.type),

@@ -21,7 +21,7 @@ SMALL_RUN = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--am
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
-    """16 training and 16 test images: one step per epoch (fp16 is emulated, slowly, on CPUs)."""
+    """16 training and 16 test images: one step per epoch of SMALL_RUN."""
     from fake_cifar import write_fake_cifar100
     return write_fake_cifar100(tmp_path_factory.mktemp("small"), n_train=16, n_test=16)
 

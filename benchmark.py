@@ -7,10 +7,14 @@ Configurations (--configs), each training with the trainer's own step (training.
   eager        data on the device with batched augmentation (--loader device), autocast, eager
   compiled     the same, torch.compile'd
   compiled-cl  the same, torch.compile'd, channels_last
-(default: all four on a GPU; classic and eager on the CPU, where compiling takes minutes).
-With --profile, each configuration's top operations by device time. Also the data paths alone, EMA alone against the authors' operations, the model FLOPs utilization
-on a GPU, and proxies of GPU speed that any device can measure: host synchronisations and ATen
-operations per training step, graphs and graph breaks under torch.compile. Warm-up steps (which
+  graphs       compiled, replayed as CUDA graphs (CUDA only)
+  graphs-cl    compiled, replayed as CUDA graphs, channels_last (CUDA only)
+(default on a GPU: all but compiled-cl, which the graphs-cl configuration supersedes; classic and
+eager on the CPU, where compiling takes minutes).
+With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
+alone against the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
+speed that any device can measure: host synchronisations and ATen operations per training step,
+graphs and graph breaks under torch.compile. Warm-up steps (which
 include compiling) are not timed; the device is synchronized before every clock read. Speed is
 measured here, never in tests.
 """
@@ -41,7 +45,8 @@ GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
     "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "V100": 125e12,
 }
-CONFIGS = ("classic", "eager", "compiled", "compiled-cl")
+CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl")
+GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl")  # each compile costs a minute
 EPOCH_IMAGES = 50_000
 
 
@@ -58,8 +63,8 @@ def parse_args(argv=None):
                    help="whose augmentations both paths run (default classic, which has the rotation)")
     cli.add_data(p)
     cli.add_amp(p)
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS if cuda else CONFIGS[:2]),
-                   help="configurations to time (default: all on a GPU, classic and eager on the CPU)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(GPU_CONFIGS if cuda else CONFIGS[:2]),
+                   help="configurations to time (default: all but compiled-cl on a GPU, classic and eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--profile", action="store_true",
                    help="after timing each configuration, print its top operations by device time (3 steps)")
@@ -259,17 +264,19 @@ def device_name(device) -> str:
 
 def configurations(device, args) -> dict:
     fast = training.SpeedSettings.resolve(device, args.amp, channels_last=False, compile=False)
+    compiled = replace(fast, compile=True)
     return {
         "classic": ("workers", training.SpeedSettings(device)),  # fp32, contiguous, eager
         "eager": ("device", fast),
-        "compiled": ("device", replace(fast, compile=True)),
-        "compiled-cl": ("device", replace(fast, compile=True, channels_last=True)),
+        "compiled": ("device", compiled),
+        "compiled-cl": ("device", replace(compiled, channels_last=True)),
+        "graphs": ("device", replace(compiled, cuda_graphs=True)),
+        "graphs-cl": ("device", replace(compiled, cuda_graphs=True, channels_last=True)),
     }
 
 
 def describe(loader: str, speed: training.SpeedSettings) -> str:
-    return (f"{loader} loader, {'fp32' if speed.amp == 'off' else speed.amp}, "
-            f"{'channels_last' if speed.channels_last else 'contiguous'}, {'compiled' if speed.compile else 'eager'}")
+    return f"{loader} loader, {speed.describe()}"
 
 
 def peak_flops(args, device):
@@ -292,6 +299,8 @@ def main(argv=None) -> int:
 
 def benchmark(args):
     device = utils.default_device()
+    if device.type != "cuda" and {"graphs", "graphs-cl"} & set(args.configs):
+        raise utils.UserError("the graphs configurations replay CUDA graphs: they need a CUDA device")
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
@@ -318,7 +327,7 @@ def benchmark(args):
         rates[name] = args.b / step_s
         mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
         ratio = f"   {rates[name] / rates['classic']:5.2f}x classic" if "classic" in rates else ""
-        print(f"  {name:<12} {describe(loader, speed):<52} {rates[name]:9.1f}{ratio}{mfu}   "
+        print(f"  {name:<12} {describe(loader, speed):<60} {rates[name]:9.1f}{ratio}{mfu}   "
               f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up {warm_s:.0f} s)")
         if args.profile:
             print(runner.profile_table())

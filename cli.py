@@ -106,6 +106,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="NHWC memory format (default on CUDA, except with -att ema: see README Speed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default on CUDA, off on the CPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay compiled steps as CUDA graphs (default on where they apply: --compile, one CUDA GPU)")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,

@@ -50,7 +50,7 @@ from utils import UserError
 CHECKPOINT_FORMAT = 2  # 2: no RNG states (each epoch's randomness comes from the seed and the epoch)
 READABLE_FORMATS = (1, 2)
 # Arguments a resumed run may change; every other one is taken from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "data", "workers", "loader", "amp", "channels_last", "compile")
+RESUMABLE_OVERRIDES = ("epochs", "data", "workers", "loader", "amp", "channels_last", "compile", "cuda_graphs")
 # What changes table.py's run identity among them (and the number of processes): a mixed run.
 IDENTITY_CHANGES_ON_RESUME = ("amp", "world", "dataset")
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
@@ -344,11 +344,15 @@ class Trainer:
         self.args, self.processes = args, processes
         self.notes = []  # printed once the run folder is open
         device = processes.start()
-        self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att)
+        self.speed = training.SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att,
+                                                    args.cuda_graphs, processes.world)
         amp = self.speed.amp
         if device.type == "cpu" and (amp == "fp16" or amp == "bf16" and not training.native_cpu_bf16()):
             self.notes.append(f"warning: this CPU emulates --amp {amp}, much slower than --amp off")
+        if args.cuda_graphs and not self.speed.cuda_graphs:
+            self.notes.append("note: CUDA graphs apply only with --compile on a CUDA device in one process: off")
         args.amp, args.channels_last, args.compile = self.speed.amp, self.speed.channels_last, self.speed.compile
+        args.cuda_graphs = self.speed.cuda_graphs
         args.loader = args.loader or "device"
         if args.workers is None:
             args.workers = 4 if device.type == "cuda" else 0
@@ -491,8 +495,8 @@ class Trainer:
     def _arithmetic_changes(self, checkpoint) -> list[str]:
         """What differs from the interrupted process in a way that changes the arithmetic."""
         saved, args = checkpoint["args"], self.args
-        names = ["loader", "amp", "channels_last", "compile"] + (["workers"] if args.loader == "workers" else [])
-        changes = changed_arguments(saved, args, names)
+        names = ["loader", "amp", "channels_last", "compile", "cuda_graphs"] + (["workers"] if args.loader == "workers" else [])
+        changes = changed_arguments(saved, args, [name for name in names if name in saved])  # cuda_graphs: since format 2
         if checkpoint["format"] == 1:
             changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
         for what, then, now in (("device", checkpoint.get("device"), self.speed.device.type),
@@ -519,8 +523,7 @@ class Trainer:
         speed = self.speed
         self.out.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
                        f"epochs, {launch}, {len(self.train_set):,} training images, on {speed.device} "
-                       f"(amp {speed.amp}, {'channels_last' if speed.channels_last else 'contiguous'}, "
-                       f"{'compiled' if speed.compile else 'eager'}); checkpoints in {self.out.ckpt_dir}, "
+                       f"({speed.describe()}); checkpoints in {self.out.ckpt_dir}, "
                        f"logs in {self.out.log_dir}")
         if self.epoch or self.step:
             self.out.print(f"resuming {args.resume}: epoch {self.epoch + 1}/{args.epochs}, "

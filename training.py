@@ -44,11 +44,14 @@ class SpeedSettings:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
 
     @classmethod
-    def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None) -> "SpeedSettings":
+    def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None, cuda_graphs=None,
+                processes: int = 1) -> "SpeedSettings":
         """Fill unset options with the defaults for the device and the attention module, chosen from
-        benchmark.py's GPU run (README "Speed")."""
+        benchmark.py's GPU run (README "Speed"). CUDA graphs only where they apply: compiled, on
+        CUDA, in one process; asked for elsewhere, they are off (the caller can compare)."""
         cuda = device.type == "cuda"
         if amp is None:
             # bf16 halves memory traffic and runs on tensor cores, with fp32's range (no loss
@@ -65,7 +68,11 @@ class SpeedSettings:
         # Eager PyTorch launches a kernel per operation, ~2,400 per ResNet50 + EMA step: the GPU
         # waits on the launches. Compiled, they fuse. On the CPU compiling costs more than it saves.
         compile = cuda if compile is None else compile
-        return cls(device, amp, channels_last, compile)
+        # A compiled step still launches its kernels one by one from Python, and the GPU waited on
+        # the CPU; a CUDA graph replays all of a forward's (or backward's) kernels with one launch.
+        # Not under torchrun: DDP's all-reduces inside captured graphs are untested here.
+        cuda_graphs = (cuda_graphs is not False) and compile and cuda and processes == 1
+        return cls(device, amp, channels_last, compile, cuda_graphs)
 
     def enable_fast_kernels(self) -> None:
         """cuDNN picks the fastest convolution algorithm per shape on first use (EMA's grouped
@@ -89,7 +96,13 @@ class SpeedSettings:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     def compiled(self, model: nn.Module) -> nn.Module:
-        return torch.compile(model, **COMPILE_OPTIONS) if self.compile else model
+        if not self.compile:
+            return model
+        return torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None, **COMPILE_OPTIONS)
+
+    def describe(self) -> str:
+        return (f"{'fp32' if self.amp == 'off' else self.amp}, {'channels_last' if self.channels_last else 'contiguous'}, "
+                f"{('compiled + CUDA graphs' if self.cuda_graphs else 'compiled') if self.compile else 'eager'}")
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
@@ -102,12 +115,14 @@ def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.o
 def train_step(step_model: nn.Module, images, labels, optimizer, scaler, speed: SpeedSettings, penalty=None):
     """One optimizer step on a batch: (loss, top-1 hits), left on the device: nothing here waits for
     it. `penalty`, if given, returns a term added to the loss (NAM's L1)."""
+    # Gradients freed before the forward: no memory held through it, and no CUDA-graph output of the
+    # last step alive when the next one replays.
+    optimizer.zero_grad(set_to_none=True)
     with speed.autocast():
         logits = step_model(images)
         loss = nn.functional.cross_entropy(logits, labels)
     if penalty is not None:
         loss = loss + penalty()
-    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a no-op scale unless --amp fp16
     scaler.step(optimizer)  # skipped by an enabled scaler when fp16 gradients overflowed
     scaler.update()

@@ -34,17 +34,18 @@ def outputs(base, run):
     return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
 
 
-def test_defaults_resolve_to_compiled_bf16_and_the_measured_layout():
+def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
     device = torch.device("cuda")
     speed = training.SpeedSettings.resolve(device)
-    assert speed.compile and speed.channels_last
+    assert speed.compile and speed.channels_last and speed.cuda_graphs
     assert speed.amp == ("bf16" if training.native_cuda_bf16(device) else "fp16")
     assert not training.SpeedSettings.resolve(device, attention="ema").channels_last
 
 
 def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_path, monkeypatch):
-    """ResNet50 + EMA as `python train_cifar100.py --b 128` runs it. The first epoch compiles; in the
-    second, CUDA's sync debug mode reports any step that waits for the GPU (checks excepted)."""
+    """ResNet50 + EMA as `python train_cifar100.py --b 128` runs it. The first epoch compiles and
+    captures the CUDA graphs; in the second, which replays them, CUDA's sync debug mode reports any
+    step that waits for the GPU (checks excepted)."""
     synced = []
     original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
 
@@ -73,7 +74,7 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
     assert train_cifar100.main(["--b", "128", "--epochs", "2", "--data", str(data_root)] + outputs(tmp_path, "gpu")) == 0
     checkpoint = torch.load(tmp_path / "checkpoint/resnet50_ema/gpu/last.pth", weights_only=True)
     args = checkpoint["args"]
-    assert (args["compile"], args["channels_last"], args["loader"]) == (True, False, "device")
+    assert (args["compile"], args["cuda_graphs"], args["channels_last"], args["loader"]) == (True, True, False, "device")
     assert args["amp"] == ("bf16" if training.native_cuda_bf16(torch.device("cuda")) else "fp16")
     assert all(math.isfinite(row["train_loss"]) for row in checkpoint["history"])
     assert synced == []

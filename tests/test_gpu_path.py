@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import benchmark
@@ -182,15 +183,18 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys
     path = tmp_path / "checkpoint" / "resnet18_ema" / "run" / "last.pth"
     new_format = last_checkpoint(tmp_path, "run")
     new_format["device"] = "cuda"
+    new_format["args"]["cuda_graphs"] = True
     old_format = last_checkpoint(tmp_path, "run")
     old_format.update(format=1, rng={"torch": torch.get_rng_state(), "loader": torch.zeros(16, dtype=torch.uint8),
                                      "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4})
     del old_format["device"], old_format["world"]
-    for checkpoint, expected in ((new_format, "device cuda -> cpu"), (old_format, "format-1")):
+    for checkpoint, expected in ((new_format, ("device cuda -> cpu", "CUDA graphs apply only")),
+                                 (old_format, ("format-1",))):
         torch.save(checkpoint, path)
         capsys.readouterr()
         assert train_cifar100.main(["--resume", str(path), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 0
-        assert expected in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert all(line in out for line in expected), out
         assert last_checkpoint(tmp_path, "run")["epoch"] == 2
 
 
@@ -225,3 +229,19 @@ def test_cuda_defaults_follow_the_measurements():
     assert not training.SpeedSettings.resolve(cuda, amp="bf16", attention="ema").channels_last
     cpu = training.SpeedSettings.resolve(torch.device("cpu"), attention="none")
     assert not cpu.compile and not cpu.channels_last
+
+
+def test_cuda_graphs_only_where_they_apply(monkeypatch):
+    """On by default with --compile on one CUDA device; off, even when asked, without compiling, on
+    the CPU, or under torchrun. On, the model is compiled in the mode that captures CUDA graphs."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert training.SpeedSettings.resolve(cuda, amp="bf16").cuda_graphs
+    assert not training.SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=False).cuda_graphs
+    assert not training.SpeedSettings.resolve(cuda, amp="bf16", compile=False, cuda_graphs=True).cuda_graphs
+    assert not training.SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=True, processes=2).cuda_graphs
+    assert not training.SpeedSettings.resolve(cpu, compile=True, cuda_graphs=True).cuda_graphs
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **options: modes.append(mode) or model)
+    training.SpeedSettings(cuda, "bf16", compile=True, cuda_graphs=True).compiled(nn.Identity())
+    training.SpeedSettings(cuda, "bf16", compile=True).compiled(nn.Identity())
+    assert modes == ["reduce-overhead", None]

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+import benchmark
 import cifar
 import train_cifar100
 import training
@@ -198,3 +199,9 @@ def test_benchmark_runs_end_to_end():
                  "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
                  "Self CPU time total"):
         assert line in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_benchmark_refuses_cuda_graphs_without_cuda(capsys):
+    assert benchmark.main(["-net", "resnet18", "--configs", "classic", "graphs"]) == 2
+    assert "need a CUDA device" in capsys.readouterr().err

@@ -46,7 +46,7 @@ GPU_PEAK_FLOPS = {
     "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "V100": 125e12,
 }
 CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl")
-GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl")  # each compile costs a minute
+GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl")  # graphs-cl supersedes compiled-cl
 EPOCH_IMAGES = 50_000
 
 
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     for name in ("b", "steps", "warmup", "workers"):
         if getattr(args, name) < (1 if name in ("b", "steps") else 0):
             p.error(f"--{name} is out of range: {getattr(args, name)}")
+    if args.warmup < 2 and {"graphs", "graphs-cl"} & set(args.configs):
+        p.error("--warmup must be 2 or more with the graphs configurations: their first call runs "
+                "eagerly and their second records the graphs, neither of which a timed step should include")
     return args
 
 
@@ -300,7 +303,8 @@ def main(argv=None) -> int:
 def benchmark(args):
     device = utils.default_device()
     if device.type != "cuda" and {"graphs", "graphs-cl"} & set(args.configs):
-        raise utils.UserError("the graphs configurations replay CUDA graphs: they need a CUDA device")
+        raise utils.UserError(f"--configs graphs and graphs-cl need a CUDA device; this machine has "
+                              f"{device.type} only: leave them out")
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
@@ -322,6 +326,7 @@ def benchmark(args):
     rates = {}
     for name in args.configs:
         loader, speed = configs[name]
+        runner = None  # the last configuration's model, gradients and graphs freed before the next is built
         runner = StepRunner(args, loaders[loader], speed)
         warm_s, step_s = runner.timed(args.warmup, args.steps)
         rates[name] = args.b / step_s

@@ -349,10 +349,12 @@ class Trainer:
         amp = self.speed.amp
         if device.type == "cpu" and (amp == "fp16" or amp == "bf16" and not training.native_cpu_bf16()):
             self.notes.append(f"warning: this CPU emulates --amp {amp}, much slower than --amp off")
-        if args.cuda_graphs and not self.speed.cuda_graphs:
-            self.notes.append("note: CUDA graphs apply only with --compile on a CUDA device in one process: off")
+        obstacle = training.cuda_graphs_obstacle(device, self.speed.compile, processes.world)
+        if args.cuda_graphs and obstacle:
+            self.notes.append(f"note: CUDA graphs off: {obstacle}")
+        # args.cuda_graphs stays as asked (None: wherever they apply): a run that passes through the
+        # CPU or torchrun gets them back on one GPU.
         args.amp, args.channels_last, args.compile = self.speed.amp, self.speed.channels_last, self.speed.compile
-        args.cuda_graphs = self.speed.cuda_graphs
         args.loader = args.loader or "device"
         if args.workers is None:
             args.workers = 4 if device.type == "cuda" else 0
@@ -495,8 +497,8 @@ class Trainer:
     def _arithmetic_changes(self, checkpoint) -> list[str]:
         """What differs from the interrupted process in a way that changes the arithmetic."""
         saved, args = checkpoint["args"], self.args
-        names = ["loader", "amp", "channels_last", "compile", "cuda_graphs"] + (["workers"] if args.loader == "workers" else [])
-        changes = changed_arguments(saved, args, [name for name in names if name in saved])  # cuda_graphs: since format 2
+        names = ["loader", "amp", "channels_last", "compile"] + (["workers"] if args.loader == "workers" else [])
+        changes = changed_arguments(saved, args, names)
         if checkpoint["format"] == 1:
             changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
         for what, then, now in (("device", checkpoint.get("device"), self.speed.device.type),
@@ -586,6 +588,9 @@ class Trainer:
         args = self.args
         loss_sum, hits, seen = self.totals.read(self.processes)
         self.processes.broadcast_buffers(self.model)
+        # The last step's gradients are not needed again: freed, they leave evaluation their memory,
+        # and no output of a training graph's replay is alive while evaluation's graphs replay.
+        self.optimizer.zero_grad(set_to_none=True)
         test = training.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
         self.epoch, self.step = self.epoch + 1, 0
         self.totals = training.RunningTotals(self.speed.device)

@@ -16,8 +16,9 @@ from conf import settings
 from utils import SINGLE_PROCESS, Distributed
 
 # Attention modules with which a compiled network trains faster in NCHW than in channels_last on a
-# GPU. EMA: ResNet50 + EMA, batch 128, bf16, compiled, on an H200: 3,690 images/s contiguous, 2,519
-# channels_last; the baseline gains from channels_last (4,572 -> 6,356). README "Speed".
+# GPU. ResNet50, batch 128, bf16, on an H200, images/s contiguous -> channels_last: with EMA 3,690 ->
+# 2,519 compiled, 5,415 -> 5,166 with CUDA graphs; without attention 4,572 -> 6,356 compiled,
+# 17,134 -> 17,432 with CUDA graphs. README "Speed".
 CONTIGUOUS_FASTER = {"ema"}
 
 # Static shapes: one graph per batch shape (the full batches, the epoch's last partial batch, the
@@ -39,7 +40,7 @@ def native_cuda_bf16(device: torch.device) -> bool:
 
 @dataclass
 class SpeedSettings:
-    """How the model runs on `device`: autocast dtype, memory format, torch.compile."""
+    """How the model runs on `device`: autocast dtype, memory format, torch.compile, CUDA graphs."""
     device: torch.device
     amp: str = "off"
     channels_last: bool = False
@@ -50,8 +51,8 @@ class SpeedSettings:
     def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None, cuda_graphs=None,
                 processes: int = 1) -> "SpeedSettings":
         """Fill unset options with the defaults for the device and the attention module, chosen from
-        benchmark.py's GPU run (README "Speed"). CUDA graphs only where they apply: compiled, on
-        CUDA, in one process; asked for elsewhere, they are off (the caller can compare)."""
+        benchmark.py's GPU run (README "Speed"). CUDA graphs only where they apply (see
+        cuda_graphs_obstacle); asked for elsewhere, they are off."""
         cuda = device.type == "cuda"
         if amp is None:
             # bf16 halves memory traffic and runs on tensor cores, with fp32's range (no loss
@@ -70,8 +71,7 @@ class SpeedSettings:
         compile = cuda if compile is None else compile
         # A compiled step still launches its kernels one by one from Python, and the GPU waited on
         # the CPU; a CUDA graph replays all of a forward's (or backward's) kernels with one launch.
-        # Not under torchrun: DDP's all-reduces inside captured graphs are untested here.
-        cuda_graphs = (cuda_graphs is not False) and compile and cuda and processes == 1
+        cuda_graphs = cuda_graphs is not False and cuda_graphs_obstacle(device, compile, processes) is None
         return cls(device, amp, channels_last, compile, cuda_graphs)
 
     def enable_fast_kernels(self) -> None:
@@ -101,8 +101,25 @@ class SpeedSettings:
         return torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None, **COMPILE_OPTIONS)
 
     def describe(self) -> str:
-        return (f"{'fp32' if self.amp == 'off' else self.amp}, {'channels_last' if self.channels_last else 'contiguous'}, "
-                f"{('compiled + CUDA graphs' if self.cuda_graphs else 'compiled') if self.compile else 'eager'}")
+        """For the logs: e.g. 'bf16, contiguous, compiled + CUDA graphs'."""
+        if self.cuda_graphs:
+            execution = "compiled + CUDA graphs"
+        else:
+            execution = "compiled" if self.compile else "eager"
+        layout = "channels_last" if self.channels_last else "contiguous"
+        return f"{'fp32' if self.amp == 'off' else self.amp}, {layout}, {execution}"
+
+
+def cuda_graphs_obstacle(device: torch.device, compile: bool, processes: int):
+    """Why CUDA graphs cannot be used here, or None. They replay torch.compile's graphs, on CUDA;
+    not under torchrun, where DDP's all-reduces would run inside captured graphs (untested here)."""
+    if device.type != "cuda":
+        return f"they need a CUDA device, this run is on {device.type}"
+    if not compile:
+        return "they need --compile"
+    if processes > 1:
+        return f"not under torchrun ({processes} processes)"
+    return None
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    # Two full batches of the default 128, and one test batch of 256.
-    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=256, n_test=256)
+    # Two full batches of the default 128, and two test batches of 256: evaluation's graph is
+    # recorded in the first epoch and replayed in the second.
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=256, n_test=512)
 
 
 def outputs(base, run):

@@ -188,14 +188,17 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys
     old_format.update(format=1, rng={"torch": torch.get_rng_state(), "loader": torch.zeros(16, dtype=torch.uint8),
                                      "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4})
     del old_format["device"], old_format["world"]
-    for checkpoint, expected in ((new_format, ("device cuda -> cpu", "CUDA graphs apply only")),
+    for checkpoint, expected in ((new_format, ("device cuda -> cpu", "CUDA graphs off: they need a CUDA device")),
                                  (old_format, ("format-1",))):
         torch.save(checkpoint, path)
         capsys.readouterr()
         assert train_cifar100.main(["--resume", str(path), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 0
         out = capsys.readouterr().out
         assert all(line in out for line in expected), out
-        assert last_checkpoint(tmp_path, "run")["epoch"] == 2
+        resumed = last_checkpoint(tmp_path, "run")
+        assert resumed["epoch"] == 2
+        # Recorded as asked, not as resolved here: back on a GPU, the run has its CUDA graphs again.
+        assert resumed["args"]["cuda_graphs"] == checkpoint["args"].get("cuda_graphs")
 
 
 def losses(*values):

@@ -202,6 +202,9 @@ def test_benchmark_runs_end_to_end():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_benchmark_refuses_cuda_graphs_without_cuda(capsys):
+def test_benchmark_refuses_cuda_graphs_without_cuda_or_warm_up(capsys):
     assert benchmark.main(["-net", "resnet18", "--configs", "classic", "graphs"]) == 2
-    assert "need a CUDA device" in capsys.readouterr().err
+    assert "need a CUDA device; this machine has cpu only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the graphs' recording would fall inside the timed steps
+        benchmark.main(["-net", "resnet18", "--configs", "graphs", "--warmup", "1"])
+    assert refused.value.code == 2 and "--warmup must be 2 or more" in capsys.readouterr().err

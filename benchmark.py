@@ -47,6 +47,7 @@ GPU_PEAK_FLOPS = {
 }
 CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl")
 GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl")  # graphs-cl supersedes compiled-cl
+CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl"}
 EPOCH_IMAGES = 50_000
 
 
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     for name in ("b", "steps", "warmup", "workers"):
         if getattr(args, name) < (1 if name in ("b", "steps") else 0):
             p.error(f"--{name} is out of range: {getattr(args, name)}")
-    if args.warmup < 2 and {"graphs", "graphs-cl"} & set(args.configs):
+    if args.warmup < 2 and CUDA_GRAPHS_CONFIGS & set(args.configs):
         p.error("--warmup must be 2 or more with the graphs configurations: their first call runs "
                 "eagerly and their second records the graphs, neither of which a timed step should include")
     return args
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
 
 def benchmark(args):
     device = utils.default_device()
-    if device.type != "cuda" and {"graphs", "graphs-cl"} & set(args.configs):
+    if device.type != "cuda" and CUDA_GRAPHS_CONFIGS & set(args.configs):
         raise utils.UserError(f"--configs graphs and graphs-cl need a CUDA device; this machine has "
                               f"{device.type} only: leave them out")
     recipe = settings.RECIPES[args.recipe]

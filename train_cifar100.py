@@ -349,8 +349,8 @@ class Trainer:
         amp = self.speed.amp
         if device.type == "cpu" and (amp == "fp16" or amp == "bf16" and not training.native_cpu_bf16()):
             self.notes.append(f"warning: this CPU emulates --amp {amp}, much slower than --amp off")
-        obstacle = training.cuda_graphs_obstacle(device, self.speed.compile, processes.world)
-        if args.cuda_graphs and obstacle:
+        if args.cuda_graphs and not self.speed.cuda_graphs:
+            obstacle = training.cuda_graphs_obstacle(device, self.speed.compile, processes.world)
             self.notes.append(f"note: CUDA graphs off: {obstacle}")
         # args.cuda_graphs stays as asked (None: wherever they apply): a run that passes through the
         # CPU or torchrun gets them back on one GPU.

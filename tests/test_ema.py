@@ -107,3 +107,20 @@ def test_upstream_state_dict_loads_strictly():
 def test_ema_rejects_bad_channels_at_construction(channels, factor):
     with pytest.raises(ValueError, match="positive multiple of factor"):
         EMA(channels, factor)
+
+
+def test_ema_keeps_the_input_dtype_under_autocast():
+    """The authors' EMA returns bf16 under bf16 autocast (its matmuls run in bf16); ours too, and
+    close to theirs, so the residual stream after it stays bf16 as in the baseline network."""
+    from benchmark import UpstreamStyleEMA  # the authors' sequence of operations
+
+    torch.manual_seed(0)
+    ours = randomized_ema(64, 8).float()
+    upstream = UpstreamStyleEMA(64, 8)
+    upstream.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 64, 6, 5).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        out, expected = ours(x), upstream(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+    assert ours(x.float()).dtype == torch.float32  # no autocast: float32 in, float32 out

@@ -35,7 +35,10 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.unflatten(1, (self.groups, -1)) * self.spatial_gate(x).unsqueeze(2)).flatten(1, 2)
+        # The gate in x's dtype, so that under autocast the output keeps the input's bf16/fp16 as
+        # the authors' does (their matmuls run in it), rather than turning the residual stream fp32.
+        gate = self.spatial_gate(x).to(x.dtype)
+        return (x.unflatten(1, (self.groups, -1)) * gate.unsqueeze(2)).flatten(1, 2)
 
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, G, H, W): the gate that forward() multiplies each group by, sigmoid of
@@ -51,8 +54,11 @@ class EMA(nn.Module):
         x2 = self._grouped(self.conv3x3, x)
 
         # Cross-spatial learning: each branch's channel descriptor (softmax over a group's k
-        # channels) weights the other branch's map; the k weighted maps of a group are summed.
-        a1 = x1.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
+        # channels of its global mean) weights the other branch's map; the k weighted maps of a
+        # group are summed. A GroupNorm with one channel per group leaves every map with mean
+        # exactly its bias, so the first branch's descriptor is softmax(bias), with no pass over x1
+        # (in x1's dtype, as the mean would have been: autocast makes GroupNorm float32 on CUDA only).
+        a1 = self.gn.bias.softmax(0).repeat(g).to(x1.dtype)[:, None, None]
         a2 = x2.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
         weights = (a1 * x2 + a2 * x1).unflatten(1, (g, -1)).sum(2)
         return weights.sigmoid()

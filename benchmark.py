@@ -12,13 +12,15 @@ Configurations (--configs), each training with the trainer's own step (training.
 (default on a GPU: all but compiled-cl, which the graphs-cl configuration supersedes; classic and
 eager on the CPU, where compiling takes minutes).
 With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
-alone against the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
+alone as the trainer runs it (each of the network's EMA shapes: its share of the step) and against
+the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
 speed that any device can measure: host synchronisations and ATen operations per training step,
 graphs and graph breaks under torch.compile. Warm-up steps (which
 include compiling) are not timed; the device is synchronized before every clock read. Speed is
 measured here, never in tests.
 """
 import argparse
+import collections
 import os
 import platform
 import sys
@@ -258,6 +260,50 @@ def ema_comparison(device, batch: int, repeats: int, memory_format):
     return results
 
 
+def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
+    """Each distinct (C, H, W) that an EMA of `net` sees on CIFAR's 32x32 images, and how many do."""
+    model = models.create_model(net, "ema", settings.NUM_CLASSES).eval()
+    shapes = collections.Counter()
+    for module in model.modules():
+        if isinstance(module, EMA):
+            module.register_forward_hook(lambda _, inputs, __: shapes.update([tuple(inputs[0].shape[1:])]))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return list(shapes.items())
+
+
+def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int) -> float:
+    """Milliseconds of one EMA's forward + backward on an input of `shape`, run the way the trainer
+    runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast as
+    a block's last BatchNorm hands it over."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
+    module = EMA(shape[1]).to(speed.device)
+    step = speed.compiled(module)
+    x = torch.randn(shape, device=speed.device, dtype=speed.amp_dtype or torch.float32)
+    x = x.contiguous(memory_format=speed.memory_format)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+
+    def forward_backward():
+        # Freed before each forward as in training.train_step: a gradient accumulated across replays
+        # would read a CUDA-graph output that the next replay overwrites.
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with speed.autocast():
+            out = step(x)
+        out.backward(grad)
+
+    for _ in range(warmup):
+        forward_backward()
+    synchronize(speed.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward_backward()
+    synchronize(speed.device)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -342,6 +388,8 @@ def benchmark(args):
               (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass --peak-tflops"))
 
     if args.att == "ema":
+        runner = None
+        print_ema_as_trained(args, device, configs, rates)
         print_ema_comparison(args, device)
 
 
@@ -375,6 +423,23 @@ def print_proxies(args, loader, speed):
     print(f"  ATen ops per training step, eager (forward, backward, optimizer): {ops}")
     print(f"  torch.compile of the training forward: {graphs} graph(s), {breaks} graph break(s)"
           + (f"; first: {reason}" if reason else ""))
+
+
+def print_ema_as_trained(args, device, configs, rates):
+    """EMA's share of the training step: each of the network's EMA input shapes timed alone, in the
+    settings the trainer uses by default on this device."""
+    speed = training.SpeedSettings.resolve(device, args.amp, attention="ema")
+    print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}:")
+    total, modules = 0.0, 0
+    for (c, h, w), count in ema_shapes(args.net):
+        ms = ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3), max(args.steps, 3))
+        total, modules = total + count * ms, modules + count
+        shape = f"({c}, {h}, {w})"
+        print(f"  input {shape:<15} x {count:2d} modules  {ms:8.3f} ms each  {count * ms:8.2f} ms")
+    timed = [name for name, (loader, config_speed) in configs.items()
+             if loader == "device" and config_speed == speed and name in rates]
+    step = f"; the {timed[0]} training step above: {args.b / rates[timed[0]] * 1e3:.2f} ms" if timed else ""
+    print(f"  all {modules} modules: {total:.2f} ms a step{step}")
 
 
 def print_ema_comparison(args, device):

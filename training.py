@@ -87,9 +87,13 @@ class SpeedSettings:
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
+    @property
+    def amp_dtype(self):
+        """The dtype autocast computes in, None with --amp off."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+
     def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def grad_scaler(self):
         # fp16's narrow range needs the loss scaled up so that small gradients do not flush to zero.

@@ -197,7 +197,9 @@ def test_benchmark_runs_end_to_end():
     for line in ("workers loader (0 workers)", "device / workers per core", "classic      workers loader, fp32",
                  "eager        device loader", "x classic", "random images of CIFAR's shape",
                  "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
-                 "Self CPU time total"):
+                 "Self CPU time total", "EMA alone as trained (", "contiguous, eager), forward + backward, batch 4",
+                 "input (64, 32, 32)    x  2 modules", "input (512, 4, 4)     x  2 modules",
+                 "all 8 modules:", "the eager training step above:"):
         assert line in out, out
 
 

@@ -63,6 +63,18 @@ def parse_args(argv=None):
     return cli.parse_train_args(argv)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM where no checkpoint can be saved first: during start-up, or a second one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 class StopRequest:
     """Within `with`, Ctrl-C / SIGTERM set a flag that the loop checks (after every step in a single
     process, at the next agreed check under torchrun), so that a checkpoint gets saved; the previous
@@ -84,7 +96,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signum
         if self.announce:
             tqdm.write(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next check...")
@@ -647,6 +659,9 @@ def main(argv=None):
     args = parse_args(argv)
     processes = utils.Distributed.from_environment()
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
+    # Until the loop's StopRequest takes over, SIGTERM stops as Ctrl-C does (a message, 128 + 15),
+    # rather than killing the process silently.
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         return train(args, processes)
     except Diverged as e:
@@ -655,10 +670,13 @@ def main(argv=None):
     except UserError as e:
         print(f"error{where}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("\ninterrupted; the newest last.pth (if any) is from before this interruption", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C / SIGTERM
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\n{signal.Signals(signum).name}{where}: stopped; the newest last.pth (if any) is from "
+              f"before it", file=sys.stderr)
+        return 128 + signum
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         processes.close()
 
 

@@ -154,6 +154,20 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, reference, data_roo
     assert all(steps[tag] == [1, 2] for tag in TAGS)
 
 
+def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monkeypatch, capsys):
+    """Before the loop can save a checkpoint, SIGTERM stops as Ctrl-C does: one line, 128 + 15,
+    nothing written, and the caller's SIGTERM handler back afterwards."""
+    def terminated_before_outputs(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_cifar100.Trainer, "open_outputs", terminated_before_outputs)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train(data_root, tmp_path, "run", "--epochs", "1") == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped; the newest last.pth (if any) is from before it" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "runs").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_resume_newest_run_of_net_and_attention(reference, data_root, tmp_path, capsys):
     assert train(data_root, tmp_path, "older", "--epochs", "1") == 0
     assert train(data_root, tmp_path, "newer", "--epochs", "1") == 0

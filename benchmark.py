@@ -279,6 +279,7 @@ def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int)
     torch.manual_seed(0)
     torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
     module = EMA(shape[1]).to(speed.device)
+    speed.enable_fast_kernels()
     step = speed.compiled(module)
     x = torch.randn(shape, device=speed.device, dtype=speed.amp_dtype or torch.float32)
     x = x.contiguous(memory_format=speed.memory_format)

@@ -389,7 +389,7 @@ def benchmark(args):
               (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass --peak-tflops"))
 
     if args.att == "ema":
-        runner = None
+        runner = None  # the last configuration's model and graphs freed before EMA's own
         print_ema_as_trained(args, device, configs, rates)
         print_ema_comparison(args, device)
 
@@ -427,8 +427,9 @@ def print_proxies(args, loader, speed):
 
 
 def print_ema_as_trained(args, device, configs, rates):
-    """EMA's share of the training step: each of the network's EMA input shapes timed alone, in the
-    settings the trainer uses by default on this device."""
+    """An estimate of EMA's share of the training step: each of the network's EMA input shapes timed
+    alone (compiled on its own, so without the fusions and launches it shares with its neighbours in
+    the network), in the settings the trainer uses by default on this device."""
     speed = training.SpeedSettings.resolve(device, args.amp, attention="ema")
     print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}:")
     total, modules = 0.0, 0

@@ -91,7 +91,7 @@ def run_all(jobs: list[Job], gpus: list) -> int:
             print(f"{'done' if code == 0 else f'exit {code}'}: {job.folder}", flush=True)
             if code:
                 failed.append(job)
-            if code > 128:  # interrupted (Ctrl-C / SIGTERM): start nothing more
+            if code > 128 or code < 0:  # interrupted (Ctrl-C / SIGTERM, or killed by a signal): start nothing more
                 stop.set()
 
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]

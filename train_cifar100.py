@@ -7,7 +7,21 @@
 Writes checkpoint/<net>_<att>/<run>/{last.pth,best.pth,metrics.csv,args.json} and TensorBoard logs in
 runs/<net>_<att>/<run>/. Recipes: conf/global_settings.py and docs/reference.md.
 """
+import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # Loading torch takes seconds. A Ctrl-C or SIGTERM meanwhile ends the script with one line and
+    # 128 + the signal (nothing is written yet), not a traceback or a silent kill; main() takes over.
+    # os._exit, not an exception: one raised inside a native module's initialisation can abort.
+    def stopped_while_loading(signum, frame):
+        print(f"{signal.Signals(signum).name}: stopped while loading; nothing was written", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signum)
+
+    for loading_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(loading_signal, stopped_while_loading)
 
 import cli
 
@@ -22,7 +36,6 @@ import hashlib
 import io
 import json
 import math
-import signal
 import time
 import warnings
 from datetime import datetime
@@ -64,7 +77,8 @@ def parse_args(argv=None):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM where no checkpoint can be saved first: during start-up, or a second one."""
+    """SIGTERM during start-up (Ctrl-C there is Python's own KeyboardInterrupt), or a second Ctrl-C
+    or SIGTERM in the loop: stop at once, with no checkpoint saved first."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -661,7 +675,8 @@ def main(argv=None):
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
     # Until the loop's StopRequest takes over, SIGTERM stops as Ctrl-C does (a message, 128 + 15),
     # rather than killing the process silently.
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
     try:
         return train(args, processes)
     except Diverged as e:
@@ -676,7 +691,8 @@ def main(argv=None):
               f"before it", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         processes.close()
 
 

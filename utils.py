@@ -113,6 +113,8 @@ def write_atomic(path: Path, write, text: bool = False) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt):  # torch.save wraps a Ctrl-C inside its writes
+            raise e.__context__ from None
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
             raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
                             f"the previous {path.name}, if any, is unchanged") from None

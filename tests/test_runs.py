@@ -1,5 +1,6 @@
 """A run's folder: written only where it was pointed, by one process at a time, never before the
 inputs are validated; best.pth consistent with the record; TensorBoard without duplicated steps."""
+import io
 import json
 import shutil
 import signal
@@ -159,6 +160,35 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(fini
     monkeypatch.setattr(torch, "save", full_disk)
     assert resume(tmp_path, run, "--epochs", "2") == 2
     assert "cannot write" in capsys.readouterr().err
+    assert (run / "last.pth").read_bytes() == last
+    assert not list(run.glob("*.tmp"))
+
+
+class SignalledFile(io.RawIOBase):
+    """A file whose third write() is interrupted by SIGTERM, as a second signal lands in torch.save."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise train_cifar100.Interrupted(signal.SIGTERM)
+        return self.f.write(data)
+
+
+def test_a_signal_inside_a_checkpoint_write_stops_as_a_signal(finished_small_run, tmp_path, monkeypatch, capsys):
+    """torch.save turns a signal inside its writes into a RuntimeError: still an interruption (128 +
+    15), not a failed write (exit 2); the previous last.pth kept, no temporary file."""
+    run = copy_run(finished_small_run, tmp_path, "signalled")
+    last = (run / "last.pth").read_bytes()
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, SignalledFile(f)))
+    assert resume(tmp_path, run, "--epochs", "2") == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped" in capsys.readouterr().err
     assert (run / "last.pth").read_bytes() == last
     assert not list(run.glob("*.tmp"))
 

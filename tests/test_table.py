@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 
@@ -413,3 +414,14 @@ def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, ho
     assert "Traceback" not in captured.err
     assert str(folder) not in captured.out and len(captured.out.splitlines()) == 9
     assert "0 done, 0 to resume, 9 to start, 1 skipped" in captured.err
+
+
+def test_reproduce_starts_nothing_more_after_a_job_killed_by_a_signal(tmp_path, capsys):
+    """A job killed by SIGTERM before it could handle it (exit code -15) stops the queue, as one that
+    exits 128 + 15 does."""
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    jobs = [reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", command)
+            for seed, command in enumerate([killed, [sys.executable, "-c", "pass"]])]
+    assert reproduce.run_all(jobs, gpus=[]) == 1
+    out = capsys.readouterr().out
+    assert f"exit -{signal.SIGTERM.value}: {tmp_path / '0'}" in out and str(tmp_path / "1") not in out

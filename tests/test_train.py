@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -166,6 +167,21 @@ def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monke
     assert "SIGTERM: stopped; the newest last.pth (if any) is from before it" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "runs").exists()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, tmp_path):
+    """torch takes seconds to import: a signal then ends the script with one line and 128 + the
+    signal, not a silent kill (SIGTERM) or a traceback (Ctrl-C)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
+                             *out_args(tmp_path, "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"{signal.Signals(sig).name}: stopped while loading; nothing was written"], err
+    assert not (tmp_path / "checkpoint").exists()
 
 
 def test_resume_newest_run_of_net_and_attention(reference, data_root, tmp_path, capsys):

@@ -11,6 +11,7 @@ with one line saying why. Then `python table.py`.
 import argparse
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -72,12 +73,18 @@ def plan(args) -> list[Job]:
     return jobs
 
 
-def run_all(jobs: list[Job], gpus: list) -> int:
-    """Run the jobs, one per GPU at a time (or one at a time without --gpus); the number that failed."""
+# The exit codes of a job asked to stop: 128 + the signal where it handled it, minus the signal where
+# it was killed by it (a crash, e.g. SIGSEGV, is a failure like any other and the queue goes on).
+STOP_CODES = {code for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) for code in (128 + sig, -sig)}
+
+
+def run_all(jobs: list[Job], gpus: list) -> tuple[int, int]:
+    """Run the jobs, one per GPU at a time (or one at a time without --gpus), until they are done or
+    one is stopped by a signal; (jobs started, jobs that failed)."""
     todo = queue.Queue()
     for job in jobs:
         todo.put(job)
-    failed, stop = [], threading.Event()
+    started, failed, stop = [], [], threading.Event()
 
     def worker(gpu):
         while not stop.is_set():
@@ -87,19 +94,25 @@ def run_all(jobs: list[Job], gpus: list) -> int:
                 return
             env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             print(f"start: {job.shell(gpu)}", flush=True)
+            started.append(job)
             code = subprocess.run(job.command, env=env).returncode
             print(f"{'done' if code == 0 else f'exit {code}'}: {job.folder}", flush=True)
             if code:
                 failed.append(job)
-            if code > 128 or code < 0:  # interrupted (Ctrl-C / SIGTERM, or killed by a signal): start nothing more
+            if code in STOP_CODES:  # start nothing more
                 stop.set()
 
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    return len(failed)
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:  # the running jobs got the Ctrl-C too: they save and stop
+        stop.set()
+        for t in threads:
+            t.join()
+    return len(started), len(failed)
 
 
 def gpu_ids(text):
@@ -136,8 +149,9 @@ def main(argv=None):
         print(f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, {count('new')} to start"
               f"{skipped}", file=sys.stderr)
         return 0
-    failed = run_all(pending, gpus)
-    print(f"{len(pending) - failed} of {len(pending)} runs ended well; then: python table.py")
+    started, failed = run_all(pending, gpus)
+    unstarted = f"; {len(pending) - started} not started (rerun this command to continue)" if started < len(pending) else ""
+    print(f"{started - failed} of {len(pending)} runs ended well{unstarted}; then: python table.py")
     return 1 if failed else 0
 
 

@@ -20,8 +20,9 @@ if __name__ == "__main__":
               flush=True)
         os._exit(128 + signum)
 
-    for loading_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(loading_signal, stopped_while_loading)
+    handlers_before_loading = {sig: signal.signal(sig, stopped_while_loading)
+                               for sig in (signal.SIGINT, signal.SIGTERM)
+                               if signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. a job started with &
 
 import cli
 
@@ -675,8 +676,7 @@ def main(argv=None):
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
     # Until the loop's StopRequest takes over, SIGTERM stops as Ctrl-C does (a message, 128 + 15),
     # rather than killing the process silently.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         return train(args, processes)
     except Diverged as e:
@@ -691,8 +691,7 @@ def main(argv=None):
               f"before it", file=sys.stderr)
         return 128 + signum
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         processes.close()
 
 
@@ -751,4 +750,6 @@ def raise_divergence(epoch, step, ckpt_dir):
 
 
 if __name__ == "__main__":
+    for loaded_signal, handler in handlers_before_loading.items():  # loaded: main() handles signals now
+        signal.signal(loaded_signal, handler)
     sys.exit(main())

@@ -128,12 +128,13 @@ def test_ema_keeps_the_input_dtype_under_autocast(monkeypatch):
     assert ours(x.float()).dtype == torch.float32  # no autocast: float32 in, float32 out
 
 
-def test_ema_takes_a_batch_of_one_1x1_map_in_training():
-    """The authors' folded GroupNorm sees B*G maps, so one image with 1x1 maps trains; ours too."""
+@pytest.mark.parametrize("training", [True, False])
+def test_ema_takes_a_batch_of_one_1x1_map(training):
+    """The authors' folded GroupNorm sees B*G maps, so one image with 1x1 maps passes; ours too."""
     from benchmark import UpstreamStyleEMA
 
-    ours = randomized_ema(64, 8)
-    upstream = UpstreamStyleEMA(64, 8).double()
+    ours = randomized_ema(64, 8).train(training)
+    upstream = UpstreamStyleEMA(64, 8).double().train(training)
     upstream.load_state_dict(ours.state_dict())
     x = torch.randn(1, 64, 1, 1, dtype=torch.float64)
-    torch.testing.assert_close(ours.train()(x), upstream.train()(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours(x), upstream(x), rtol=0, atol=1e-12)

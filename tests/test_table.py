@@ -3,7 +3,6 @@ import csv
 import json
 import math
 import os
-import signal
 import statistics
 import sys
 
@@ -416,12 +415,22 @@ def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, ho
     assert "0 done, 0 to resume, 9 to start, 1 skipped" in captured.err
 
 
-def test_reproduce_starts_nothing_more_after_a_job_killed_by_a_signal(tmp_path, capsys):
-    """A job killed by SIGTERM before it could handle it (exit code -15) stops the queue, as one that
-    exits 128 + 15 does."""
-    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
-    jobs = [reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", command)
-            for seed, command in enumerate([killed, [sys.executable, "-c", "pass"]])]
-    assert reproduce.run_all(jobs, gpus=[]) == 1
+@pytest.mark.parametrize("stop", ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)",  # killed: -15
+                                  "raise SystemExit(143)"])  # handled, as train_cifar100.py does
+def test_reproduce_starts_nothing_more_after_a_job_stopped_by_a_signal(stop, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "plan", lambda args: [
+        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", [sys.executable, "-c", code])
+        for seed, code in enumerate(["pass", stop, "pass"])])
+    assert reproduce.main(["--run"]) == 1
     out = capsys.readouterr().out
-    assert f"exit -{signal.SIGTERM.value}: {tmp_path / '0'}" in out and str(tmp_path / "1") not in out
+    assert f"done: {tmp_path / '0'}" in out and f": {tmp_path / '1'}" in out and str(tmp_path / "2") not in out
+    assert "1 of 3 runs ended well; 1 not started (rerun this command to continue)" in out
+
+
+def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
+    """A job that fails or crashes (here SIGSEGV) does not stop the others."""
+    monkeypatch.setattr(reproduce, "plan", lambda args: [
+        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", [sys.executable, "-c", code])
+        for seed, code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "pass"])])
+    assert reproduce.main(["--run"]) == 1
+    assert "1 of 2 runs ended well; then" in capsys.readouterr().out

@@ -49,8 +49,8 @@ class EMA(nn.Module):
         strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         gate_h, gate_w = self._grouped(self.conv1x1, strips).sigmoid().split([h, w], dim=2)
         y = x * gate_h * gate_w.transpose(2, 3)
-        # torch.group_norm, not F.group_norm: the latter refuses a batch of one 1x1 map in training,
-        # which the authors' folded (B*G, k, 1, 1) input passes.
+        # torch.group_norm, not F.group_norm: the latter refuses a batch of one 1x1 map, which the
+        # authors' folded (B*G, k, 1, 1) input passes.
         x1 = torch.group_norm(y, y.shape[1], self.gn.weight.repeat(g), self.gn.bias.repeat(g), self.gn.eps)
         # 3x3 branch.
         x2 = self._grouped(self.conv3x3, x)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cifar
+import models
 import train_cifar100
 import training
 from fake_cifar import write_fake_cifar100
@@ -41,6 +42,23 @@ def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
     assert speed.compile and speed.channels_last and speed.cuda_graphs
     assert speed.amp == ("bf16" if training.native_cuda_bf16(device) else "fp16")
     assert not training.SpeedSettings.resolve(device, attention="ema").channels_last
+
+
+def test_ema_returns_the_input_dtype_under_cuda_autocast():
+    """CUDA's autocast runs GroupNorm and softmax in float32; EMA still hands back the input's dtype,
+    as the authors' does (its matmuls run in it), close to theirs."""
+    from benchmark import UpstreamStyleEMA
+
+    torch.manual_seed(0)
+    ours = models.attention.EMA(256).cuda()
+    upstream = UpstreamStyleEMA(256).cuda()
+    upstream.load_state_dict(ours.state_dict())
+    amp = training.SpeedSettings.resolve(torch.device("cuda")).amp_dtype
+    x = torch.randn(4, 256, 16, 16, device="cuda", dtype=amp)
+    with torch.autocast("cuda", dtype=amp):
+        out, expected = ours(x), upstream(x)
+    assert out.dtype == expected.dtype == amp
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
 
 
 def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_path, monkeypatch):

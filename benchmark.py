@@ -86,6 +86,20 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def timed(step, device, warmup: int, repeats: int) -> tuple[float, float]:
+    """step() `warmup` times, then `repeats` times on the clock: (seconds of the warm-up, seconds per
+    timed call)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmed = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    synchronize(device)
+    return warmed - start, (time.perf_counter() - warmed) / repeats
+
+
 def training_images(args) -> tuple[cifar.ImageArray, str]:
     n = args.b * (args.warmup + args.steps + 1)
     folder = os.path.join(args.data, cifar.CIFAR_FOLDER)
@@ -155,15 +169,7 @@ class StepRunner:
 
     def timed(self, warmup: int, steps: int) -> tuple[float, float]:
         """(seconds of the warm-up steps, seconds per timed step)."""
-        start = time.perf_counter()
-        for _ in range(warmup):
-            self.step()
-        synchronize(self.speed.device)
-        warmed = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        synchronize(self.speed.device)
-        return warmed - start, (time.perf_counter() - warmed) / steps
+        return timed(self.step, self.speed.device, warmup, steps)
 
 
 class OpCounter(TorchDispatchMode):
@@ -249,14 +255,8 @@ def ema_comparison(device, batch: int, repeats: int, memory_format):
         with OpCounter() as counter:
             out = module(x)
         out.sum().backward()
-        for _ in range(2):
-            module(x).sum().backward()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            module(x).sum().backward()
-        synchronize(device)
-        results[name] = ((time.perf_counter() - start) / repeats * 1e3, counter.count)
+        _, seconds = timed(lambda: module(x).sum().backward(), device, 2, repeats)
+        results[name] = (seconds * 1e3, counter.count)
     return results
 
 
@@ -295,14 +295,8 @@ def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int)
             out = step(x)
         out.backward(grad)
 
-    for _ in range(warmup):
-        forward_backward()
-    synchronize(speed.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward_backward()
-    synchronize(speed.device)
-    return (time.perf_counter() - start) / repeats * 1e3
+    _, seconds = timed(forward_backward, speed.device, warmup, repeats)
+    return seconds * 1e3
 
 
 def device_name(device) -> str:
@@ -438,9 +432,9 @@ def print_ema_as_trained(args, device, configs, rates):
         total, modules = total + count * ms, modules + count
         shape = f"({c}, {h}, {w})"
         print(f"  input {shape:<15} x {count:2d} modules  {ms:8.3f} ms each  {count * ms:8.2f} ms")
-    timed = [name for name, (loader, config_speed) in configs.items()
-             if loader == "device" and config_speed == speed and name in rates]
-    step = f"; the {timed[0]} training step above: {args.b / rates[timed[0]] * 1e3:.2f} ms" if timed else ""
+    trained = next((name for name, (loader, config_speed) in configs.items()
+                    if loader == "device" and config_speed == speed and name in rates), None)
+    step = f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms" if trained else ""
     print(f"  all {modules} modules: {total:.2f} ms a step{step}")
 
 

@@ -133,13 +133,12 @@ def main(argv=None):
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
     p.add_argument("--run", action="store_true", help="run the commands instead of printing them")
     args = p.parse_args(argv)
-    gpus = args.gpus
 
     jobs = plan(args)
     pending = [job for job in jobs if job.state in ("new", "interrupted")]
     if not args.run:
         for job in jobs:
-            gpu = gpus[pending.index(job) % len(gpus)] if gpus and job in pending else None
+            gpu = args.gpus[pending.index(job) % len(args.gpus)] if args.gpus and job in pending else None
             if job.state == "done":
                 print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done")
             elif job.state != "skipped":  # its warning is above
@@ -149,7 +148,7 @@ def main(argv=None):
         print(f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, {count('new')} to start"
               f"{skipped}", file=sys.stderr)
         return 0
-    started, failed = run_all(pending, gpus)
+    started, failed = run_all(pending, args.gpus)
     unstarted = f"; {len(pending) - started} not started (rerun this command to continue)" if started < len(pending) else ""
     print(f"{started - failed} of {len(pending)} runs ended well{unstarted}; then: python table.py")
     return 1 if failed else 0

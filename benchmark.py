@@ -41,6 +41,7 @@ import training
 import utils
 from conf import settings
 from models.attention import EMA
+from models.attention.ema import FoldedEMA
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
 GPU_PEAK_FLOPS = {
@@ -224,32 +225,11 @@ def graph_breaks(model: nn.Module, images: torch.Tensor, speed: training.SpeedSe
     return explanation.graph_count, explanation.graph_break_count, (reasons[0] if reasons else None)
 
 
-class UpstreamStyleEMA(EMA):
-    """The authors' sequence of operations (groups folded into the batch, adaptive pools, a sigmoid
-    per strip, two matmuls and an add), for timing against ours; the same math, tested equal in
-    tests/test_gpu_path.py."""
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        g = x.reshape(b * self.groups, -1, h, w)
-        x_h = nn.functional.adaptive_avg_pool2d(g, (h, 1))
-        x_w = nn.functional.adaptive_avg_pool2d(g, (1, w)).permute(0, 1, 3, 2)
-        hw = self.conv1x1(torch.cat([x_h, x_w], dim=2))
-        x_h, x_w = torch.split(hw, [h, w], dim=2)
-        x1 = self.gn(g * x_h.sigmoid() * x_w.permute(0, 1, 3, 2).sigmoid())
-        x2 = self.conv3x3(g)
-        k = c // self.groups
-        a1 = nn.functional.adaptive_avg_pool2d(x1, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
-        a2 = nn.functional.adaptive_avg_pool2d(x2, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
-        weights = (a1 @ x2.reshape(b * self.groups, k, -1) + a2 @ x1.reshape(b * self.groups, k, -1))
-        return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)
-
-
 def ema_comparison(device, batch: int, repeats: int, memory_format):
     """Forward + backward of one EMA at ResNet50's first-stage shape: ours against upstream's ops."""
     x = torch.randn(batch, 256, 32, 32, device=device).contiguous(memory_format=memory_format).requires_grad_()
     results = {}
-    for name, cls in (("ours", EMA), ("upstream", UpstreamStyleEMA)):
+    for name, cls in (("ours", EMA), ("upstream", FoldedEMA)):
         torch.manual_seed(0)
         module = cls(256).to(device)
         with OpCounter() as counter:

@@ -1,6 +1,7 @@
 """CIFAR-100 data: the official on-disk folder (read with a safe unpickler), torchvision's transforms
-for the classic DataLoader path, and the device-resident loader that augments a whole batch with one
-gather (`augment`), equal per image to torchvision's result."""
+for the classic DataLoader path, the device-resident loader that augments a whole batch with one
+gather (`augment`), equal per image to torchvision's result, and a training run's loaders
+(`training_data`)."""
 import hashlib
 import itertools
 import math
@@ -9,6 +10,7 @@ import pickle
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +364,34 @@ def make_loader(kind: str, dataset: ImageArray, batch_size: int, recipe: dict, d
     # would carry their random state from one epoch into the next).
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+@dataclass
+class TrainingData:
+    train_set: ImageArray
+    train: object  # the training loader: len() steps per epoch
+    test: object
+    generator: torch.Generator
+    gate_images: object  # the first 8 test images (--gate-images), else None
+
+
+def training_data(args, recipe: dict, device, processes: Distributed = SINGLE_PROCESS) -> TrainingData:
+    """The run's data, downloaded where missing (once per machine; the other ranks wait), its identity
+    recorded in args.dataset for table.py."""
+    if processes.local_rank == 0:
+        ensure_cifar100(args.data)
+    processes.barrier()
+    train_set = CIFAR100Folder(args.data, train=True)
+    test_set = CIFAR100Folder(args.data, train=False)
+    args.dataset = dataset_identity(train_set, test_set)
+    if args.subset:
+        train_set.truncate(args.subset)
+    # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
+    # epoch, then takes its shard.
+    generator = torch.Generator(device if args.loader == "device" else "cpu")
+    generator.manual_seed(args.seed)
+    train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator, processes)
+    test = make_loader(args.loader, test_set, max(args.b, 256), recipe, device, False, args.workers,
+                       processes=processes)
+    gate_images = next(iter(test))[0][:8] if args.gate_images else None  # the same every time
+    return TrainingData(train_set, train, test, generator, gate_images)

@@ -1,8 +1,10 @@
 """The command line the scripts share, defined once: -net, -att, -weights, --amp and --data mean the
-same in train_cifar100.py, test.py, gradcam.py and benchmark.py; train_cifar100.py's parser; argument
-types whose bad values end in argparse's one-line message and exit code 2.
+same in train_cifar100.py, test.py, gradcam.py and benchmark.py; train_cifar100.py's parser (what each
+of its options means to a run: conf/run_options.py); argument types whose bad values end in argparse's
+one-line message and exit code 2.
 
-Imports only what the parsers need, so that `--help` answers before a script's heavier imports.
+Imports only what the parsers need: the model registry for -net and -att's choices (and with it
+torch), not the data, TensorBoard or training code, so that `--help` skips those imports.
 """
 import argparse
 import math
@@ -33,7 +35,7 @@ def add_model(p, net=None, att=None) -> None:
 def add_weights(p) -> None:
     p.add_argument("-weights", "--weights", required=True,
                    help="a checkpoint: this repo's (a file, or a run folder for its last.pth), or one written by the "
-                        "NAM authors' or the classic CIFAR-100 script (README: Checkpoints from other repos)")
+                        "NAM authors' or the classic CIFAR-100 script (docs/data.md: Checkpoints from other repos)")
 
 
 def add_amp(p) -> None:
@@ -103,12 +105,12 @@ def train_parser() -> argparse.ArgumentParser:
                         "workers: torchvision transforms in DataLoader processes (the classic scripts)")
     add_amp(p)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default on CUDA, except with -att ema: see README Speed)")
+                   help="NHWC memory format (default on CUDA, except with -att ema: see docs/speed.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default on CUDA, off on the CPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay compiled steps as CUDA graphs (default on where they apply: --compile, one CUDA GPU)")
-    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (see README)")
+    p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (docs/training.md: Recipes)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,
                    help=f"NAM's L1 strength on its BN weights (NAM's paper: {settings.NAM_L1})")
@@ -119,7 +121,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="run folder name (default: the start time); a new run never reuses a folder holding a checkpoint")
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from these weights: a checkpoint of this repo, or of the NAM authors' or the classic "
-                        "CIFAR-100 script (README: Checkpoints from other repos); optimizer and schedule start fresh")
+                        "CIFAR-100 script (docs/data.md); optimizer and schedule start fresh")
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR, help=f"default {settings.CHECKPOINT_DIR}/")
     p.add_argument("--log-dir", default=settings.LOG_DIR, help=f"TensorBoard root (default {settings.LOG_DIR}/)")
     return p

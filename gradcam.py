@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import checkpoints
 import cifar
 import cli
 import pictures
@@ -44,7 +45,7 @@ def main(argv=None):
         p.error("--images and --columns must be at least 1")
     try:
         check_out(args.out)
-        model, checkpoint, path = utils.load_trained_model(args.weights, args.net, args.att)
+        model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
         cifar.ensure_cifar100(args.data)
         dataset = cifar.CIFAR100Folder(args.data, train=False)
     except UserError as e:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cli
-import table
+import run_records
 from conf import settings
 
 # Every row of the paper's table that has a public definition (SSA has none).
@@ -47,8 +47,8 @@ def run_state(folder: Path) -> str:
     if not (folder / "metrics.csv").is_file():
         return "interrupted"  # stopped within its first epoch
     try:
-        return "done" if table.read_run(folder).finished else "interrupted"
-    except table.UnreadableRun as e:
+        return "done" if run_records.read_run(folder).finished else "interrupted"
+    except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
 

@@ -4,116 +4,26 @@
     python table.py --markdown      # print it as Markdown
     python table.py --delta 0.5     # the seeds line for a 0.5-point difference (default 0.3)
 
-Reads every checkpoint/<net>_<att>/<run>/metrics.csv with the run's args.json. A row holds the finished
-runs of one identity (IDENTITY: everything that changes a result), one per seed. Rows with the paper's
+Reads every checkpoint/<net>_<att>/<run>/metrics.csv with the run's args.json (run_records.py). A row holds
+the finished runs of one identity (everything that changes a result: conf/run_options.py), one per seed. Rows with the paper's
 configuration make the table; the others are listed apart, labelled with what differs. Per row: final-epoch
 and best-epoch top-1/top-5 over the seeds (the paper picks the best epoch on the test set; the final one is
 the honest number), and the difference to the same net's baseline and EMA rows with a 95% Welch interval.
 Unfinished runs are listed apart, with epochs done / planned, and never averaged in.
 """
 import argparse
-import csv
 import functools
-import json
 import math
-import re
 import statistics
 import sys
-from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf import settings
+from run_records import Identity, Run, in_paper_rows, label, read_runs
 
 PAPER = {(net, att): (params, top1, top5) for net, att, params, top1, top5 in settings.PAPER_TABLE}
 NAMES = {"none": "", "ema": "EMA", "se": "SE", "cbam": "CBAM", "eca": "ECA", "sa": "SA", "nam": "NAM", "ca": "CA"}
-
-REQUIRED = object()
-# A run is defined by everything that changes its result: these args.json keys, each with the value that an
-# args.json written before the key existed stands for (a function of the run's arguments where it depends on
-# them). Seeds are averaged only within one identity.
-IDENTITY = {
-    "net": REQUIRED,
-    "att": REQUIRED,
-    "recipe": REQUIRED,
-    "lr": settings.LR,
-    "b": settings.BATCH_SIZE,  # per process
-    "world": 1,  # torchrun processes: the global batch is b x world
-    "epochs": REQUIRED,
-    "warm": lambda args: settings.RECIPES[args["recipe"]]["warm"],
-    "subset": None,
-    "dataset": lambda args: args.get("data"),  # "cifar-100" or "custom-<8 hex>"; before that, the --data path
-    "amp": "off",  # runs from before --amp trained in fp32
-    "nam_l1": 0.0,
-    "sync_bn": False,
-    "init_from": None,  # the weights a run started from instead of a fresh initialisation
-    "changed_on_resume": None,  # e.g. "amp off -> bf16 at epoch 3 step 0": a mixed run
-}
-Identity = namedtuple("Identity", IDENTITY)
-NUMBERS = ("lr", "b", "world", "epochs", "warm", "nam_l1")  # must be numbers: the table computes with them
-RECORDED_DATASET = re.compile(r"cifar-100|custom-[0-9a-f]{8}")  # what the trainer writes as "dataset"
-
-
-def paper_configuration(recipe: str) -> dict:
-    """The paper's value of every identity key that a row does not name itself (docs/reference.md section 3)."""
-    return {"lr": settings.LR, "b": settings.BATCH_SIZE, "world": 1, "epochs": settings.EPOCHS,
-            "warm": settings.RECIPES[recipe]["warm"], "subset": None, "dataset": "cifar-100", "amp": "off",
-            "nam_l1": 0.0, "sync_bn": False, "init_from": None, "changed_on_resume": None}
-
-
-def differences(identity: Identity) -> dict:
-    """The identity's values that are not the paper's."""
-    paper = paper_configuration(identity.recipe)
-    return {key: getattr(identity, key) for key in paper if getattr(identity, key) != paper[key]}
-
-
-def in_paper_rows(identity: Identity) -> bool:
-    """Whether runs of this identity belong in the paper's rows. Precision, synchronised BatchNorm and the
-    split of the global batch of 128 over processes change the arithmetic, not the recipe; a run from before
-    the trainer recorded its dataset (a --data path instead) is taken for CIFAR-100."""
-    different = differences(identity)
-    if identity.b * identity.world != settings.BATCH_SIZE:
-        return False
-    if "dataset" in different and RECORDED_DATASET.fullmatch(str(different["dataset"])):
-        return False
-    return different.keys() <= {"amp", "sync_bn", "b", "world", "dataset"}
-
-
-def label(identity: Identity) -> str:
-    """What differs from the paper, e.g. 'lr=0.001, epochs=1, subset=32'."""
-    parts = []
-    for key, value in differences(identity).items():
-        if key == "dataset" and value is None:
-            continue  # neither a dataset nor a --data path recorded: nothing to show
-        unrecorded = key == "dataset" and not RECORDED_DATASET.fullmatch(str(value))
-        parts.append(f"data={value}" if unrecorded else f"{key}={value}")
-    return ", ".join(parts)
-
-
-class UnreadableRun(Exception):
-    """A run folder that cannot be used; the message says why."""
-
-
-@dataclass
-class Run:
-    folder: Path
-    identity: Identity
-    seed: int
-    rows: list  # metrics.csv, one dict of floats per epoch
-    mtime: float  # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
-
-    @property
-    def finished(self) -> bool:
-        return len(self.rows) >= self.identity.epochs
-
-    @property
-    def final(self) -> dict:
-        return self.rows[-1]
-
-    @property
-    def best(self) -> dict:
-        return max(self.rows, key=lambda r: r["test_top1"])  # the first epoch with the highest top-1
-
 
 @dataclass
 class Row:
@@ -146,100 +56,6 @@ class Row:
         values = self.values(which, key)
         std = statistics.stdev(values) if len(values) > 1 else None
         return statistics.fmean(values), std, len(values)
-
-
-def run_args(folder: Path) -> dict:
-    """The run's arguments: args.json, or for runs older than it, those inside last.pth."""
-    if (folder / "args.json").is_file():
-        try:
-            args = json.loads((folder / "args.json").read_text())
-        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
-            raise UnreadableRun(f"args.json is not valid JSON ({e})") from None
-    elif (folder / "last.pth").is_file():
-        import utils  # torch is only needed for this fallback
-        try:
-            args = utils.load_checkpoint(folder / "last.pth")["args"]
-        except utils.UserError as e:
-            raise UnreadableRun(str(e)) from None
-    else:
-        raise UnreadableRun("neither args.json nor last.pth")
-    if not isinstance(args, dict):
-        raise UnreadableRun(f"its arguments are a {type(args).__name__}, not a JSON object")
-    return args
-
-
-def run_identity(args: dict) -> Identity:
-    """The run's identity, older runs' missing keys filled in with what they stood for."""
-    for key in [key for key, default in IDENTITY.items() if default is REQUIRED] + ["seed"]:
-        if key not in args:
-            raise UnreadableRun(f"its arguments lack '{key}'")
-    if args["recipe"] not in settings.RECIPES:
-        raise UnreadableRun(f"unknown recipe {args['recipe']!r}")
-    values = {key: args.get(key, default(args) if callable(default) else default) for key, default in IDENTITY.items()}
-    numbers = {key: values[key] for key in NUMBERS} | {"seed": args["seed"]}
-    for key, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UnreadableRun(f"'{key}' is {value!r}, not a number")
-    for key, value in values.items():
-        if isinstance(value, (list, dict)):  # a row is found by its identity, so every value must be hashable
-            raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
-    return Identity(**values)
-
-
-def number(text, where: str) -> float:
-    """A finite float, or UnreadableRun naming `where` (a NaN or an infinity has no place in a mean)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise UnreadableRun(f"{where} is {text!r}, not a number")
-    return value
-
-
-NEEDED_COLUMNS = ("test_top1", "test_top5")
-
-
-def read_metrics(path: Path) -> list:
-    """metrics.csv as one dict of floats per epoch."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns, lines = reader.fieldnames, list(reader)  # fieldnames reads the header: not after closing
-    except (OSError, ValueError, csv.Error) as e:  # ValueError: not text
-        raise UnreadableRun(f"cannot read metrics.csv ({e})") from None
-    if columns is None:
-        raise UnreadableRun("metrics.csv is empty")
-    missing = [column for column in NEEDED_COLUMNS if column not in columns]
-    if missing:
-        raise UnreadableRun(f"metrics.csv has no {' or '.join(missing)} column")
-    if not lines:
-        raise UnreadableRun("metrics.csv has no epochs")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if None in line or None in line.values():  # more or fewer values than columns
-            raise UnreadableRun(f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
-        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key, text in line.items()})
-    return rows
-
-
-def read_run(folder: Path) -> Run:
-    """The run in `folder`; UnreadableRun says why it cannot be used."""
-    args = run_args(folder)
-    identity = run_identity(args)
-    metrics = folder / "metrics.csv"
-    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime)
-
-
-def read_runs(checkpoint_dir: Path) -> list[Run]:
-    """Every usable run; a folder that is not is skipped with one line saying why."""
-    runs = []
-    for metrics in sorted(checkpoint_dir.glob("*/*/metrics.csv")):
-        try:
-            runs.append(read_run(metrics.parent))
-        except UnreadableRun as e:
-            print(f"skipped {metrics.parent}: {e}", file=sys.stderr)
-    return runs
 
 
 def group(runs: list[Run]) -> list[Row]:

@@ -4,12 +4,13 @@
     python test.py -weights checkpoint/resnet50_ema/<run>      # a run folder: its last.pth
 
 -net and -att default to the checkpoint's own; given, they must match it. A checkpoint of the NAM
-authors' or the classic CIFAR-100 repo's training script (upstream_checkpoints.py) records neither:
+authors' or the classic CIFAR-100 repo's training script (checkpoints.py) records neither:
 give both.
 """
 import argparse
 import sys
 
+import checkpoints
 import cifar
 import cli
 import models
@@ -46,7 +47,7 @@ def main(argv=None):
 
 
 def test(args):
-    model, checkpoint, path = utils.load_trained_model(args.weights, args.net, args.att)
+    model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
     saved = checkpoint["args"]
     net, att = saved["net"], saved["att"]
     # One pass over the test set: compiling would cost more time than it saves.

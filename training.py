@@ -1,24 +1,28 @@
 """The training engine that train_cifar100.py, test.py and benchmark.py share: how a model runs on a
-device (SpeedSettings), one training step, evaluation, the recipes' initialisation and LR schedule,
-and each epoch's randomness.
+device (SpeedSettings), the model, optimizer and LR schedule a run trains, one training step, the
+watch for a diverged loss, evaluation, the recipes' initialisation, and each epoch's randomness.
 
 Nothing in a training step or an evaluation batch reads a value back from the device: losses and
 hit counts stay there, and are read only where the caller chooses to wait (every few dozen steps).
 """
 import bisect
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+import checkpoints
+import models
 from conf import settings
-from utils import SINGLE_PROCESS, Distributed
+from models.attention import nam_l1_penalty
+from utils import SINGLE_PROCESS, Distributed, UserError
 
 # Attention modules with which a compiled network trains faster in NCHW than in channels_last on a
 # GPU. ResNet50, batch 128, bf16, on an H200, images/s contiguous -> channels_last: with EMA 3,690 ->
 # 2,519 compiled, 5,415 -> 5,166 with CUDA graphs; without attention 4,572 -> 6,356 compiled,
-# 17,134 -> 17,432 with CUDA graphs. README "Speed".
+# 17,134 -> 17,432 with CUDA graphs. docs/speed.md.
 CONTIGUOUS_FASTER = {"ema"}
 
 # Static shapes: one graph per batch shape (the full batches, the epoch's last partial batch, the
@@ -51,7 +55,7 @@ class SpeedSettings:
     def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None, cuda_graphs=None,
                 processes: int = 1) -> "SpeedSettings":
         """Fill unset options with the defaults for the device and the attention module, chosen from
-        benchmark.py's GPU run (README "Speed"). CUDA graphs only where they apply (see
+        benchmark.py's GPU run (docs/speed.md). CUDA graphs only where they apply (see
         cuda_graphs_obstacle); asked for elsewhere, they are off."""
         cuda = device.type == "cuda"
         if amp is None:
@@ -126,11 +130,65 @@ def cuda_graphs_obstacle(device: torch.device, compile: bool, processes: int):
     return None
 
 
+def resolve_device_options(args, device, processes: Distributed) -> tuple[SpeedSettings, list[str]]:
+    """The run's SpeedSettings and the other options whose defaults depend on the device, resolved
+    and recorded in `args` (with the number of processes); the notes for the log."""
+    if args.sync_bn and processes.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+    speed = SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att, args.cuda_graphs,
+                                  processes.world)
+    notes = []
+    if device.type == "cpu" and (speed.amp == "fp16" or speed.amp == "bf16" and not native_cpu_bf16()):
+        notes.append(f"warning: this CPU emulates --amp {speed.amp}, much slower than --amp off")
+    if args.cuda_graphs and not speed.cuda_graphs:
+        notes.append(f"note: CUDA graphs off: {cuda_graphs_obstacle(device, speed.compile, processes.world)}")
+    # args.cuda_graphs stays as asked (None: wherever they apply): a run that passes through the
+    # CPU or torchrun gets them back on one GPU.
+    args.amp, args.channels_last, args.compile = speed.amp, speed.channels_last, speed.compile
+    args.loader = args.loader or "device"
+    args.workers = (4 if device.type == "cuda" else 0) if args.workers is None else args.workers
+    args.world = processes.world
+    return speed, notes
+
+
+def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed):
+    """(model, step_model, eval_model, penalty, notes). `model` is the plain module, on the device:
+    checkpoints, the graph and the pictures use it. Steps go through DDP (gradients averaged over
+    ranks) and torch.compile; evaluation through the compiled plain module (DDP adds nothing there).
+    `penalty`: NAM's L1 term, or None."""
+    torch.manual_seed(args.seed)
+    model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+    initialise(model, recipe)
+    notes = []
+    if args.init_from and not args.resume:  # a resumed run loads its own weights
+        layout = checkpoints.load_weights_into(model, args.init_from, f"this run's {args.net} + {args.att}")
+        notes.append(f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
+    if args.sync_bn and processes.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter names: checkpoints load anywhere
+    model = model.to(speed.device, memory_format=speed.memory_format)
+    speed.enable_fast_kernels()
+    eval_model = speed.compiled(model)
+    if processes.enabled:
+        cuda = speed.device.type == "cuda"
+        step_model = speed.compiled(nn.parallel.DistributedDataParallel(model, device_ids=[speed.device] if cuda else None))
+    else:
+        step_model = eval_model
+    penalty = (lambda: nam_l1_penalty(model, args.nam_l1)) if args.nam_l1 else None
+    return model, step_model, eval_model, penalty, notes
+
+
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
     """The recipes' SGD. On CUDA the fused kernel updates every parameter in one launch, and takes
     fp16's overflow check from the gradient scaler without waiting for the GPU."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.MOMENTUM,
                            weight_decay=settings.WEIGHT_DECAY, fused=True if device.type == "cuda" else None)
+
+
+def lr_schedule(optimizer, steps_per_epoch: int, warm_epochs: int, scaler) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipes' schedule (lr_factor), stepped after every optimizer step."""
+    if scaler.is_enabled():  # fp16 skips the optimizer step on overflow; the LR schedule still advances
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, warm_epochs))
 
 
 def train_step(step_model: nn.Module, images, labels, optimizer, scaler, speed: SpeedSettings, penalty=None):
@@ -148,6 +206,49 @@ def train_step(step_model: nn.Module, images, labels, optimizer, scaler, speed: 
     scaler.step(optimizer)  # skipped by an enabled scaler when fp16 gradients overflowed
     scaler.update()
     return loss.detach(), topk_correct(logits.detach(), labels, ks=(1,))[0]
+
+
+class Diverged(UserError):
+    pass
+
+
+class LossWatch:
+    """The step losses since the last check, kept on the device, and at each check the verdict.
+
+    Training has diverged at the first non-finite loss. Under fp16 the gradient scaler skips a step
+    whose gradients overflow and lowers its scale, so there only a loss that stays non-finite for
+    `tolerated` + 1 steps in a row is divergence.
+    """
+
+    def __init__(self, tolerated: int):
+        self.tolerated = tolerated  # non-finite steps in a row that are not divergence yet
+        self.losses, self.first_step, self.streak, self.streak_start = [], 0, 0, 0
+        self.last = None
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        if not self.losses:
+            self.first_step = step
+        self.losses.append(loss)
+
+    def diverged_at(self):
+        """The 1-based step at which the non-finite losses began, if training diverged; else None.
+        Waits for the device."""
+        finite = torch.isfinite(torch.stack(self.losses)).tolist()
+        self.last = self.losses[-1].item()
+        for step, ok in enumerate(finite, self.first_step + 1):
+            self.streak = 0 if ok else self.streak + 1
+            self.streak_start = step if self.streak == 1 else self.streak_start
+            if self.streak > self.tolerated:
+                return self.streak_start
+        self.losses = []
+        return None
+
+
+def raise_divergence(epoch, step, ckpt_dir):
+    last = ckpt_dir / "last.pth"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    raise Diverged(f"the loss became NaN or infinite at epoch {epoch}, step {step}; training stopped, "
+                   f"{kept}. Try a lower -lr or a warm-up (-warm 1).")
 
 
 class RunningTotals:

@@ -1,8 +1,8 @@
-"""The plumbing of a run that every script shares: problems reported as messages (UserError), this
-process's place in a torchrun launch (Distributed), and checkpoint files (atomic writes, safe loading)."""
+"""The plumbing that every script shares: problems reported as messages (UserError), this process's
+place in a torchrun launch (Distributed), and files written atomically (a temporary file, then a
+rename), checkpoints included. Reading checkpoints: checkpoints.py."""
 import contextlib
 import os
-import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -10,13 +10,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from conf import settings
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 
 class UserError(Exception):
@@ -99,7 +92,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- files
 
 def write_atomic(path: Path, write, text: bool = False) -> None:
     """write(file) into a temporary file beside `path`, then rename: a crash never leaves half a file,
@@ -133,95 +126,6 @@ def remove_empty(folders) -> None:
             folder.rmdir()
 
 
-class RunLock:
-    """An exclusive lock on a run folder for as long as this process lives: a second training that
-    targets the folder is refused, and the kernel drops the lock however the process ends. (No
-    locking where fcntl does not exist, i.e. on Windows.)"""
-
-    def __init__(self, folder: Path):
-        self.file = open(folder / ".lock", "a+")
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "?"
-            self.file.close()
-            raise UserError(f"{folder} is in use by another training (process {owner}); wait for it to end, "
-                            f"or use another --run-name") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-
-    def release(self) -> None:
-        self.file.close()
-
-
 def save_atomic(obj, path: Path) -> None:
     """torch.save, atomically."""
     write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def checkpoint_file(path) -> Path:
-    """A checkpoint file, or a run folder's last.pth."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pth"
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    return path
-
-
-def load_trained_model(weights, net=None, att=None):
-    """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to the
-    checkpoint's own; given, they must match it. A checkpoint of another repo's script (see
-    upstream_checkpoints.py) records no net/att: both are then required, and the returned checkpoint
-    only describes it (args net/att/recipe, epoch or None, layout). Every checkpoint has "layout", the
-    detected layout in words."""
-    import models  # here, not at the top: models does not need utils, utils only needs models for this
-    import upstream_checkpoints  # here too: it builds on this module
-
-    path = checkpoint_file(weights)
-    checkpoint = load_checkpoint(path, ours_only=False)
-    if not upstream_checkpoints.is_ours(checkpoint):
-        model, description = upstream_checkpoints.trained_model(checkpoint, path, net, att)
-        return model, description, path
-    saved = checkpoint["args"]
-    if (not isinstance(saved, dict) or saved.get("net") not in models.list_models()
-            or saved.get("att") not in models.list_attentions() or saved.get("recipe") not in settings.RECIPES):
-        shown = {key: saved.get(key) for key in ("net", "att", "recipe")} if isinstance(saved, dict) else saved
-        raise UserError(f"{path}: its recorded arguments name no known network, attention and recipe ({shown})")
-    net, att = net or saved["net"], att or saved["att"]
-    if (net, att) != (saved["net"], saved["att"]):
-        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
-    model = models.create_model(net, att, settings.NUM_CLASSES)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
-    checkpoint["layout"] = upstream_checkpoints.describe_ours(checkpoint)
-    return model, checkpoint, path
-
-
-def load_checkpoint(path, ours_only: bool = True):
-    """Read a checkpoint with weights_only=True: a file that needs arbitrary code to unpickle is
-    refused, never executed. With ours_only=False, whatever the file holds is returned, for
-    upstream_checkpoints.py to recognise; otherwise anything but one of this repo's is refused."""
-    path = checkpoint_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        needs_code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        if not needs_code:
-            raise UserError(f"cannot read checkpoint {path}: not a valid checkpoint file (corrupt?)") from None
-        raise UserError(f"refused to load {path}: it holds objects that only arbitrary code could rebuild "
-                        f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    import upstream_checkpoints  # here, not at the top: it builds on this module
-
-    if ours_only and not upstream_checkpoints.is_ours(checkpoint):
-        raise UserError(f"{path} is not a checkpoint of this repo (no model weights and arguments)")
-    return checkpoint

@@ -1,6 +1,6 @@
 """The suite runs on the CPU even where CUDA exists: bitwise resume, the two-process torchrun test
 and the tiny datasets assume it. CUDA stays visible only with EMA_TEST_GPU=1, for tests/test_gpu.py
-(README "One GPU check")."""
+(docs/speed.md, "The GPU check")."""
 import os
 
 if os.environ.get("EMA_TEST_GPU") != "1":
@@ -42,11 +42,11 @@ def skip_tensorboard_graphs():
     """TensorBoard's graph comes from torch.jit.trace, whose trace check keeps memory for good (about
     30 MB for ResNet18 + EMA, each time, with torch 2.14). The suite's in-process trainings skip the
     graph; tests/test_train.py's reference run restores this, the real one, and checks the graph."""
-    import train_cifar100
-    real = train_cifar100.RunOutputs.graph
-    train_cifar100.RunOutputs.graph = lambda self, model, images: None
+    import run_folder
+    real = run_folder.RunFolder.graph
+    run_folder.RunFolder.graph = lambda self, model, images: None
     yield real
-    train_cifar100.RunOutputs.graph = real
+    run_folder.RunFolder.graph = real
 
 
 @pytest.fixture(autouse=True, scope="module")

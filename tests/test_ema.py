@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import EMA
+from models.attention.ema import FoldedEMA  # the authors' sequence of operations
 
 
 def sigmoid(t):
@@ -113,12 +114,11 @@ def test_ema_keeps_the_input_dtype_under_autocast(monkeypatch):
     """CUDA's autocast runs GroupNorm in float32, and the authors' EMA still returns bf16 (its matmuls
     run in bf16); ours too, so that the residual stream after it stays bf16 as in the baseline
     network. CPU autocast leaves GroupNorm in bf16, so CUDA's rule is imitated here."""
-    from benchmark import UpstreamStyleEMA  # the authors' sequence of operations
 
     group_norm = torch.group_norm
     monkeypatch.setattr(torch, "group_norm", lambda x, *args: group_norm(x.float(), *args))
     ours = randomized_ema(64, 8).float()
-    upstream = UpstreamStyleEMA(64, 8)
+    upstream = FoldedEMA(64, 8)
     upstream.load_state_dict(ours.state_dict())
     x = torch.randn(2, 64, 6, 5).bfloat16()
     with torch.autocast("cpu", torch.bfloat16):
@@ -131,10 +131,9 @@ def test_ema_keeps_the_input_dtype_under_autocast(monkeypatch):
 @pytest.mark.parametrize("training", [True, False])
 def test_ema_takes_a_batch_of_one_1x1_map(training):
     """The authors' folded GroupNorm sees B*G maps, so one image with 1x1 maps passes; ours too."""
-    from benchmark import UpstreamStyleEMA
 
     ours = randomized_ema(64, 8).train(training)
-    upstream = UpstreamStyleEMA(64, 8).double().train(training)
+    upstream = FoldedEMA(64, 8).double().train(training)
     upstream.load_state_dict(ours.state_dict())
     x = torch.randn(1, 64, 1, 1, dtype=torch.float64)
     torch.testing.assert_close(ours(x), upstream(x), rtol=0, atol=1e-12)

@@ -18,10 +18,11 @@ import models
 import train_cifar100
 import training
 from fake_cifar import write_fake_cifar100
+from models.attention.ema import FoldedEMA
 from test_loader import MEAN, STD, random_batch, torchvision_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs CUDA and EMA_TEST_GPU=1 (README: One GPU check)")
+                                reason="needs CUDA and EMA_TEST_GPU=1 (docs/speed.md: The GPU check)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,11 +48,10 @@ def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
 def test_ema_returns_the_input_dtype_under_cuda_autocast():
     """CUDA's autocast runs GroupNorm and softmax in float32; EMA still hands back the input's dtype,
     as the authors' does (its matmuls run in it), close to theirs."""
-    from benchmark import UpstreamStyleEMA
 
     torch.manual_seed(0)
     ours = models.attention.EMA(256).cuda()
-    upstream = UpstreamStyleEMA(256).cuda()
+    upstream = FoldedEMA(256).cuda()
     upstream.load_state_dict(ours.state_dict())
     amp = training.SpeedSettings.resolve(torch.device("cuda")).amp_dtype
     x = torch.randn(4, 256, 16, 16, device="cuda", dtype=amp)

@@ -12,10 +12,10 @@ import benchmark
 import models
 import train_cifar100
 import training
-from benchmark import UpstreamStyleEMA
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
 from models.attention import ATTENTIONS, EMA
+from models.attention.ema import FoldedEMA
 from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
 
 
@@ -110,7 +110,7 @@ def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(torch.randn_like(p))
-    folded = UpstreamStyleEMA(64, 8).double()  # the authors' (B*G, k, H, W) formulation
+    folded = FoldedEMA(64, 8).double()  # the authors' (B*G, k, H, W) formulation
     folded.load_state_dict(ours.state_dict())
     x = torch.randn(3, 64, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     with LayoutCopies() as layout:
@@ -207,12 +207,12 @@ def losses(*values):
 
 def test_loss_watch_calls_divergence_only_what_fp16_would_not_skip():
     nan, inf = float("nan"), float("inf")
-    strict = train_cifar100.LossWatch(tolerated=0)
+    strict = training.LossWatch(tolerated=0)
     for step, loss in enumerate(losses(1.0, 2.0, nan, 1.0)):
         strict.add(loss, step)
     assert strict.diverged_at() == 3  # 1-based: the third step
 
-    fp16 = train_cifar100.LossWatch(tolerated=2)  # the scaler may skip up to 2 overflowing steps in a row
+    fp16 = training.LossWatch(tolerated=2)  # the scaler may skip up to 2 overflowing steps in a row
     for step, loss in enumerate(losses(1.0, inf, inf, 1.0)):
         fp16.add(loss, step)
     assert fp16.diverged_at() is None

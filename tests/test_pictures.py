@@ -13,7 +13,7 @@ import cifar
 import models
 import pictures
 import train_cifar100
-import utils
+import checkpoints
 from conf import settings
 from fake_cifar import write_fake_cifar100, write_meta
 
@@ -46,7 +46,7 @@ def test_gate_images_in_tensorboard_only_when_asked(trained):
 
 def test_grad_cam_maps(trained):
     base, data = trained
-    model, checkpoint, _ = utils.load_trained_model(base / "checkpoint" / "resnet18_ema" / "on")
+    model, checkpoint, _ = checkpoints.load_trained_model(base / "checkpoint" / "resnet18_ema" / "on")
     model.eval()
     recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
     dataset = cifar.CIFAR100Folder(data, train=False)

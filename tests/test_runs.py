@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
 import cifar
-import table
+import run_folder
+import run_records
 import test as test_script
 import train_cifar100
 import utils
@@ -106,7 +107,7 @@ def test_test_py_refuses_checkpoints_without_usable_arguments(args, tmp_path, ca
 def test_one_process_per_run_folder(small_data, tmp_path, capsys):
     run = folder(tmp_path, "busy")
     run.mkdir(parents=True)
-    lock = utils.RunLock(run)  # another training holds it
+    lock = run_folder.RunLock(run)  # another training holds it
     try:
         assert train(small_data, tmp_path, "busy", "--epochs", "1") == 2
         assert "in use by another training" in capsys.readouterr().err
@@ -176,7 +177,7 @@ class SignalledFile(io.RawIOBase):
     def write(self, data):
         self.writes += 1
         if self.writes == 3:
-            raise train_cifar100.Interrupted(signal.SIGTERM)
+            raise run_folder.Interrupted(signal.SIGTERM)
         return self.f.write(data)
 
 
@@ -247,8 +248,8 @@ def test_a_resume_that_changes_the_identity_is_a_mixed_run(small_data, finished_
     recorded = json.loads((run / "args.json").read_text())
     assert recorded["changed_on_resume"].startswith("amp off -> bf16 at epoch 2 step 0; dataset custom-")
     assert recorded["changed_on_resume"].endswith(" at epoch 3 step 0")
-    identity = table.run_identity(recorded)
-    assert not table.in_paper_rows(identity) and "changed_on_resume=amp off -> bf16" in table.label(identity)
+    identity = run_records.run_identity(recorded)
+    assert not run_records.in_paper_rows(identity) and "changed_on_resume=amp off -> bf16" in run_records.label(identity)
     unchanged = copy_run(finished_small_run, tmp_path, "unchanged")
     assert resume(tmp_path, unchanged, "--epochs", "2") == 0
     assert "changed_on_resume" not in json.loads((unchanged / "args.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import reproduce
+import run_records
 import table
 from conf import settings
 
@@ -152,7 +153,7 @@ def test_t_quantile_against_printed_tables_and_the_density():
 
 
 def rows_by_name(root):
-    return {(row.name, row.recipe_cell): row for row in table.group(table.read_runs(root))}
+    return {(row.name, row.recipe_cell): row for row in table.group(run_records.read_runs(root))}
 
 
 def test_welch_interval_equals_the_hand_computation(tmp_path):
@@ -308,9 +309,9 @@ def test_quick_trial_stays_out_of_the_paper_rows(tmp_path, capsys):
      "changed_on_resume=amp off -> bf16 at epoch 3 step 0"),  # a mixed run
 ])
 def test_paper_rows_admit_only_the_papers_configuration(args, in_paper, label):
-    identity = table.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0,
+    identity = run_records.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0,
                                    "epochs": settings.EPOCHS, **args})
-    assert table.in_paper_rows(identity) == in_paper and table.label(identity) == label
+    assert run_records.in_paper_rows(identity) == in_paper and run_records.label(identity) == label
 
 
 # ---------------------------------------------------------------- unreadable folders

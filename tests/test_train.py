@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import cifar
 import test as test_script
 import train_cifar100
+import run_folder
 import training
 import utils
 from conf import settings
@@ -66,7 +67,7 @@ def reference(data_root, tmp_path_factory, skip_tensorboard_graphs):
     import warnings
     base = tmp_path_factory.mktemp("reference")
     with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_cifar100.RunOutputs, "graph", skip_tensorboard_graphs)
+        patch.setattr(run_folder.RunFolder, "graph", skip_tensorboard_graphs)
         warnings.simplefilter("always")
         assert train(data_root, base, "ref", "--epochs", "2") == 0
     return base, [w for w in caught if "not the official CIFAR-100 file" not in str(w.message)]

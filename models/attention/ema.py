@@ -1,8 +1,15 @@
 """EMA: Efficient Multi-Scale Attention with cross-spatial learning.
 
 Ouyang et al., "Efficient Multi-Scale Attention Module with Cross-Spatial Learning", ICASSP 2023.
-Authors' code: github.com/YOLOonMe/EMA-attention-module. Submodule names (`gn`, `conv1x1`,
-`conv3x3`) match theirs so that their state dicts load with ``strict=True``.
+Authors' code: github.com/YOLOonMe/EMA-attention-module. The function is the seven steps of
+docs/reference.md, 2.2 EMA. Two classes compute it, with the same parameters and state dict:
+
+- EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes;
+- FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, two
+  matmuls), the reference for the tests and the benchmark.
+
+Submodule names (`gn`, `conv1x1`, `conv3x3`) are the authors', so that their state dicts load with
+``strict=True``.
 """
 import torch
 from torch import nn
@@ -11,14 +18,12 @@ from torch.nn import functional as F
 
 class EMA(nn.Module):
     """Channels are split into ``factor`` groups of k = channels / factor that share one set of
-    weights: 10k^2 + 4k parameters.
+    weights: 10k^2 + 4k parameters. Each group gets one spatial gate, shared by its k channels.
 
-    The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W). That reshape copies
-    a channels_last tensor, so this module computes the same thing on (B, C, H, W) directly: the
-    shared k -> k convolutions become grouped convolutions with the weights repeated per group, the
-    one-channel-per-group GroupNorm becomes a GroupNorm with one channel per group over all C, and
-    the sums over a group's k channels are views (B, G, k, ...). Every step keeps the input's memory
-    layout; the result equals the folded computation (tests/test_ema.py).
+    The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W), a reshape that copies
+    a channels_last tensor. Here every step keeps the input's layout: a group's shared k -> k
+    convolution is a grouped convolution with the weights repeated per group, and a sum over a
+    group's k channels is a view (B, G, k, ...).
     """
 
     def __init__(self, channels: int, factor: int = 32):
@@ -34,38 +39,58 @@ class EMA(nn.Module):
         self.conv1x1 = nn.Conv2d(k, k, kernel_size=1)
         self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The gate in x's dtype, so that under autocast the output keeps the input's bf16/fp16 as
-        # the authors' does (their matmuls run in it), rather than turning the residual stream fp32.
-        gate = self.spatial_gate(x).to(x.dtype)
-        return (x.unflatten(1, (self.groups, -1)) * gate.unsqueeze(2)).flatten(1, 2)
-
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, G, H, W): the gate that forward() multiplies each group by, sigmoid of
         the cross-spatial weights (also drawn by the pictures)."""
         h, w = x.shape[2:]
-        g = self.groups
-        # 1x1 branch: strip pooling along each axis, one shared 1x1 conv on both strips.
+        g = self.groups  # 1. Groups: left in place (see the class docstring), not folded into the batch.
+        # 2. Strip pooling: the mean along each axis, the W strip laid along H beside the H strip, so
+        # that one shared 1x1 convolution serves both; a sigmoid gate per strip.
         strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         gate_h, gate_w = self._grouped(self.conv1x1, strips).sigmoid().split([h, w], dim=2)
-        y = x * gate_h * gate_w.transpose(2, 3)
-        # torch.group_norm, not F.group_norm: the latter refuses a batch of one 1x1 map, which the
-        # authors' folded (B*G, k, 1, 1) input passes.
-        x1 = torch.group_norm(y, y.shape[1], self.gn.weight.repeat(g), self.gn.bias.repeat(g), self.gn.eps)
-        # 3x3 branch.
+        # 3. GroupNorm branch: x gated along both axes, each channel's map normalised. torch.group_norm,
+        # not F.group_norm: the latter refuses a batch of one 1x1 map, which the authors' folded input passes.
+        x1 = torch.group_norm(x * gate_h * gate_w.transpose(2, 3), x.shape[1], self.gn.weight.repeat(g),
+                              self.gn.bias.repeat(g), self.gn.eps)
+        # 4. 3x3 branch.
         x2 = self._grouped(self.conv3x3, x)
-
-        # Cross-spatial learning: each branch's channel descriptor (softmax over a group's k
-        # channels of its global mean) weights the other branch's map; the k weighted maps of a
-        # group are summed. A GroupNorm with one channel per group leaves every map with mean
-        # exactly its bias, so the first branch's descriptor is softmax(bias), with no pass over x1
-        # (in x1's dtype, as the mean would have been: autocast makes GroupNorm float32 on CUDA only).
+        # 5. Channel descriptors: softmax over a group's k channels of each branch's global mean. Every
+        # map of x1 has mean exactly its GroupNorm bias (one channel per group), so a1 = softmax(bias):
+        # no pass over x1 (in x1's dtype, as the mean's; autocast makes GroupNorm float32 on CUDA only).
         a1 = self.gn.bias.softmax(0).repeat(g).to(x1.dtype)[:, None, None]
         a2 = x2.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
+        # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, and a
+        # group's k weighted maps are summed (element-wise: the authors' matmuls without a reshape).
         weights = (a1 * x2 + a2 * x1).unflatten(1, (g, -1)).sum(2)
         return weights.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.spatial_gate(x).to(x.dtype)  # steps 1 to 6 (docs/reference.md, 2.2 EMA)
+        # 7. Gate: each group's k channels times its gate. In x's dtype, so that under autocast the
+        # output keeps the input's bf16/fp16 as the authors' does (their matmuls run in it).
+        return (x.unflatten(1, (self.groups, -1)) * gate.unsqueeze(2)).flatten(1, 2)
 
     def _grouped(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """conv applied to each group of x's channels with the same (shared) weights."""
         return F.conv2d(x, conv.weight.repeat(self.groups, 1, 1, 1), conv.bias.repeat(self.groups),
                         padding=conv.padding, groups=self.groups)
+
+
+class FoldedEMA(EMA):
+    """The authors' formulation, step by step as their code runs it: the groups folded into the batch,
+    adaptive pools, a sigmoid per strip, two matmuls and an add. The reference that EMA is tested
+    against and timed beside (it copies a channels_last input in its first reshape)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.reshape(b * self.groups, -1, h, w)  # 1. group
+        x_h = F.adaptive_avg_pool2d(g, (h, 1))  # 2. strip pooling + shared 1x1
+        x_w = F.adaptive_avg_pool2d(g, (1, w)).permute(0, 1, 3, 2)
+        x_h, x_w = torch.split(self.conv1x1(torch.cat([x_h, x_w], dim=2)), [h, w], dim=2)
+        x1 = self.gn(g * x_h.sigmoid() * x_w.permute(0, 1, 3, 2).sigmoid())  # 3. GroupNorm branch
+        x2 = self.conv3x3(g)  # 4. 3x3 branch
+        k = c // self.groups  # 5. channel descriptors
+        a1 = F.adaptive_avg_pool2d(x1, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
+        a2 = F.adaptive_avg_pool2d(x2, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
+        weights = a1 @ x2.reshape(b * self.groups, k, -1) + a2 @ x1.reshape(b * self.groups, k, -1)  # 6.
+        return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)  # 7. gate

@@ -1,4 +1,4 @@
-"""upstream_checkpoints.py: the NAM authors' and the classic CIFAR-100 repo's checkpoints load into our
+"""checkpoints.py: the NAM authors' and the classic CIFAR-100 repo's checkpoints load into our
 ResNets with identical logits; anything that does not fit is one message naming the key.
 
 The upstream files are written here from our own weights by the inverse renaming, spelled out
@@ -13,8 +13,8 @@ import torch
 
 import gradcam
 import models
+import checkpoints
 import test as test_script
-import upstream_checkpoints
 import utils
 from fake_cifar import write_fake_cifar100
 
@@ -71,7 +71,7 @@ def assert_same_logits(original, net, att, path) -> str:
     """Load `path` into a differently initialised model of the same kind; return the detected layout."""
     fresh = trained_looking(net, att, seed=1)
     assert not torch.equal(fresh(IMAGES), original(IMAGES))
-    layout = upstream_checkpoints.load_weights_into(fresh, path)
+    layout = checkpoints.load_weights_into(fresh, path)
     assert torch.equal(fresh(IMAGES), original(IMAGES))
     return layout
 
@@ -94,7 +94,7 @@ def test_nam_script_checkpoints_give_the_same_logits(tmp_path, net, att, slot, p
     original = trained_looking(net, att)
     path = nam_script_file(original, tmp_path / "their.pth.tar", slot, prefix, wrapped)
     layout = assert_same_logits(original, net, att, path)
-    assert layout.startswith(upstream_checkpoints.NAM_SCRIPT.name)
+    assert layout.startswith(checkpoints.NAM_SCRIPT.name)
     assert ("module." in layout) == bool(prefix) and ("with state_dict" in layout) == wrapped
 
 
@@ -104,7 +104,7 @@ def test_classic_checkpoints_give_the_same_logits(tmp_path, net, prefix, wrapped
     state = renamed(original.state_dict(), TO_CLASSIC, prefix=prefix)
     torch.save({"state_dict": state} if wrapped else state, tmp_path / "classic.pth")
     layout = assert_same_logits(original, net, "none", tmp_path / "classic.pth")
-    assert layout.startswith(upstream_checkpoints.CLASSIC.name)
+    assert layout.startswith(checkpoints.CLASSIC.name)
 
 
 def test_our_own_checkpoint_initialises_a_model(tmp_path):
@@ -126,7 +126,7 @@ def load_error(path, net="resnet18", att="ema") -> str:
     model = models.create_model(net, att, 100)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(utils.UserError) as error:
-        upstream_checkpoints.load_weights_into(model, path)
+        checkpoints.load_weights_into(model, path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     return str(error.value)
 
@@ -161,7 +161,7 @@ def test_unknown_files_are_refused(tmp_path):
     assert "is not a checkpoint this repo can read" in load_error(tmp_path / "other.pth")
     # The scripts that need this repo's own checkpoints keep their message.
     with pytest.raises(utils.UserError, match="is not a checkpoint of this repo"):
-        utils.load_checkpoint(tmp_path / "other.pth")
+        checkpoints.load_checkpoint(tmp_path / "other.pth")
 
 
 def test_net_and_att_are_required(tmp_path, capsys):
@@ -179,7 +179,7 @@ def test_test_py_evaluates_an_upstream_file(tmp_path):
                              "--amp", "off"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "resnet18 + none, recipe classic, 16 test images" in result.stdout
-    assert f"checkpoint layout: {upstream_checkpoints.CLASSIC.name}: a bare state dict" in result.stdout
+    assert f"checkpoint layout: {checkpoints.CLASSIC.name}: a bare state dict" in result.stdout
 
 
 def test_gradcam_py_reads_an_upstream_file(tmp_path, capsys):
@@ -191,5 +191,5 @@ def test_gradcam_py_reads_an_upstream_file(tmp_path, capsys):
     assert gradcam.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Grad-CAM of resnet18 + ema" in printed and ", epoch 3)" in printed
-    assert f"checkpoint layout: {upstream_checkpoints.NAM_SCRIPT.name}: a dict with state_dict" in printed
+    assert f"checkpoint layout: {checkpoints.NAM_SCRIPT.name}: a dict with state_dict" in printed
     assert out.is_file()

@@ -1,4 +1,8 @@
-"""Checkpoints of the two training scripts this repo replaces (and of this repo), loaded strictly.
+"""Checkpoint files, read in one place: this repo's (its format, safe loading, a trained model from
+one) and those of the two training scripts this repo replaces, loaded strictly.
+
+Every file is read with weights_only=True: one that needs arbitrary code to unpickle is refused,
+never executed. Writing is utils.save_atomic (a temporary file, then a rename).
 
 Three layouts are recognised; the two upstream ones with or without DataParallel's `module.` prefix:
 
@@ -33,8 +37,8 @@ Channel_Att.bn2 -> bn2 (NAM).
 
 Loading is strict: every key of the file must land on a key of the model with the same shape and
 every key of the model must be filled; otherwise one UserError names the first key that does not fit.
-Files are read by utils.load_checkpoint (weights_only=True: nothing in them is executed).
 """
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +48,12 @@ import torch
 from torch import nn
 
 import models
-import utils
 from conf import settings
 from models.resnet import RESNETS, ResNet
 from utils import UserError
+
+FORMAT = 2  # what train_cifar100.py writes; 2: no RNG states (each epoch's randomness comes from the seed and the epoch)
+READABLE_FORMATS = (1, 2)
 
 OURS = "this repo"
 DATA_PARALLEL_PREFIX = "module."
@@ -94,6 +100,77 @@ UNKNOWN = ("is not a checkpoint this repo can read: expected one of this repo's 
            "alone or under state_dict) or of the classic CIFAR-100 repo (keys conv1.0, conv2_x..conv5_x, fc)")
 
 
+# ---------------------------------------------------------------- this repo's checkpoints
+
+def checkpoint_file(path) -> Path:
+    """A checkpoint file, or a run folder's last.pth."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pth"
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    return path
+
+
+def load_trained_model(weights, net=None, att=None):
+    """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to the
+    checkpoint's own; given, they must match it. A checkpoint of another repo's script (see
+    py) records no net/att: both are then required, and the returned checkpoint
+    only describes it (args net/att/recipe, epoch or None, layout). Every checkpoint has "layout", the
+    detected layout in words."""
+    path = checkpoint_file(weights)
+    checkpoint = load_checkpoint(path, ours_only=False)
+    if not is_ours(checkpoint):
+        model, description = trained_model(checkpoint, path, net, att)
+        return model, description, path
+    saved = checkpoint["args"]
+    if (not isinstance(saved, dict) or saved.get("net") not in models.list_models()
+            or saved.get("att") not in models.list_attentions() or saved.get("recipe") not in settings.RECIPES):
+        shown = {key: saved.get(key) for key in ("net", "att", "recipe")} if isinstance(saved, dict) else saved
+        raise UserError(f"{path}: its recorded arguments name no known network, attention and recipe ({shown})")
+    net, att = net or saved["net"], att or saved["att"]
+    if (net, att) != (saved["net"], saved["att"]):
+        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
+    model = models.create_model(net, att, settings.NUM_CLASSES)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit {net} + {att}: {str(e).splitlines()[0]}") from None
+    checkpoint["layout"] = describe_ours(checkpoint)
+    return model, checkpoint, path
+
+
+def load_checkpoint(path, ours_only: bool = True):
+    """Read a checkpoint with weights_only=True: a file that needs arbitrary code to unpickle is
+    refused, never executed. With ours_only=False, whatever the file holds is returned, for
+    py to recognise; otherwise anything but one of this repo's is refused."""
+    path = checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs_code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if not needs_code:
+            raise UserError(f"cannot read checkpoint {path}: not a valid checkpoint file (corrupt?)") from None
+        raise UserError(f"refused to load {path}: it holds objects that only arbitrary code could rebuild "
+                        f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if ours_only and not is_ours(checkpoint):
+        raise UserError(f"{path} is not a checkpoint of this repo (no model weights and arguments)")
+    return checkpoint
+
+
+def check_training_state(checkpoint) -> None:
+    """A ValueError unless epoch, step, best and history have the shapes train_cifar100.py writes."""
+    counts = [checkpoint["epoch"], checkpoint["step"], checkpoint["best"].get("epoch")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(f"epoch, step and best epoch must be whole numbers >= 0, got {counts}")
+    numbers = [checkpoint["best"].get(key) for key in ("top1", "top5")]
+    numbers += [row.get(key) for row in checkpoint["history"] for key in ("train_loss", "test_top1")]
+    if not all(isinstance(x, (int, float)) for x in numbers) or len(checkpoint["history"]) != checkpoint["epoch"]:
+        raise ValueError("best and history are not what this script records")
+
+
 def is_ours(loaded) -> bool:
     """Whether a loaded checkpoint is one of this repo's."""
     return isinstance(loaded, dict) and {"model", "args"} <= loaded.keys()
@@ -111,8 +188,8 @@ def load_weights_into(model: nn.Module, path, target: str = "the model") -> str:
     file or of the model does not fit, a UserError names the first one and `model` is left unchanged;
     `target` names the model in that message (e.g. "resnet18 + ema").
     """
-    path = utils.checkpoint_file(path)
-    loaded = utils.load_checkpoint(path, ours_only=False)
+    path = checkpoint_file(path)
+    loaded = load_checkpoint(path, ours_only=False)
     if is_ours(loaded):
         found, layout, state = describe_ours(loaded), None, loaded["model"]
     else:
@@ -122,7 +199,7 @@ def load_weights_into(model: nn.Module, path, target: str = "the model") -> str:
 
 
 def trained_model(loaded, path: Path, net: Optional[str], att: Optional[str]):
-    """For utils.load_trained_model, given an upstream checkpoint: (model on the CPU with its weights,
+    """For load_trained_model, given an upstream checkpoint: (model on the CPU with its weights,
     a dict describing it like one of our checkpoints: args net/att/recipe, epoch (None where the file
     does not say), layout in words)."""
     layout, state, found = detect_upstream(loaded, path)

@@ -1,0 +1,186 @@
+"""A run folder's records read back, torch-free: its arguments (args.json), its metrics.csv, and its
+identity, for table.py (the table) and reproduce.py (what is done).
+
+A run's identity is every value that changes its result: the identity options of conf/run_options.py,
+older runs' missing keys filled in with what they stood for, and any args.json key that the options
+table does not classify (the safe default: such a run is never averaged with one that lacks the key).
+Seeds are averaged only within one identity.
+"""
+import csv
+import json
+import math
+import re
+import sys
+from collections import namedtuple
+from dataclasses import dataclass
+from pathlib import Path
+
+from conf import run_options, settings
+from conf.run_options import OPTIONS, REQUIRED
+
+# The identity options, then the unclassified keys as sorted (key, value) pairs.
+Identity = namedtuple("Identity", [*run_options.IDENTITY, "unclassified"])
+RECORDED_DATASET = re.compile(r"cifar-100|custom-[0-9a-f]{8}")  # what the trainer writes as "dataset"
+
+
+def paper_configuration(recipe: str) -> dict:
+    """The paper's value of every identity key that a row does not name itself (docs/reference.md section 3)."""
+    return {key: run_options.value(paper, {"recipe": recipe})
+            for key, paper in run_options.PAPER_CONFIGURATION.items()} | {"unclassified": ()}
+
+
+def differences(identity: Identity) -> dict:
+    """The identity's values that are not the paper's; the unclassified keys, each by itself."""
+    paper = paper_configuration(identity.recipe)
+    different = {key: getattr(identity, key) for key in paper if getattr(identity, key) != paper[key]}
+    different.pop("unclassified", None)
+    return different | dict(identity.unclassified)
+
+
+def in_paper_rows(identity: Identity) -> bool:
+    """Whether runs of this identity belong in the paper's rows. What changes the arithmetic, not the
+    recipe (run_options' arithmetic column: precision, synchronised BatchNorm, the split of the global
+    batch of 128 over processes) may differ; a run from before the trainer recorded its dataset (a
+    --data path instead) is taken for CIFAR-100. An unclassified key never belongs."""
+    different = differences(identity)
+    if identity.b * identity.world != settings.BATCH_SIZE:
+        return False
+    if "dataset" in different and RECORDED_DATASET.fullmatch(str(different["dataset"])):
+        return False
+    return not identity.unclassified and different.keys() <= {*run_options.ARITHMETIC_IDENTITY, "dataset"}
+
+
+def label(identity: Identity) -> str:
+    """What differs from the paper, e.g. 'lr=0.001, epochs=1, subset=32'."""
+    parts = []
+    for key, value in differences(identity).items():
+        if key == "dataset" and value is None:
+            continue  # neither a dataset nor a --data path recorded: nothing to show
+        unrecorded = key == "dataset" and not RECORDED_DATASET.fullmatch(str(value))
+        parts.append(f"data={value}" if unrecorded else f"{key}={value}")
+    return ", ".join(parts)
+
+
+class UnreadableRun(Exception):
+    """A run folder that cannot be used; the message says why."""
+
+
+@dataclass
+class Run:
+    folder: Path
+    identity: Identity
+    seed: int
+    rows: list  # metrics.csv, one dict of floats per epoch
+    mtime: float  # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
+
+    @property
+    def finished(self) -> bool:
+        return len(self.rows) >= self.identity.epochs
+
+    @property
+    def final(self) -> dict:
+        return self.rows[-1]
+
+    @property
+    def best(self) -> dict:
+        return max(self.rows, key=lambda r: r["test_top1"])  # the first epoch with the highest top-1
+
+
+def run_args(folder: Path) -> dict:
+    """The run's arguments: args.json, or for runs older than it, those inside last.pth."""
+    if (folder / "args.json").is_file():
+        try:
+            args = json.loads((folder / "args.json").read_text())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+            raise UnreadableRun(f"args.json is not valid JSON ({e})") from None
+    elif (folder / "last.pth").is_file():
+        import checkpoints  # torch is only needed for this fallback
+        try:
+            args = checkpoints.load_checkpoint(folder / "last.pth")["args"]
+        except checkpoints.UserError as e:
+            raise UnreadableRun(str(e)) from None
+    else:
+        raise UnreadableRun("neither args.json nor last.pth")
+    if not isinstance(args, dict):
+        raise UnreadableRun(f"its arguments are a {type(args).__name__}, not a JSON object")
+    return args
+
+
+def run_identity(args: dict) -> Identity:
+    """The run's identity, older runs' missing keys filled in with what they stood for."""
+    for key in [key for key in run_options.IDENTITY if OPTIONS[key].older == REQUIRED] + ["seed"]:
+        if key not in args:
+            raise UnreadableRun(f"its arguments lack '{key}'")
+    if args["recipe"] not in settings.RECIPES:
+        raise UnreadableRun(f"unknown recipe {args['recipe']!r}")
+    values = {key: args[key] if key in args else run_options.value(OPTIONS[key].older, args)
+              for key in run_options.IDENTITY}
+    numbers = {key: values[key] for key in run_options.NUMBERS} | {"seed": args["seed"]}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UnreadableRun(f"'{key}' is {value!r}, not a number")
+    for key, value in values.items():
+        if isinstance(value, (list, dict)):  # a row is found by its identity, so every value must be hashable
+            raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
+    # A list or a dict (an option with several values) as its JSON text: a row is found by its identity.
+    unclassified = tuple((key, json.dumps(args[key], sort_keys=True) if isinstance(args[key], (list, dict))
+                          else args[key]) for key in sorted(run_options.unclassified(args)))
+    return Identity(**values, unclassified=unclassified)
+
+
+def number(text, where: str) -> float:
+    """A finite float, or UnreadableRun naming `where` (a NaN or an infinity has no place in a mean)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UnreadableRun(f"{where} is {text!r}, not a number")
+    return value
+
+
+NEEDED_COLUMNS = ("test_top1", "test_top5")
+
+
+def read_metrics(path: Path) -> list:
+    """metrics.csv as one dict of floats per epoch."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, lines = reader.fieldnames, list(reader)  # fieldnames reads the header: not after closing
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: not text
+        raise UnreadableRun(f"cannot read metrics.csv ({e})") from None
+    if columns is None:
+        raise UnreadableRun("metrics.csv is empty")
+    missing = [column for column in NEEDED_COLUMNS if column not in columns]
+    if missing:
+        raise UnreadableRun(f"metrics.csv has no {' or '.join(missing)} column")
+    if not lines:
+        raise UnreadableRun("metrics.csv has no epochs")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if None in line or None in line.values():  # more or fewer values than columns
+            raise UnreadableRun(f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
+        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key, text in line.items()})
+    return rows
+
+
+def read_run(folder: Path) -> Run:
+    """The run in `folder`; UnreadableRun says why it cannot be used."""
+    args = run_args(folder)
+    identity = run_identity(args)
+    metrics = folder / "metrics.csv"
+    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime)
+
+
+def read_runs(checkpoint_dir: Path) -> list[Run]:
+    """Every usable run; a folder that is not is skipped with one line saying why."""
+    runs = []
+    for metrics in sorted(checkpoint_dir.glob("*/*/metrics.csv")):
+        try:
+            runs.append(read_run(metrics.parent))
+        except UnreadableRun as e:
+            print(f"skipped {metrics.parent}: {e}", file=sys.stderr)
+    return runs
+
+

@@ -1,0 +1,98 @@
+"""conf/run_options.py: every option of the training parser is classified, the lists derived from the
+table are the ones the trainer, the resume and table.py used to write out by hand, and an option the
+table does not know counts as part of a run's identity."""
+import argparse
+import json
+
+import pytest
+
+import cli
+import run_records
+from conf import run_options
+from conf.run_options import OPTIONS, REQUIRED, ROW
+from test_table import cells, fake_run, markdown, paper_run
+
+
+def parser_options(parser: argparse.ArgumentParser) -> list[str]:
+    return [action.dest for action in parser._actions if action.dest != "help"]
+
+
+def test_every_option_of_the_training_parser_is_classified():
+    missing = run_options.unclassified(parser_options(cli.train_parser()))
+    assert missing == [], f"classify {missing} in conf/run_options.py OPTIONS"
+
+
+def test_the_check_fails_for_an_option_the_table_does_not_know(monkeypatch):
+    def with_label_smoothing():
+        p = real()
+        p.add_argument("--label-smoothing", type=float, default=0.0)
+        return p
+
+    real = cli.train_parser
+    monkeypatch.setattr(cli, "train_parser", with_label_smoothing)
+    assert run_options.unclassified(parser_options(cli.train_parser())) == ["label_smoothing"]
+
+
+def test_the_table_holds_only_the_parsers_options_and_what_the_trainer_records():
+    parsed = set(parser_options(cli.train_parser()))
+    assert {name for name, o in OPTIONS.items() if o.option} == parsed
+    assert {name for name, o in OPTIONS.items() if not o.option} == {"world", "dataset", "changed_on_resume"}
+
+
+def test_identity_options_say_what_the_paper_and_older_runs_used():
+    for name in run_options.IDENTITY:
+        option = OPTIONS[name]
+        assert option.paper != run_options.ANY, name
+        if option.older == REQUIRED:  # an older run without it cannot be read: only what every run recorded
+            assert name in {"net", "att", "recipe", "epochs"}, name
+    assert [name for name in run_options.IDENTITY if OPTIONS[name].paper == ROW] == ["net", "att", "recipe"]
+
+
+def test_the_derived_lists():
+    """The lists as train_cifar100.py and table.py wrote them out before the table existed."""
+    assert set(run_options.RESUMABLE_OVERRIDES) == {"epochs", "data", "workers", "loader", "amp", "channels_last",
+                                                    "compile", "cuda_graphs"}
+    assert set(run_options.IDENTITY_CHANGES_ON_RESUME) == {"amp", "world", "dataset"}
+    assert set(run_options.NOT_RESUMED) == {"resume", "init_from", "run", "checkpoint_dir", "log_dir"}
+    assert set(run_options.GIVEN_ON_RESUME) == set(run_options.RESUMABLE_OVERRIDES) | {"resume", "checkpoint_dir",
+                                                                                       "log_dir"}
+    assert run_options.IDENTITY == ["net", "att", "recipe", "lr", "b", "world", "epochs", "warm", "subset",
+                                    "dataset", "amp", "nam_l1", "sync_bn", "init_from", "changed_on_resume"]
+    assert run_options.NUMBERS == ["lr", "b", "world", "epochs", "warm", "nam_l1"]
+    assert set(run_options.ARITHMETIC_IDENTITY) == {"amp", "sync_bn", "b", "world"}
+    assert set(run_options.arithmetic_on_resume({"loader": "device"})) == {"loader", "amp", "channels_last",
+                                                                          "compile"}
+    assert set(run_options.arithmetic_on_resume({"loader": "workers"})) == {"loader", "amp", "channels_last",
+                                                                           "compile", "workers"}
+    assert run_records.paper_configuration("classic")["warm"] == 1
+    assert run_records.paper_configuration("paper")["warm"] == 0
+
+
+def test_an_unclassified_key_keeps_two_runs_apart_and_out_of_the_paper_rows(tmp_path, capsys):
+    """A flag added to the parser but not to the table: the runs with and without it are not one seed."""
+    root = tmp_path / "checkpoint"
+    paper_run(root, "ema", 0, 80.0)
+    paper_run(root, "ema", 1, 81.0)
+    paper_run(root, "ema", 0, 70.0, run="smoothed", label_smoothing=0.1)
+    out = markdown(root, tmp_path, capsys).out
+    assert "Duplicates" not in out
+    assert cells(out, "ResNet50 + EMA")[4:6] == ["2", "80.50 ± 0.71"]
+    other = out[out.index("Other configurations"):]
+    assert cells(other, "ResNet50 + EMA")[1] == "paper; label_smoothing=0.1"
+
+
+@pytest.mark.parametrize("value", [0.1, [1, 2], {"a": 1}, None])
+def test_an_unclassified_key_is_part_of_the_identity(value):
+    args = {"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0, "epochs": 200}
+    plain, flagged = run_records.run_identity(args), run_records.run_identity({**args, "new_flag": value})
+    assert plain != flagged and hash(flagged) is not None
+    assert not run_records.in_paper_rows(flagged)
+    shown = value if not isinstance(value, (list, dict)) else json.dumps(value)
+    assert run_records.label(flagged) == f"new_flag={shown}"
+
+
+def test_an_unfinished_run_with_an_unclassified_key_stays_unfinished(tmp_path, capsys):
+    root = tmp_path / "checkpoint"
+    fake_run(root, "resnet50", "ema", 0, [1.0], planned=2, new_flag=True)
+    out = markdown(root, tmp_path, capsys).out
+    assert "1/2 epochs" in out

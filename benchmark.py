@@ -9,10 +9,13 @@ Configurations (--configs), each training with the trainer's own step (training.
   compiled-cl  the same, torch.compile'd, channels_last
   graphs       compiled, replayed as CUDA graphs (CUDA only)
   graphs-cl    compiled, replayed as CUDA graphs, channels_last (CUDA only)
+  graphs-fused graphs, with EMA's fused Triton kernels (CUDA with Triton only)
 (default on a GPU: all but compiled-cl, which the graphs-cl configuration supersedes; classic and
-eager on the CPU, where compiling takes minutes).
+eager on the CPU, where compiling takes minutes). Each configuration ends with a line
+`result: <net> + <att> | <config> | batch <b> | <N> images/s | <device> | commit <hash>`.
 With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
-alone as the trainer runs it (each of the network's EMA shapes: its share of the step) and against
+alone as the trainer runs it (each of the network's EMA shapes: its share of the step; on a GPU with
+Triton, the PyTorch and the fused path, beside the memory floor and the card's copy rate) and against
 the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
 speed that any device can measure: host synchronisations and ATen operations per training step,
 graphs and graph breaks under torch.compile. Warm-up steps (which
@@ -23,6 +26,7 @@ import argparse
 import collections
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -41,6 +45,7 @@ import training
 import utils
 from conf import settings
 from models.attention import EMA
+from models.attention import ema_fused
 from models.attention.ema import FoldedEMA
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
@@ -48,9 +53,12 @@ GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
     "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "V100": 125e12,
 }
-CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl")
-GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl")  # graphs-cl supersedes compiled-cl
-CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl"}
+CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl", "graphs-fused")
+# graphs-cl supersedes compiled-cl; graphs-fused needs Triton.
+GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl") + (
+    ("graphs-fused",) if ema_fused.available() else ())
+CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl", "graphs-fused"}
+FUSED_CONFIGS = {"graphs-fused"}  # EMA's fused Triton kernels (EMA(fused=True)) instead of its PyTorch path
 EPOCH_IMAGES = 50_000
 
 
@@ -136,11 +144,14 @@ class StepRunner:
     """The trainer's per-step work (training.train_step, the LR schedule, the running totals) for one
     configuration, on a fresh model."""
 
-    def __init__(self, args, loader, speed: training.SpeedSettings):
+    def __init__(self, args, loader, speed: training.SpeedSettings, fused_ema: bool = False):
         torch.manual_seed(0)
         torch._dynamo.reset()  # each configuration compiles (and times its warm-up) on its own
         self.speed = speed
         self.model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+        for module in self.model.modules():
+            if isinstance(module, EMA):
+                module.fused = fused_ema
         self.model.to(speed.device, memory_format=speed.memory_format)
         speed.enable_fast_kernels()
         self.step_model = speed.compiled(self.model)
@@ -252,13 +263,13 @@ def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
     return list(shapes.items())
 
 
-def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int) -> float:
+def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int, fused: bool = False) -> float:
     """Milliseconds of one EMA's forward + backward on an input of `shape`, run the way the trainer
     runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast as
     a block's last BatchNorm hands it over."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
-    module = EMA(shape[1]).to(speed.device)
+    module = EMA(shape[1], fused=fused).to(speed.device)
     speed.enable_fast_kernels()
     step = speed.compiled(module)
     x = torch.randn(shape, device=speed.device, dtype=speed.amp_dtype or torch.float32)
@@ -279,6 +290,26 @@ def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int)
     return seconds * 1e3
 
 
+def commit() -> str:
+    """This checkout's commit, marked when files differ from it: what a result line measured."""
+    def git(*words):
+        return subprocess.run(["git", *words], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "unknown"
+        return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:  # no git
+        return "unknown"
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s that one large copy moves on this device (read + write): the memory floor's yardstick."""
+    x = torch.empty(256 * 2 ** 20, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    _, seconds = timed(lambda: y.copy_(x), device, 2, 5)
+    return 2 * x.numel() * x.element_size() / seconds
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -297,6 +328,7 @@ def configurations(device, args) -> dict:
         "compiled-cl": ("device", replace(compiled, channels_last=True)),
         "graphs": ("device", replace(compiled, cuda_graphs=True)),
         "graphs-cl": ("device", replace(compiled, cuda_graphs=True, channels_last=True)),
+        "graphs-fused": ("device", replace(compiled, cuda_graphs=True)),
     }
 
 
@@ -325,8 +357,10 @@ def main(argv=None) -> int:
 def benchmark(args):
     device = utils.default_device()
     if device.type != "cuda" and CUDA_GRAPHS_CONFIGS & set(args.configs):
-        raise utils.UserError(f"--configs graphs and graphs-cl need a CUDA device; this machine has "
-                              f"{device.type} only: leave them out")
+        raise utils.UserError(f"--configs {', '.join(sorted(CUDA_GRAPHS_CONFIGS))} need a CUDA device; this "
+                              f"machine has {device.type} only: leave them out")
+    if FUSED_CONFIGS & set(args.configs) and not ema_fused.available():
+        raise utils.UserError("--configs graphs-fused needs Triton, which this torch does not have: leave it out")
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
@@ -349,13 +383,15 @@ def benchmark(args):
     for name in args.configs:
         loader, speed = configs[name]
         runner = None  # the last configuration's model, gradients and graphs freed before the next is built
-        runner = StepRunner(args, loaders[loader], speed)
+        runner = StepRunner(args, loaders[loader], speed, fused_ema=name in FUSED_CONFIGS)
         warm_s, step_s = runner.timed(args.warmup, args.steps)
         rates[name] = args.b / step_s
         mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
         ratio = f"   {rates[name] / rates['classic']:5.2f}x classic" if "classic" in rates else ""
         print(f"  {name:<12} {describe(loader, speed):<60} {rates[name]:9.1f}{ratio}{mfu}   "
               f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up {warm_s:.0f} s)")
+        print(f"  result: {args.net} + {args.att} | {name} | batch {args.b} | {rates[name]:.0f} images/s | "
+              f"{device_name(device)} | commit {commit()}")
         if args.profile:
             print(runner.profile_table())
     if device.type == "cuda":
@@ -405,17 +441,33 @@ def print_ema_as_trained(args, device, configs, rates):
     alone (compiled on its own, so without the fusions and launches it shares with its neighbours in
     the network), in the settings the trainer uses by default on this device."""
     speed = training.SpeedSettings.resolve(device, args.amp, attention="ema")
-    print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}:")
-    total, modules = 0.0, 0
+    fused = device.type == "cuda" and ema_fused.available()
+    bandwidth = copy_bandwidth(device) if fused else None
+    print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}"
+          + (f"; this card copies at {bandwidth / 1e12:.2f} TB/s" if fused else "") + ":")
+    paths = ("pytorch", "fused") if fused else ("pytorch",)
+    totals, modules = dict.fromkeys(paths, 0.0), 0
     for (c, h, w), count in ema_shapes(args.net):
-        ms = ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3), max(args.steps, 3))
-        total, modules = total + count * ms, modules + count
-        shape = f"({c}, {h}, {w})"
-        print(f"  input {shape:<15} x {count:2d} modules  {ms:8.3f} ms each  {count * ms:8.2f} ms")
-    trained = next((name for name, (loader, config_speed) in configs.items()
-                    if loader == "device" and config_speed == speed and name in rates), None)
-    step = f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms" if trained else ""
-    print(f"  all {modules} modules: {total:.2f} ms a step{step}")
+        modules += count
+        # The floor: a forward reads x and writes the output, a backward reads x and the output's
+        # gradient and writes the input's: 5 tensors of x's size.
+        floor = 5 * args.b * c * h * w * (torch.finfo(speed.amp_dtype).bits // 8 if speed.amp_dtype else 4)
+        cells = []
+        for path in paths:
+            ms = ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3), max(args.steps, 3),
+                             fused=path == "fused")
+            totals[path] += count * ms
+            cells.append(f"{path} {ms:8.3f} ms")
+        if fused:
+            cells.append(f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused at "
+                         f"{floor / (ms / 1e3) / bandwidth:5.1%} of the copy rate")
+        print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} modules  " + "   ".join(cells))
+    for path in paths:
+        trained = next((name for name, (loader, config_speed) in configs.items()
+                        if loader == "device" and config_speed == speed and name in rates
+                        and (name in FUSED_CONFIGS) == (path == "fused")), None)
+        step = f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms" if trained else ""
+        print(f"  {path} path, all {modules} modules: {totals[path]:.2f} ms a step{step}")
 
 
 def print_ema_comparison(args, device):

@@ -109,8 +109,9 @@ def resolve_resume(args):
     for name in run_options.RESUMABLE_OVERRIDES:
         if getattr(args, name) is not None:
             setattr(saved, name, getattr(args, name))
+    for name in run_options.WHERE_OPTIONS:  # where this command reads and writes, not where the run once did
+        setattr(saved, name, getattr(args, name))
     saved.resume, saved.run = str(path), path.parent.name
-    saved.checkpoint_dir, saved.log_dir = args.checkpoint_dir, args.log_dir
     defaults = vars(cli.parse_train_args([]))
     kept = set(run_options.GIVEN_ON_RESUME) | ({"net", "att"} if args.resume == "newest" else set())  # -net/-att pick the newest run
     ignored = [name for name, value in vars(args).items() if name not in kept and value != defaults[name]]
@@ -167,6 +168,13 @@ def fill_defaults(args) -> None:
     args.data = args.data or settings.DATA_DIR
     args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
     args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+
+def folder_of(args) -> Path:
+    """The run's folder: a resumed run's own (wherever it was copied), a new one's under --checkpoint-dir."""
+    if args.resume:
+        return Path(args.resume).parent
+    return Path(args.checkpoint_dir) / f"{args.net}_{args.att}" / args.run
 
 
 def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epoch: int, totals_device, main: bool):

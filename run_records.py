@@ -115,7 +115,8 @@ def run_identity(args: dict) -> Identity:
         raise UnreadableRun(f"unknown recipe {args['recipe']!r}")
     values = {key: args[key] if key in args else run_options.value(OPTIONS[key].older, args)
               for key in run_options.IDENTITY}
-    numbers = {key: values[key] for key in run_options.NUMBERS} | {"seed": args["seed"]}
+    numbers = {key: values[key] if key in values else args[key] for key in run_options.NUMBERS
+               if key in values or key in args}  # the seed among them: required above
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a number")

@@ -33,7 +33,6 @@ if __name__ == "__main__":
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -45,7 +44,6 @@ import run_folder
 import training
 import utils
 from conf import settings
-from run_folder import StopRequest
 from utils import UserError
 
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
@@ -88,7 +86,7 @@ def train(args, processes) -> int:
             print(f"{args.resume} already finished {trainer.epoch}/{args.epochs} epochs; raise --epochs to continue")
         return 0
     trainer.open_outputs()
-    with StopRequest(announce=processes.main) as stop:
+    with run_folder.StopRequest(announce=processes.main) as stop:
         return trainer.run(stop)
 
 
@@ -103,9 +101,8 @@ class Trainer:
         self.recipe = settings.RECIPES[args.recipe]
         self.data = cifar.training_data(args, self.recipe, device, processes)
         self.train_data, self.test_data = self.data.train, self.data.test
-        self.model, self.step_model, self.eval_model, self.penalty, notes = training.build_model(
-            args, self.recipe, self.speed, processes)
-        self.notes += notes
+        self.model, self.step_model, self.eval_model, self.penalty = training.build_model(
+            args, self.recipe, self.speed, processes, self.notes)
         self.optimizer = training.make_optimizer(self.model, args.lr, device)
         self.scaler = self.speed.grad_scaler()
         self.scheduler = training.lr_schedule(self.optimizer, len(self.train_data), args.warm, self.scaler)
@@ -119,10 +116,8 @@ class Trainer:
 
     def open_outputs(self):
         """The run folder, once everything given has been validated: nothing is written before."""
-        args = self.args
-        folder = (Path(args.resume).parent if self.checkpoint
-                  else Path(args.checkpoint_dir) / f"{args.net}_{args.att}" / args.run)
-        self.out = run_folder.RunFolder(args, folder, self.processes.main, self.epoch if self.checkpoint else None)
+        self.out = run_folder.RunFolder(self.args, run_folder.folder_of(self.args), self.processes.main,
+                                        self.epoch if self.checkpoint else None)
         for note in self.notes:
             self.out.print(note)
         if self.checkpoint:
@@ -130,7 +125,7 @@ class Trainer:
         else:
             self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
 
-    def run(self, stop: StopRequest) -> int:
+    def run(self, stop: run_folder.StopRequest) -> int:
         """Train until the last epoch or a stop request; the exit code."""
         args = self.args
         self.out.announce(args, models.count_parameters(self.model)[0], len(self.data.train_set), self.speed,
@@ -142,7 +137,7 @@ class Trainer:
                 self.end_epoch()
         return self.finish(stop_signal)
 
-    def train_epoch(self, stop: StopRequest) -> int:
+    def train_epoch(self, stop: run_folder.StopRequest) -> int:
         """Steps from self.step to the epoch's end, or until a stop is agreed; the stop signal or 0.
         Nothing between two checks waits for the device."""
         args, processes, steps = self.args, self.processes, len(self.train_data)
@@ -173,7 +168,7 @@ class Trainer:
         bar.close()
         return stop_signal
 
-    def check(self, watch: training.LossWatch, stop: StopRequest, bar, first_step: int) -> int:
+    def check(self, watch: training.LossWatch, stop: run_folder.StopRequest, bar, first_step: int) -> int:
         """The periodic check: divergence and stop requests, agreed by every rank; the progress bar's
         numbers. The one place in an epoch that waits for the device."""
         bad_step = watch.diverged_at()

@@ -151,15 +151,14 @@ def resolve_device_options(args, device, processes: Distributed) -> tuple[SpeedS
     return speed, notes
 
 
-def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed):
-    """(model, step_model, eval_model, penalty, notes). `model` is the plain module, on the device:
-    checkpoints, the graph and the pictures use it. Steps go through DDP (gradients averaged over
-    ranks) and torch.compile; evaluation through the compiled plain module (DDP adds nothing there).
-    `penalty`: NAM's L1 term, or None."""
+def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed, notes: list):
+    """(model, step_model, eval_model, penalty); what the log should say appended to `notes`. `model`
+    is the plain module, on the device: checkpoints, the graph and the pictures use it. Steps go
+    through DDP (gradients averaged over ranks) and torch.compile; evaluation through the compiled
+    plain module (DDP adds nothing there). `penalty`: NAM's L1 term, or None."""
     torch.manual_seed(args.seed)
     model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
     initialise(model, recipe)
-    notes = []
     if args.init_from and not args.resume:  # a resumed run loads its own weights
         layout = checkpoints.load_weights_into(model, args.init_from, f"this run's {args.net} + {args.att}")
         notes.append(f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
@@ -174,7 +173,7 @@ def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed
     else:
         step_model = eval_model
     penalty = (lambda: nam_l1_penalty(model, args.nam_l1)) if args.nam_l1 else None
-    return model, step_model, eval_model, penalty, notes
+    return model, step_model, eval_model, penalty
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:

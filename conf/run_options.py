@@ -23,7 +23,8 @@ The columns of an Option:
 - arithmetic: changing it changes the arithmetic, not the recipe: a resume that changes it says the
   run continues, but not bitwise; a run that differs from the paper only in such identity values
   stays in the paper's rows (with b x world = 128). A callable takes the run's arguments.
-- number: table.py computes with it, so an args.json must hold a number there.
+- number: table.py computes with it (or averages over it: the seed), so an args.json must hold a
+  number there.
 - option: False for what the trainer records in args.json beside the parser's options.
 """
 from dataclasses import dataclass
@@ -102,12 +103,13 @@ def unclassified(names) -> list[str]:
 # ---------------------------------------------------------------- the derived lists
 
 IDENTITY = [name for name, o in OPTIONS.items() if o.identity]
-NUMBERS = [name for name, o in OPTIONS.items() if o.identity and o.number]
+NUMBERS = [name for name, o in OPTIONS.items() if o.number]
 PAPER_CONFIGURATION = {name: o.paper for name, o in OPTIONS.items() if o.identity and o.paper != ROW}
 ARITHMETIC_IDENTITY = [name for name, o in OPTIONS.items() if o.identity and o.arithmetic is True]
 RESUMABLE_OVERRIDES = [name for name, o in OPTIONS.items() if o.option and o.resume in (MAY_CHANGE, EXTENDS)]
 IDENTITY_CHANGES_ON_RESUME = [name for name, o in OPTIONS.items() if o.identity and o.resume == MAY_CHANGE]
-GIVEN_ON_RESUME = RESUMABLE_OVERRIDES + [name for name, o in OPTIONS.items() if o.resume == WHERE]
+WHERE_OPTIONS = [name for name, o in OPTIONS.items() if o.resume == WHERE]
+GIVEN_ON_RESUME = RESUMABLE_OVERRIDES + WHERE_OPTIONS
 NOT_RESUMED = [name for name, o in OPTIONS.items() if o.resume in (WHERE, FOLDER)]
 
 

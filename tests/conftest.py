@@ -1,10 +1,14 @@
 """The suite runs on the CPU even where CUDA exists: bitwise resume, the two-process torchrun test
-and the tiny datasets assume it. CUDA stays visible only with EMA_TEST_GPU=1, for tests/test_gpu.py
+and the tiny datasets assume it, and the fused EMA's kernels run in Triton's interpreter
+(tests/test_ema_fused.py). CUDA stays visible only with EMA_TEST_GPU=1, for tests/test_gpu.py
 (docs/speed.md, "The GPU check")."""
 import os
 
 if os.environ.get("EMA_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA initialises, after this
+    # The fused EMA's Triton kernels run on the CPU in Triton's interpreter, read when they are
+    # defined (on import), so before any test imports the models.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import ctypes  # noqa: E402
 import gc  # noqa: E402

@@ -1,4 +1,5 @@
-"""The default configuration on a GPU. Skipped without CUDA; run on a GPU machine with
+"""The default configuration on a GPU, and EMA's fused kernels compiled for it. Skipped without CUDA;
+run on a GPU machine with
 
     EMA_TEST_GPU=1 python -m pytest -q tests/test_gpu.py
 
@@ -18,6 +19,7 @@ import models
 import train_cifar100
 import training
 from fake_cifar import write_fake_cifar100
+from models.attention import ema_fused
 from models.attention.ema import FoldedEMA
 from test_loader import MEAN, STD, random_batch, torchvision_tensor
 
@@ -119,3 +121,83 @@ def test_gpu_checkpoint_resumes_on_the_cpu_and_gate_images_with_workers(data_roo
     assert result.returncode == 0, result.stderr
     assert "device cuda -> cpu" in result.stdout
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 2
+
+
+# ---------------------------------------------------------------- EMA's fused kernels (ema_fused.py)
+
+fused_needs_triton = pytest.mark.skipif(not ema_fused.available(), reason="Triton is not installed")
+RESNET50_EMA_INPUTS = [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)]
+
+
+def fused_and_reference(c, seed=0):
+    """EMA with random weights on the fused path, and the same weights on the PyTorch path in float64."""
+    torch.manual_seed(seed)
+    fused = models.attention.EMA(c, fused=True).cuda()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.5)
+    reference = models.attention.EMA(c, fused=False).cuda().double()
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def relative_errors(module, reference, x, grad):
+    """Relative error (norm of the difference / norm of the reference) of the output, the input's
+    gradient and each parameter's, against the float64 reference."""
+    results = []
+    for m, inputs, g in ((module, x, grad), (reference, x.double(), grad.double())):
+        m.zero_grad(set_to_none=True)
+        inputs = inputs.detach().clone().requires_grad_()
+        out = m(inputs)
+        out.backward(g)
+        results.append([out, inputs.grad] + [p.grad for p in m.parameters()])
+    return [((got.double() - want).norm() / want.norm()).item() for got, want in zip(*results)]
+
+
+@fused_needs_triton
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", RESNET50_EMA_INPUTS)
+def test_fused_ema_against_float64(shape, dtype, tolerance):
+    fused, reference = fused_and_reference(shape[0])
+    x = torch.randn(8, *shape, device="cuda", dtype=dtype)
+    errors = relative_errors(fused, reference, x, torch.randn_like(x))
+    assert max(errors) <= tolerance, errors
+
+
+@fused_needs_triton
+def test_fused_ema_takes_channels_last_and_repeats_its_gradients_bitwise():
+    fused, reference = fused_and_reference(256)
+    x = torch.randn(8, 256, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    assert max(relative_errors(fused, reference, x, grad)) <= 1e-4
+    runs = []
+    for _ in range(2):
+        fused.zero_grad(set_to_none=True)
+        fused(x).backward(grad)
+        runs.append([p.grad.clone() for p in fused.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@fused_needs_triton
+def test_fused_ema_under_compile_and_cuda_graphs():
+    fused, _ = fused_and_reference(512)
+    x = torch.randn(16, 512, 16, 16, device="cuda", dtype=torch.bfloat16)
+    eager = fused(x)
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # the first call runs eagerly, the second records the graph, the third replays it
+        out = compiled(x)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=0, atol=0)
+
+
+@fused_needs_triton
+def test_two_epochs_fused_and_unfused_agree(data_root, tmp_path, monkeypatch):
+    """ResNet18 + EMA, same seed, two epochs each way: the final losses within bf16 noise."""
+    losses = {}
+    for fused in (False, True):
+        monkeypatch.setattr(ema_fused, "ON_CUDA_BY_DEFAULT", fused)
+        run = f"fused-{fused}"
+        assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-b", "64", "--epochs", "2",
+                                    "--data", str(data_root)] + outputs(tmp_path, run)) == 0
+        history = torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth", weights_only=True)["history"]
+        losses[fused] = [row["train_loss"] for row in history]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05), losses

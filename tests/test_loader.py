@@ -201,6 +201,7 @@ def test_benchmark_runs_end_to_end():
                  "input (64, 32, 32)    x  2 modules", "input (512, 4, 4)     x  2 modules",
                  "all 8 modules:", "the eager training step above:"):
         assert line in out, out
+    assert "result: resnet18 + ema | classic | batch 4 | " in out and "images/s | " in out and " | commit " in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

@@ -178,6 +178,10 @@ def _warn_unofficial(folder: Path, split: str) -> None:
 def ensure_cifar100(root) -> None:
     """Download CIFAR-100 into root unless the folder is already there; a clear error otherwise."""
     folder = Path(root) / CIFAR_FOLDER
+    if Path(root).is_file():
+        raise UserError(f"--data {root} is a file, not a folder; expected layout: {CIFAR_LAYOUT}")
+    if Path(root).name == CIFAR_FOLDER and not folder.exists():
+        raise UserError(f"--data {root} is the dataset's own folder: point --data at {Path(root).parent}")
     present = [name for name in ("train", "test", "meta") if (folder / name).is_file()]
     if len(present) == 3:
         return
@@ -375,15 +379,21 @@ class TrainingData:
     gate_images: object  # the first 8 test images (--gate-images), else None
 
 
-def training_data(args, recipe: dict, device, processes: Distributed = SINGLE_PROCESS) -> TrainingData:
+def training_data(args, recipe: dict, device, processes: Distributed = SINGLE_PROCESS,
+                  notes: list = None) -> TrainingData:
     """The run's data, downloaded where missing (once per machine; the other ranks wait), its identity
-    recorded in args.dataset for table.py."""
+    recorded in args.dataset for table.py; what the log should say appended to `notes`."""
+    notes = [] if notes is None else notes
     if processes.local_rank == 0:
         ensure_cifar100(args.data)
     processes.barrier()
     train_set = CIFAR100Folder(args.data, train=True)
     test_set = CIFAR100Folder(args.data, train=False)
     args.dataset = dataset_identity(train_set, test_set)
+    if args.subset and args.subset >= len(train_set):  # the whole set: not a subset run in table.py
+        notes.append(f"note: --subset {args.subset} covers the whole training set ({len(train_set):,} images): "
+                     f"recorded as no subset")
+        args.subset = None
     if args.subset:
         train_set.truncate(args.subset)
     # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same

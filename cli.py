@@ -15,6 +15,7 @@ from conf import settings
 
 FLOAT32_MAX = 3.4028234663852886e38
 CHECKPOINTS_DEFAULT = "the checkpoint's"
+MAX_RUN_NAME = 200  # bytes of a --run-name
 
 
 def answer_help(make_parser) -> None:
@@ -65,6 +66,8 @@ def run_name(text):
     """A plain folder name: what table.py and -resume look for one level below <net>_<att>/."""
     if not text or text in (".", "..") or any(sep in text for sep in "/\\") or text.startswith("~"):
         raise argparse.ArgumentTypeError(f"must be a plain folder name (no /, \\, '.', '..'), got {text!r}")
+    if len(text.encode()) > MAX_RUN_NAME:  # file systems take 255 bytes; the log folder may add 7
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RUN_NAME} characters, got {len(text.encode())}")
     return text
 
 
@@ -118,7 +121,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-images", type=int, default=0, metavar="K",
                    help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)")
     p.add_argument("--run-name", dest="run", type=run_name, default=None,
-                   help="run folder name (default: the start time); a new run never reuses a folder holding a checkpoint")
+                   help="run folder name (default: the start time and the seed); a new run never reuses a folder holding "
+                        "a checkpoint or results")
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from these weights: a checkpoint of this repo, or of the NAM authors' or the classic "
                         "CIFAR-100 script (docs/data.md); optimizer and schedule start fresh")
@@ -138,6 +142,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
         p.error("--nam-l1 must be >= 0")
     if args.gate_images < 0:
         p.error("--gate-images must be >= 0")
+    if args.gate_images and args.att not in (None, "ema") and not args.resume:
+        p.error(f"--gate-images draws EMA's gates, and -att {args.att} has none")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run; --resume continues one: give one of them")
     return args

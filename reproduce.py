@@ -3,12 +3,19 @@
     python reproduce.py --seeds 3                        # print them (nothing runs)
     python reproduce.py --seeds 3 --run                  # run them one after another
     python reproduce.py --seeds 3 --gpus 0,1,2,3 --run   # one run per GPU at a time
+    python reproduce.py --seeds 1 -net resnet101 --run --epochs 1 --subset 256   # a campaign tried small
+
+Options reproduce.py does not know are passed on to every job (checked by the training parser first);
+-net and -att pick rows of the table. A SIGTERM or SIGHUP to reproduce.py is passed on to the running
+jobs, which save and stop, and nothing more starts.
 
 Rerunning it is safe: finished runs are skipped and interrupted ones resumed, because each run has
 a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read is skipped
 with one line saying why. Then `python table.py`.
 """
 import argparse
+import contextlib
+import io
 import os
 import queue
 import signal
@@ -24,6 +31,9 @@ from conf import settings
 
 # Every row of the paper's table that has a public definition (SSA has none).
 ROWS = [(net, att) for net, att, *_ in settings.PAPER_TABLE if att != "ssa"]
+TRAINER = Path(__file__).resolve().parent / "train_cifar100.py"  # run from any folder
+# What reproduce.py sets for each job itself: not to be passed through.
+SET_PER_JOB = ("net", "att", "recipe", "seed", "run", "checkpoint_dir", "resume", "init_from")
 
 
 @dataclass
@@ -42,26 +52,33 @@ class Job:
 
 
 def run_state(folder: Path) -> str:
-    if not (folder / "last.pth").is_file():
-        return "new"
-    if not (folder / "metrics.csv").is_file():
-        return "interrupted"  # stopped within its first epoch
+    checkpoint, metrics = (folder / "last.pth").is_file(), (folder / "metrics.csv").is_file()
+    if not metrics:
+        return "interrupted" if checkpoint else "new"  # stopped within its first epoch, or never started
     try:
-        return "done" if run_records.read_run(folder).finished else "interrupted"
+        run = run_records.read_run(folder)
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
+    if run.finished:
+        return "done"
+    if not checkpoint:  # its results kept, its last.pth gone: nothing to resume, nothing to overwrite
+        print(f"skipped {folder}: unfinished ({len(run.rows)}/{run.identity.epochs} epochs) and no last.pth to "
+              f"resume", file=sys.stderr)
+        return "skipped"
+    return "interrupted"
 
 
 def plan(args) -> list[Job]:
     jobs = []
+    rows = [(net, att) for net, att in ROWS if net in (args.net or [net]) and att in (args.att or [att])]
     for recipe in args.recipe:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for net, att in ROWS:
+            for net, att in rows:
                 name = f"{recipe}-seed{seed}"
                 folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
                 state = run_state(folder)
-                command = [sys.executable if args.run else "python", "train_cifar100.py"]
+                command = [sys.executable, str(TRAINER)] if args.run else ["python", "train_cifar100.py"]
                 if state == "interrupted":
                     command += ["--resume", str(folder)]
                 else:
@@ -69,7 +86,7 @@ def plan(args) -> list[Job]:
                                 "--checkpoint-dir", args.checkpoint_dir]
                     if args.data:
                         command += ["--data", args.data]
-                jobs.append(Job(net, att, recipe, seed, folder, state, command))
+                jobs.append(Job(net, att, recipe, seed, folder, state, command + args.training))
     return jobs
 
 
@@ -78,13 +95,19 @@ def plan(args) -> list[Job]:
 STOP_CODES = {code for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) for code in (128 + sig, -sig)}
 
 
-def run_all(jobs: list[Job], gpus: list) -> tuple[int, int]:
+def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
     """Run the jobs, one per GPU at a time (or one at a time without --gpus), until they are done or
-    one is stopped by a signal; (jobs started, jobs that failed)."""
+    one is stopped by a signal; (jobs started, jobs that failed, the stop signal passed on or 0)."""
     todo = queue.Queue()
     for job in jobs:
         todo.put(job)
-    started, failed, stop = [], [], threading.Event()
+    started, failed, stop, running, stopped_by = [], [], threading.Event(), set(), []
+
+    def pass_on(signum, frame):  # to reproduce.py alone (a kill, a closed session): the jobs save and stop
+        stop.set()
+        stopped_by.append(signum)
+        for proc in list(running):
+            proc.send_signal(signum)
 
     def worker(gpu):
         while not stop.is_set():
@@ -95,13 +118,17 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int]:
             env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             print(f"start: {job.shell(gpu)}", flush=True)
             started.append(job)
-            code = subprocess.run(job.command, env=env).returncode
+            proc = subprocess.Popen(job.command, env=env)
+            running.add(proc)
+            code = proc.wait()
+            running.discard(proc)
             print(f"{'done' if code == 0 else f'exit {code}'}: {job.folder}", flush=True)
             if code:
                 failed.append(job)
             if code in STOP_CODES:  # start nothing more
                 stop.set()
 
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig}
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()
@@ -110,9 +137,32 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int]:
             t.join()
     except KeyboardInterrupt:  # the running jobs got the Ctrl-C too: they save and stop
         stop.set()
+        stopped_by.append(signal.SIGINT)
         for t in threads:
             t.join()
-    return len(started), len(failed)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return len(started), len(failed), (stopped_by or [0])[0]
+
+
+def check_training_options(p, options: list[str]) -> None:
+    """Options to pass through to every job: the training parser's, minus what each job sets itself;
+    otherwise argparse's one line and exit 2."""
+    parser = cli.train_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            given, unknown = parser.parse_known_args(options)
+    except SystemExit:
+        parser.prog = "reproduce.py (passed on to train_cifar100.py)"
+        parser.parse_known_args(options)  # the same error, now printed, and exit 2
+        raise
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    defaults = vars(parser.parse_args([]))
+    own = [name for name in SET_PER_JOB if getattr(given, name) != defaults[name]]
+    if own:
+        p.error(f"reproduce.py sets {', '.join(own)} for each job itself; give -net/-att to pick rows")
 
 
 def gpu_ids(text):
@@ -132,7 +182,10 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="passed on to train_cifar100.py")
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
     p.add_argument("--run", action="store_true", help="run the commands instead of printing them")
-    args = p.parse_args(argv)
+    p.add_argument("-net", nargs="+", choices=sorted({net for net, _ in ROWS}), help="only these networks' rows")
+    p.add_argument("-att", nargs="+", choices=sorted({att for _, att in ROWS}), help="only these modules' rows")
+    args, args.training = p.parse_known_args(argv)
+    check_training_options(p, args.training)
 
     jobs = plan(args)
     pending = [job for job in jobs if job.state in ("new", "interrupted")]
@@ -148,10 +201,10 @@ def main(argv=None):
         print(f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, {count('new')} to start"
               f"{skipped}", file=sys.stderr)
         return 0
-    started, failed = run_all(pending, args.gpus)
+    started, failed, stopped_by = run_all(pending, args.gpus)
     unstarted = f"; {len(pending) - started} not started (rerun this command to continue)" if started < len(pending) else ""
     print(f"{started - failed} of {len(pending)} runs ended well{unstarted}; then: python table.py")
-    return 1 if failed else 0
+    return 128 + stopped_by if stopped_by else 1 if failed else 0
 
 
 if __name__ == "__main__":

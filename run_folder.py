@@ -1,7 +1,7 @@
 """What manages a run's folder: resume resolution (which checkpoint, which arguments), the training
 state read back from a checkpoint, the folder itself (the lock, args.json, metrics.csv, last.pth and
 best.pth written atomically, the TensorBoard log and its repair after an interruption), and stop
-requests (Ctrl-C, SIGTERM) that save before stopping.
+requests (Ctrl-C, SIGTERM, SIGHUP) that save before stopping.
 
     checkpoint/<net>_<att>/<run>/{last.pth, best.pth, metrics.csv, args.json, .lock}
     runs/<net>_<att>/<run>/events.out.tfevents.*
@@ -46,9 +46,12 @@ except ImportError:  # Windows
 
 # ---------------------------------------------------------------- stop requests
 
+# Ctrl-C, a kill, and a closed terminal or SSH session (SIGHUP; Windows has none).
+STOP_SIGNALS = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig)
+
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM during start-up (Ctrl-C there is Python's own KeyboardInterrupt), or a second Ctrl-C
-    or SIGTERM in the loop: stop at once, with no checkpoint saved first."""
+    """SIGTERM or SIGHUP during start-up (Ctrl-C there is Python's own KeyboardInterrupt), or a second
+    stop signal in the loop: stop at once, with no checkpoint saved first."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -60,11 +63,11 @@ def interrupt(signum, frame):
 
 
 class StopRequest:
-    """Within `with`, Ctrl-C / SIGTERM set a flag that the loop checks (after every step in a single
-    process, at the next agreed check under torchrun), so that a checkpoint gets saved; the previous
-    handlers come back on exit."""
+    """Within `with`, Ctrl-C / SIGTERM / SIGHUP set a flag that the loop checks (after every step in a
+    single process, at the next agreed check under torchrun), so that a checkpoint gets saved; the
+    previous handlers come back on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, announce: bool = True):
         self.announce = announce
@@ -167,7 +170,8 @@ def fill_defaults(args) -> None:
     args.epochs = args.epochs or settings.EPOCHS
     args.data = args.data or settings.DATA_DIR
     args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
-    args.run = args.run or datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    # The start time and the seed: two seeds started in the same second get two folders.
+    args.run = args.run or f"{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}-seed{args.seed}"
 
 
 def folder_of(args) -> Path:
@@ -175,6 +179,17 @@ def folder_of(args) -> Path:
     if args.resume:
         return Path(args.resume).parent
     return Path(args.checkpoint_dir) / f"{args.net}_{args.att}" / args.run
+
+
+def finished_already(args, epoch: int, step: int, steps: int, main: bool) -> bool:
+    """Whether a resumed run has done its --epochs (then says so); a UserError when it stopped inside
+    an epoch beyond them."""
+    if step and epoch >= args.epochs:
+        raise UserError(f"{args.resume} stopped in epoch {epoch + 1} (step {step} of {steps}): give --epochs "
+                        f"{epoch + 1} or more")
+    if epoch >= args.epochs and main:
+        print(f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to continue")
+    return epoch >= args.epochs
 
 
 def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epoch: int, totals_device, main: bool):
@@ -253,12 +268,13 @@ class RunFolder:
             except OSError as e:
                 utils.remove_empty(made)
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
-        self.lock = RunLock(self.ckpt_dir)
-        try:
-            self.log_lock = RunLock(self.log_dir)  # a copied run folder could share it
-        except UserError:
-            self.lock.release()
-            raise
+        self.lock, self.log_lock = RunLock(self.ckpt_dir), None
+        if self.log_dir.resolve() != self.ckpt_dir.resolve():  # --log-dir the same as --checkpoint-dir
+            try:
+                self.log_lock = RunLock(self.log_dir)  # a copied run folder could share it
+            except UserError:
+                self.lock.release()
+                raise
         if resumed_epoch is None:
             self._claim_new_run()
         else:
@@ -277,6 +293,11 @@ class RunFolder:
             self.close()
             raise UserError(f"{self.ckpt_dir} already holds a run: continue it with --resume {self.ckpt_dir}, "
                             f"or choose another --run-name")
+        results = sorted(name for name in ("best.pth", "metrics.csv") if (self.ckpt_dir / name).exists())
+        if results:  # its last.pth deleted (to save disk, say), its results kept
+            self.close()
+            raise UserError(f"{self.ckpt_dir} already holds a run's results ({', '.join(results)}): choose "
+                            f"another --run-name")
         stale = list(self.log_dir.glob("events.out.tfevents.*"))
         for events in stale:
             events.unlink()
@@ -288,11 +309,16 @@ class RunFolder:
         """Remove from the event files what an interrupted process logged after the checkpoint being
         resumed, and the final metrics of a finished run being extended: TensorBoard's own reader
         (load_fast=false) ignores SummaryWriter's purge_step and would show those steps twice."""
+        for leftover in [*self.log_dir.glob(".rewrite-*.tmp"), *self.log_dir.glob("*tfevents*.tmp")]:
+            leftover.unlink()  # a rewrite that a kill interrupted
         for path in sorted(self.log_dir.glob("events.out.tfevents.*")):
             records = list(RawEventFileLoader(str(path)).Load())
             kept = [record for record in records if self._still_valid(event_pb2.Event.FromString(record), epoch)]
-            if len(kept) < len(records):
-                utils.write_atomic(path, lambda f: write_records(f, kept))
+            if len(kept) <= 1:  # the file's header alone: a start that was killed before it logged
+                path.unlink()
+            elif len(kept) < len(records):
+                # The temporary file's name without "tfevents": TensorBoard reads every such file.
+                utils.write_atomic(path, lambda f: write_records(f, kept), tmp=rewrite_file(path))
 
     @staticmethod
     def _still_valid(event, epoch: int) -> bool:
@@ -327,12 +353,20 @@ class RunFolder:
         gc.collect()
 
     def log_epoch(self, history):
+        """The epoch's scalars to TensorBoard: before its checkpoint (a resume from the one before
+        forgets them, and logs them again)."""
         if not self.active:
             return
         row = history[-1]
         for tag, key in self.TAGS:
             self.writer.add_scalar(tag, row[key], row["epoch"])
         self.writer.flush()
+
+    def write_metrics(self, history):
+        """metrics.csv: after the epoch's checkpoint, so that it never lists an epoch no checkpoint holds."""
+        if not self.active:
+            return
+        row = history[-1]
 
         def write_csv(f):
             table = csv.DictWriter(f, fieldnames=list(row))
@@ -368,7 +402,8 @@ class RunFolder:
             self.writer.close()
         if self.lock:
             self.lock.release()
-            self.log_lock.release()
+            if self.log_lock:
+                self.log_lock.release()
 
 
 class RunLock:
@@ -415,6 +450,12 @@ def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:
     else:
         folder.print(f"warning: {path} holds epoch {held} but the best is epoch {best['epoch']}, "
                      f"which no checkpoint holds any more; best.pth is stale")
+
+
+def rewrite_file(events: Path) -> Path:
+    """The temporary file an event file is rewritten into: no "tfevents" in its name, which
+    TensorBoard would read as one more event file."""
+    return events.with_name(f".rewrite-{hashlib.sha1(events.name.encode()).hexdigest()[:12]}.tmp")
 
 
 def write_records(file, records):

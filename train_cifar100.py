@@ -14,7 +14,7 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    # Loading torch takes seconds. A Ctrl-C or SIGTERM meanwhile ends the script with one line and
+    # Loading torch takes seconds. A Ctrl-C, SIGTERM or SIGHUP meanwhile ends the script with one line and
     # 128 + the signal (nothing is written yet), not a traceback or a silent kill; main() takes over.
     # os._exit, not an exception: one raised inside a native module's initialisation can abort.
     def stopped_while_loading(signum, frame):
@@ -23,8 +23,8 @@ if __name__ == "__main__":
         os._exit(128 + signum)
 
     handlers_before_loading = {sig: signal.signal(sig, stopped_while_loading)
-                               for sig in (signal.SIGINT, signal.SIGTERM)
-                               if signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. a job started with &
+                               for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig
+                               and signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. a job started with &
 
 import cli
 
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     args = cli.parse_train_args(argv)
     processes = utils.Distributed.from_environment()
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
-    # Until the loop's StopRequest takes over, SIGTERM stops as Ctrl-C does (a message, 128 + 15),
-    # rather than killing the process silently.
-    previous_sigterm = signal.signal(signal.SIGTERM, run_folder.interrupt)
+    # Until the loop's StopRequest takes over, SIGTERM and SIGHUP stop as Ctrl-C does (a message,
+    # 128 + the signal), rather than killing the process silently.
+    previous = {sig: signal.signal(sig, run_folder.interrupt) for sig in run_folder.STOP_SIGNALS[1:]}
     try:
         return train(args, processes)
     except training.Diverged as e:
@@ -67,13 +67,14 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error{where}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C / SIGTERM
+    except KeyboardInterrupt as e:  # before training started, or a second stop signal
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"\n{signal.Signals(signum).name}{where}: stopped; the newest last.pth (if any) is from "
               f"before it", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         processes.close()
 
 
@@ -81,9 +82,7 @@ def train(args, processes) -> int:
     args, checkpoint = run_folder.resolve_resume(args)
     run_folder.fill_defaults(args)
     trainer = Trainer(args, processes, checkpoint)
-    if trainer.epoch >= args.epochs:
-        if processes.main:
-            print(f"{args.resume} already finished {trainer.epoch}/{args.epochs} epochs; raise --epochs to continue")
+    if run_folder.finished_already(args, trainer.epoch, trainer.step, len(trainer.train_data), processes.main):
         return 0
     trainer.open_outputs()
     with run_folder.StopRequest(announce=processes.main) as stop:
@@ -99,7 +98,7 @@ class Trainer:
         # The notes are printed once the run folder is open.
         self.speed, self.notes = training.resolve_device_options(args, device, processes)
         self.recipe = settings.RECIPES[args.recipe]
-        self.data = cifar.training_data(args, self.recipe, device, processes)
+        self.data = cifar.training_data(args, self.recipe, device, processes, self.notes)
         self.train_data, self.test_data = self.data.train, self.data.test
         self.model, self.step_model, self.eval_model, self.penalty = training.build_model(
             args, self.recipe, self.speed, processes, self.notes)
@@ -131,6 +130,7 @@ class Trainer:
         self.out.announce(args, models.count_parameters(self.model)[0], len(self.data.train_set), self.speed,
                           self.processes, resumed_at=(self.epoch, self.step, len(self.train_data)))
         self.started, stop_signal = time.time(), 0
+        self.estimated = self.speed.device.type != "cpu" or not self.processes.main  # the CPU's time estimate
         while self.epoch < args.epochs and not stop_signal:
             stop_signal = self.train_epoch(stop)
             if self.step == len(self.train_data):
@@ -161,10 +161,10 @@ class Trainer:
                 stop_signal = self.check(watch, stop, bar, first_step)
                 if stop_signal and self.step < steps:
                     break
-            if self.step - first_step == ESTIMATE_AFTER and self.speed.device.type == "cpu" and processes.main:
-                minutes, left = (time.time() - self.epoch_start) / ESTIMATE_AFTER * steps / 60, args.epochs - self.epoch
-                tqdm.write(f"warning: no GPU; about {minutes:.1f} min per epoch, {minutes * left / 60:.1f} h for the "
-                           f"remaining {left} epochs")
+            if self.step - first_step == ESTIMATE_AFTER and not self.estimated:  # once a run, above the bar
+                self.estimated = True
+                tqdm.write(training.cpu_estimate((time.time() - self.epoch_start) / ESTIMATE_AFTER * steps,
+                                                 args.epochs - self.epoch))
         bar.close()
         return stop_signal
 
@@ -207,6 +207,7 @@ class Trainer:
         self.out.save("last.pth", state)
         if is_best:
             self.out.save("best.pth", state)
+        self.out.write_metrics(self.history)
         self.out.print(f"epoch {self.epoch}/{self.args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
                        f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
                        f"top-5 {row['test_top5']:.2f}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))

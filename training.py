@@ -176,6 +176,16 @@ def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed
     return model, step_model, eval_model, penalty
 
 
+def cpu_estimate(epoch_seconds: float, epochs: int) -> str:
+    """The warning a CPU run prints once: how long an epoch and the rest of the run take."""
+    def span(seconds):
+        if seconds >= 3600:
+            return f"{seconds / 3600:.1f} h"
+        return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    rest = f"{span(epoch_seconds * epochs)} for the remaining {epochs} epoch{'s' if epochs != 1 else ''}"
+    return f"warning: no GPU; about {span(epoch_seconds)} per epoch, {rest}"
+
+
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
     """The recipes' SGD. On CUDA the fused kernel updates every parameter in one launch, and takes
     fp16's overflow check from the gradient scaler without waiting for the GPU."""

@@ -94,10 +94,10 @@ def default_device() -> torch.device:
 
 # ---------------------------------------------------------------- files
 
-def write_atomic(path: Path, write, text: bool = False) -> None:
-    """write(file) into a temporary file beside `path`, then rename: a crash never leaves half a file,
-    and a failed write (a full disk) leaves no temporary file behind."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> None:
+    """write(file) into a temporary file beside `path` (`tmp`, or path.tmp), then rename: a crash never
+    leaves half a file, and a failed write (a full disk) leaves no temporary file behind."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
             write(f)

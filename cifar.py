@@ -78,9 +78,29 @@ class CIFAR100Folder(ImageArray):
 def dataset_identity(train: CIFAR100Folder, test: CIFAR100Folder) -> str:
     """"cifar-100" for the official files, else "custom-" and 8 hex digits of the two files' MD5s:
     what table.py groups runs by, whatever folder the data sits in."""
-    if train.official and test.official:
+    return identity_of(train.md5, test.md5)
+
+
+def identity_of(train_md5: str, test_md5: str) -> str:
+    official = dict(torchvision.datasets.CIFAR100.train_list + torchvision.datasets.CIFAR100.test_list)
+    if (train_md5, test_md5) == (official["train"], official["test"]):
         return "cifar-100"
-    return "custom-" + hashlib.md5((train.md5 + test.md5).encode()).hexdigest()[:8]
+    return "custom-" + hashlib.md5((train_md5 + test_md5).encode()).hexdigest()[:8]
+
+
+def trained_on(saved: dict, data=None) -> "CIFAR100Folder":
+    """The test split to evaluate a trained model on: --data, else the folder its run recorded, else
+    ./data; a warning when those files are not the data it was trained on (its recorded dataset)."""
+    root = data or saved.get("data") or settings.DATA_DIR
+    ensure_cifar100(root)
+    test_set = CIFAR100Folder(root, train=False)
+    recorded = saved.get("dataset")
+    if recorded:
+        with open(Path(root) / CIFAR_FOLDER / "train", "rb") as f:
+            found = identity_of(hashlib.md5(f.read()).hexdigest(), test_set.md5)
+        if found != recorded:
+            print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}", file=sys.stderr)
+    return test_set
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -45,8 +45,9 @@ def add_amp(p) -> None:
                         "without, fp16 with a gradient scaler; else off)")
 
 
-def add_data(p, default=settings.DATA_DIR) -> None:
-    p.add_argument("--data", default=default, help=f"folder holding cifar-100-python/ (default {settings.DATA_DIR})")
+def add_data(p, default=settings.DATA_DIR, whose: str = "") -> None:
+    shown = f"{whose}, else {settings.DATA_DIR}" if whose else default or settings.DATA_DIR
+    p.add_argument("--data", default=default, help=f"folder holding cifar-100-python/ (default {shown})")
 
 
 def positive(kind):

@@ -39,15 +39,14 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=16, help="how many test images (the first ones)")
     p.add_argument("--out", type=Path, default=Path("gradcam.png"))
     p.add_argument("--columns", type=int, default=4)
-    cli.add_data(p)
+    cli.add_data(p, default=None, whose="the folder the checkpoint was trained on")
     args = p.parse_args(argv)
     if args.images < 1 or args.columns < 1:
         p.error("--images and --columns must be at least 1")
     try:
         check_out(args.out)
         model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
-        cifar.ensure_cifar100(args.data)
-        dataset = cifar.CIFAR100Folder(args.data, train=False)
+        dataset = cifar.trained_on(checkpoint["args"], args.data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

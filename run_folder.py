@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -102,7 +103,9 @@ def resolve_resume(args):
         candidates = list(runs.glob("*/last.pth"))
         if not candidates:
             raise UserError(f"nothing to resume: no */last.pth under {runs}")
-        path = max(candidates, key=lambda p: p.stat().st_mtime)
+        # A copy (cp -r run run.bak) is newer on disk, but its args.json names the original's folder.
+        own = [path for path in candidates if recorded_name(path.parent) == path.parent.name]
+        path = max(own or candidates, key=lambda p: p.stat().st_mtime)
     else:
         path = checkpoints.checkpoint_file(args.resume)
     if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
@@ -121,6 +124,14 @@ def resolve_resume(args):
     if ignored:
         print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(ignored)}", file=sys.stderr)
     return saved, checkpoint
+
+
+def recorded_name(folder: Path):
+    """The run name that a run folder's args.json records, or None."""
+    try:
+        return json.loads((folder / "args.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def checked_saved_args(saved, path) -> dict:
@@ -166,10 +177,11 @@ def changed_arguments(saved: dict, args, names) -> list[str]:
 
 
 def fill_defaults(args) -> None:
-    """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name."""
+    """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name and id."""
     args.epochs = args.epochs or settings.EPOCHS
     args.data = args.data or settings.DATA_DIR
     args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
+    args.run_id = getattr(args, "run_id", None) or uuid.uuid4().hex  # what its TensorBoard folder knows it by
     # The start time and the seed: two seeds started in the same second get two folders.
     args.run = args.run or f"{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}-seed{args.seed}"
 
@@ -279,6 +291,8 @@ class RunFolder:
             self._claim_new_run()
         else:
             self._forget_events_after(resumed_epoch)
+        utils.write_atomic(self.log_dir / OWNER, lambda f: f.write(json.dumps(
+            {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve())}) + "\n"), text=True)
         for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
             leftover.unlink()
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
@@ -464,12 +478,27 @@ def write_records(file, records):
         writer.write(record)
 
 
+OWNER = ".owner"  # in a TensorBoard folder: the run it belongs to, {"run_id", "folder"}
+
+
 def log_name(ckpt_dir: Path, args) -> str:
     """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the run
-    folder is not in a <net>_<att>/ folder, e.g. a copy elsewhere that kept the original's name."""
-    if ckpt_dir.parent.name == f"{args.net}_{args.att}":
+    folder is not in a <net>_<att>/ folder (a copy elsewhere that kept the original's name), or when
+    that TensorBoard folder belongs to another run (the same run name in another --checkpoint-dir).
+    A folder belongs to the run of its .owner's run_id (a copied run, checkpoints and logs together)
+    or folder (this folder's earlier attempt); a folder from before .owner belongs to whoever comes."""
+    unique = f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
+    if ckpt_dir.parent.name != f"{args.net}_{args.att}":
+        return unique
+    try:
+        owner = json.loads((Path(args.log_dir) / ckpt_dir.parent.name / ckpt_dir.name / OWNER).read_text())
+    except (OSError, ValueError):  # none (or unreadable): nobody's
         return ckpt_dir.name
-    return f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
+    if not isinstance(owner, dict) or owner.get("run_id") == args.run_id:
+        return ckpt_dir.name
+    if owner.get("folder") == str(ckpt_dir.resolve()):
+        return ckpt_dir.name
+    return unique
 
 
 def resume_command(ckpt_dir, log_root, processes) -> str:

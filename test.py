@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_weights(p)
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=cli.positive(int), default=256,
                    help="test batch size (default 256)")
-    cli.add_data(p)
+    cli.add_data(p, default=None, whose="the folder the checkpoint was trained on")
     cli.add_amp(p)
     return p
 
@@ -53,8 +53,7 @@ def test(args):
     # One pass over the test set: compiling would cost more time than it saves.
     speed = training.SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
-    cifar.ensure_cifar100(args.data)
-    dataset = cifar.CIFAR100Folder(args.data, train=False)
+    dataset = cifar.trained_on(saved, args.data)
     loader = cifar.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
     stats = training.evaluate(model, loader, speed)
     total, no_norm = models.count_parameters(model)

@@ -2,7 +2,9 @@
 place in a torchrun launch (Distributed), and files written atomically (a temporary file, then a
 rename), checkpoints included. Reading checkpoints: checkpoints.py."""
 import contextlib
+import errno
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -105,13 +107,30 @@ def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
         if isinstance(e.__context__, KeyboardInterrupt):  # torch.save wraps a Ctrl-C inside its writes
             raise e.__context__ from None
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
-            raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
-                            f"the previous {path.name}, if any, is unchanged") from None
+            raise UserError(f"cannot write {path}: {why_not_written(e, path, written)}; the previous "
+                            f"{path.name}, if any, is unchanged") from None
         raise
+
+
+def why_not_written(error: Exception, path: Path, written: int) -> str:
+    """A failed write in words: a full disk as such (torch.save says "unexpected pos"), with how much
+    was needed where that is known (the previous file of that name) and how much is free."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or free is not None and free < max(written, 2 ** 20)
+    if not full:
+        return getattr(error, "strerror", None) or str(error).splitlines()[0]
+    needed = path.stat().st_size if path.is_file() else written
+    megabytes = lambda n: f"{n / 2 ** 20:.1f} MB"
+    return (f"no space left on device ({'about ' + megabytes(needed) + ' needed, ' if needed else ''}"
+            f"{megabytes(free) if free is not None else 'unknown'} free in {path.parent})")
 
 
 def folders_to_make(path: Path) -> list[Path]:

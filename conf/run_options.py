@@ -73,6 +73,8 @@ OPTIONS = {
     # Recorded by the trainer after a resume that changed an identity value, e.g. "amp off -> bf16 at
     # epoch 3 step 0": a mixed run.
     "changed_on_resume": Option(True, None, None, option=False),
+    # Recorded by the trainer: the run's own name for its TensorBoard folder (run_folder.log_name).
+    "run_id": Option(False, option=False),
     # Not the identity. table.py averages over seeds (and needs one in every run).
     "seed": Option(False),
     "data": Option(False, resume=MAY_CHANGE),  # where the data is; "dataset" is what it is

@@ -68,7 +68,7 @@ def run_name(text):
     if not text or text in (".", "..") or any(sep in text for sep in "/\\") or text.startswith("~"):
         raise argparse.ArgumentTypeError(f"must be a plain folder name (no /, \\, '.', '..'), got {text!r}")
     if len(text.encode()) > MAX_RUN_NAME:  # file systems take 255 bytes; the log folder may add 7
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_RUN_NAME} characters, got {len(text.encode())}")
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RUN_NAME} bytes, got {len(text.encode())}")
     return text
 
 

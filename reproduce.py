@@ -53,6 +53,9 @@ class Job:
 
 def run_state(folder: Path) -> str:
     checkpoint, metrics = (folder / "last.pth").is_file(), (folder / "metrics.csv").is_file()
+    if not metrics and (folder / "best.pth").is_file() and not checkpoint:
+        print(f"skipped {folder}: best.pth without last.pth or metrics.csv", file=sys.stderr)
+        return "skipped"
     if not metrics:
         return "interrupted" if checkpoint else "new"  # stopped within its first epoch, or never started
     try:
@@ -128,7 +131,8 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
             if code in STOP_CODES:  # start nothing more
                 stop.set()
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig}
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+                if sig and signal.getsignal(sig) is not signal.SIG_IGN}  # nohup: SIGHUP stays ignored
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()
@@ -159,8 +163,11 @@ def check_training_options(p, options: list[str]) -> None:
         raise
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    defaults = vars(parser.parse_args([]))
-    own = [name for name in SET_PER_JOB if getattr(given, name) != defaults[name]]
+    present = argparse.Namespace()
+    for action in parser._actions:  # a namespace of only what was given, even a default value
+        action.default = argparse.SUPPRESS
+    parser.parse_known_args(options, present)
+    own = [name for name in SET_PER_JOB if name in vars(present)]
     if own:
         p.error(f"reproduce.py sets {', '.join(own)} for each job itself; give -net/-att to pick rows")
 

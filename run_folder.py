@@ -59,6 +59,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def handled(signals):
+    """Those of these signals that were not ignored when the process started: under nohup SIGHUP
+    stays ignored (a closed session does not stop the run), as SIGINT in a job started with &."""
+    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 def interrupt(signum, frame):
     raise Interrupted(signum)
 
@@ -75,7 +81,7 @@ class StopRequest:
 
     def __enter__(self):
         self.signal = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in handled(self.SIGNALS)}
         return self
 
     def __exit__(self, *exc):
@@ -103,9 +109,12 @@ def resolve_resume(args):
         candidates = list(runs.glob("*/last.pth"))
         if not candidates:
             raise UserError(f"nothing to resume: no */last.pth under {runs}")
-        # A copy (cp -r run run.bak) is newer on disk, but its args.json names the original's folder.
-        own = [path for path in candidates if recorded_name(path.parent) == path.parent.name]
-        path = max(own or candidates, key=lambda p: p.stat().st_mtime)
+        # A copy (cp -r run run.bak) is newer on disk, but its args.json names the original's folder,
+        # which is still there (a renamed run's is not).
+        names = {path.parent.name for path in candidates}
+        copies = [path for path in candidates if recorded_name(path.parent) not in (path.parent.name, None)
+                  and recorded_name(path.parent) in names]
+        path = max([p for p in candidates if p not in copies] or candidates, key=lambda p: p.stat().st_mtime)
     else:
         path = checkpoints.checkpoint_file(args.resume)
     if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
@@ -292,7 +301,8 @@ class RunFolder:
         else:
             self._forget_events_after(resumed_epoch)
         utils.write_atomic(self.log_dir / OWNER, lambda f: f.write(json.dumps(
-            {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve())}) + "\n"), text=True)
+            {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve()), "logs": str(self.log_dir.resolve())})
+            + "\n"), text=True)
         for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
             leftover.unlink()
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
@@ -346,7 +356,8 @@ class RunFolder:
     def announce(self, args, n_params: int, n_images: int, speed, processes, resumed_at) -> None:
         """What is trained where, and (resumed_at: epoch, step, steps per epoch) from where."""
         launch = f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled else f"batch {args.b}"
-        self.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} epochs, "
+        self.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
+                   f"epoch{'s' if args.epochs != 1 else ''}, "
                    f"{launch}, {n_images:,} training images, on {speed.device} ({speed.describe()}); "
                    f"checkpoints in {self.ckpt_dir}, logs in {self.log_dir}")
         epoch, step, steps = resumed_at
@@ -378,7 +389,7 @@ class RunFolder:
 
     def write_metrics(self, history):
         """metrics.csv: after the epoch's checkpoint, so that it never lists an epoch no checkpoint holds."""
-        if not self.active:
+        if not self.active or not history:
             return
         row = history[-1]
 
@@ -437,10 +448,14 @@ class RunLock:
             self.file.close()
             raise UserError(f"{folder} is in use by another training (process {owner}); wait for it to end, "
                             f"or use another --run-name") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"{os.getpid()}\n")
+            self.file.flush()
+        except OSError as e:  # a full disk
+            self.file.close()
+            raise UserError(f"cannot write {folder / '.lock'}: {utils.why_not_written(e, folder / '.lock', folder / '.lock')}") from None
 
     def release(self) -> None:
         self.file.close()
@@ -478,27 +493,31 @@ def write_records(file, records):
         writer.write(record)
 
 
-OWNER = ".owner"  # in a TensorBoard folder: the run it belongs to, {"run_id", "folder"}
+OWNER = ".owner"  # in a TensorBoard folder: the run it belongs to, {"run_id", "folder", "logs"}
 
 
 def log_name(ckpt_dir: Path, args) -> str:
     """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the run
     folder is not in a <net>_<att>/ folder (a copy elsewhere that kept the original's name), or when
     that TensorBoard folder belongs to another run (the same run name in another --checkpoint-dir).
-    A folder belongs to the run of its .owner's run_id (a copied run, checkpoints and logs together)
-    or folder (this folder's earlier attempt); a folder from before .owner belongs to whoever comes."""
+    A folder belongs to the run folder its .owner names (this folder's earlier attempt), or to a run of
+    its run id whose folder moved; a folder from before .owner to a resumed run, not to a new one."""
     unique = f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
     if ckpt_dir.parent.name != f"{args.net}_{args.att}":
         return unique
+    logs = Path(args.log_dir) / ckpt_dir.parent.name / ckpt_dir.name
     try:
-        owner = json.loads((Path(args.log_dir) / ckpt_dir.parent.name / ckpt_dir.name / OWNER).read_text())
-    except (OSError, ValueError):  # none (or unreadable): nobody's
+        owner = json.loads((logs / OWNER).read_text())
+    except (OSError, ValueError):  # from before .owner: a resumed run's own; a new run does not take its logs
+        return unique if not args.resume and list(logs.glob("events.out.tfevents.*")) else ckpt_dir.name
+    if not isinstance(owner, dict) or owner.get("folder") == str(ckpt_dir.resolve()):
         return ckpt_dir.name
-    if not isinstance(owner, dict) or owner.get("run_id") == args.run_id:
-        return ckpt_dir.name
-    if owner.get("folder") == str(ckpt_dir.resolve()):
-        return ckpt_dir.name
-    return unique
+    # The same run id: this run and its logs copied or moved together (the .owner names other logs),
+    # or this run moved here (its old folder is gone); not a copy of the run beside the original.
+    same_run = owner.get("run_id") == args.run_id
+    copied_with_logs = owner.get("logs") != str(logs.resolve())
+    moved = not (Path(str(owner.get("folder"))) / "last.pth").exists()
+    return ckpt_dir.name if same_run and (copied_with_logs or moved) else unique
 
 
 def resume_command(ckpt_dir, log_root, processes) -> str:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
     # Until the loop's StopRequest takes over, SIGTERM and SIGHUP stop as Ctrl-C does (a message,
     # 128 + the signal), rather than killing the process silently.
-    previous = {sig: signal.signal(sig, run_folder.interrupt) for sig in run_folder.STOP_SIGNALS[1:]}
+    previous = {sig: signal.signal(sig, run_folder.interrupt) for sig in run_folder.handled(run_folder.STOP_SIGNALS[1:])}
     try:
         return train(args, processes)
     except training.Diverged as e:
@@ -119,8 +119,9 @@ class Trainer:
                                         self.epoch if self.checkpoint else None)
         for note in self.notes:
             self.out.print(note)
-        if self.checkpoint:
+        if self.checkpoint:  # metrics.csv as far as this checkpoint goes (an older file may be resumed)
             run_folder.repair_best(self.out, self.checkpoint, self.best)
+            self.out.write_metrics(self.history)
         else:
             self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
 

@@ -107,19 +107,20 @@ def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        written = tmp.stat().st_size if tmp.exists() else 0
+        # Measured while the temporary file still fills the disk.
+        why = why_not_written(e, path, tmp) if isinstance(e, (OSError, RuntimeError)) else None
         tmp.unlink(missing_ok=True)
         if isinstance(e.__context__, KeyboardInterrupt):  # torch.save wraps a Ctrl-C inside its writes
             raise e.__context__ from None
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
-            raise UserError(f"cannot write {path}: {why_not_written(e, path, written)}; the previous "
-                            f"{path.name}, if any, is unchanged") from None
+        if why:  # torch.save reports a failed write as RuntimeError
+            raise UserError(f"cannot write {path}: {why}; the previous {path.name}, if any, is unchanged") from None
         raise
 
 
-def why_not_written(error: Exception, path: Path, written: int) -> str:
+def why_not_written(error: Exception, path: Path, tmp: Path) -> str:
     """A failed write in words: a full disk as such (torch.save says "unexpected pos"), with how much
     was needed where that is known (the previous file of that name) and how much is free."""
+    written = tmp.stat().st_size if tmp.exists() else 0
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:

@@ -39,6 +39,22 @@ def test_sighup_saves_and_stops_like_sigterm(small_data, tmp_path, monkeypatch, 
     assert torch.load(folder(tmp_path, "hup") / "last.pth", weights_only=True)["epoch"] == 1
 
 
+def test_under_nohup_sighup_stays_ignored(small_data, tmp_path, monkeypatch):
+    """nohup ignores SIGHUP before the script starts: a closed session must not stop the run."""
+    original = train_cifar100.Trainer.check
+
+    def hang_up(self, watch, stop, *rest):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return original(self, watch, stop, *rest)
+
+    monkeypatch.setattr(train_cifar100.Trainer, "check", hang_up)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert train(small_data, tmp_path, "nohup", "--epochs", "2") == 0
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_sighup_during_start_up_stops_with_a_message(small_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_cifar100.Trainer, "open_outputs", lambda self: os.kill(os.getpid(), signal.SIGHUP))
     assert train(small_data, tmp_path, "hup", "--epochs", "1") == 128 + signal.SIGHUP
@@ -70,13 +86,16 @@ def test_reproduce_plans_a_folder_without_last_pth_by_its_results(finished_small
     (stuck / "args.json").write_text(json.dumps({**args, "epochs": 5}))
     assert reproduce.run_state(stuck) == "skipped"
     assert f"skipped {stuck}: unfinished (1/5 epochs) and no last.pth to resume" in capsys.readouterr().err
+    (stuck / "metrics.csv").unlink()
+    assert reproduce.run_state(stuck) == "skipped"
+    assert "best.pth without last.pth or metrics.csv" in capsys.readouterr().err
 
 
 def test_a_run_name_too_long_for_the_file_system_is_one_line(small_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         train(small_data, tmp_path, "x" * 300, "--epochs", "1")
     assert refused.value.code == 2
-    assert "at most 200 characters" in capsys.readouterr().err
+    assert "at most 200 bytes" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -214,6 +233,7 @@ def test_reproduce_passes_training_options_through_and_runs_from_any_folder(tmp_
 
 @pytest.mark.parametrize("flags, message", [
     (["--seed", "3"], "reproduce.py sets seed for each job itself"),
+    (["--seed", "0"], "reproduce.py sets seed for each job itself"),  # the training parser's default value too
     (["--run-name", "x"], "reproduce.py sets run for each job itself"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--epochs", "x"], "argument --epochs: expected a whole number, got 'x'"),
@@ -279,6 +299,17 @@ def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(s
     assert train_cifar100.main(["--resume", str(tmp_path / "a" / "resnet18_ema" / "paper-seed0"), "--epochs", "2"]
                                + logs) == 0
     assert tensorboard_steps(shared) == [1, 2] and tensorboard_steps(others[0]) == [1]
+
+
+def test_resume_newest_takes_a_renamed_run(small_data, finished_small_run, tmp_path, capsys):
+    run = copy_run(finished_small_run, tmp_path, "run")
+    older = copy_run(finished_small_run, tmp_path, "older")
+    os.utime(older / "last.pth", (1e9, 1e9))
+    renamed = run.parent / "renamed"
+    run.rename(renamed)
+    assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-resume", "--epochs", "2",
+                                "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs")]) == 0
+    assert f"resuming {renamed / 'last.pth'}" in capsys.readouterr().out
 
 
 def test_resume_newest_prefers_the_run_to_its_backup_copy(small_data, finished_small_run, tmp_path, capsys):

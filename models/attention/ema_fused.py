@@ -241,6 +241,8 @@ def _launch_args(x, k):
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
     # The 3x3 products on the tensor cores in x's 16-bit dtype (as autocast's convolution), else exact.
     dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, compute)
+    if interpreted():  # the interpreter's 16-bit tl.dot gives wrong sums: float32 there
+        dot = compute
     return dict(BK=bk, BH=bh, BW=bw, DTYPE=compute, DOT=dot, num_warps=8 if bk * bh * bw >= 8192 else 4)
 
 

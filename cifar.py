@@ -67,12 +67,16 @@ class CIFAR100Folder(ImageArray):
         split = "train" if train else "test"
         super().__init__(*_read_split(folder / split), transform)
         self.classes = _read_class_names(folder / "meta")
-        with open(folder / split, "rb") as f:
-            self.md5 = hashlib.md5(f.read()).hexdigest()
+        self.md5 = file_md5(folder / split)
         self.official = self.md5 == dict(torchvision.datasets.CIFAR100.train_list +
                                          torchvision.datasets.CIFAR100.test_list)[split]
         if not self.official:
             _warn_unofficial(folder, split)
+
+
+def file_md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
 
 
 def dataset_identity(train: CIFAR100Folder, test: CIFAR100Folder) -> str:
@@ -96,8 +100,7 @@ def trained_on(saved: dict, data=None) -> "CIFAR100Folder":
     test_set = CIFAR100Folder(root, train=False)
     recorded = saved.get("dataset")
     if recorded:
-        with open(Path(root) / CIFAR_FOLDER / "train", "rb") as f:
-            found = identity_of(hashlib.md5(f.read()).hexdigest(), test_set.md5)
+        found = identity_of(file_md5(Path(root) / CIFAR_FOLDER / "train"), test_set.md5)
         if found != recorded:
             print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}", file=sys.stderr)
     return test_set

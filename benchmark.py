@@ -10,10 +10,12 @@ Configurations (--configs), each training with the trainer's own step (training.
   graphs       compiled, replayed as CUDA graphs (CUDA only)
   graphs-cl    compiled, replayed as CUDA graphs, channels_last (CUDA only)
   graphs-fused graphs, with EMA's fused Triton kernels (CUDA with Triton only)
+  graphs-deterministic  graphs, with --deterministic's kernels (CUDA only): what determinism costs
 (default on a GPU: all but compiled-cl, which the graphs-cl configuration supersedes; classic and
 eager on the CPU, where compiling takes minutes). Each configuration ends with a line
 `result: <net> + <att> | <config> | batch <b> | <N> images/s | <device> | commit <hash>`.
-With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
+With --table-rows, instead: the trainer's default configuration for every row reproduce.py trains,
+and the device-hours of the whole table. With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
 alone as the trainer runs it (each of the network's EMA shapes: its share of the step; on a GPU with
 Triton, the PyTorch and the fused path, beside the memory floor and the card's copy rate) and against
 the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
@@ -40,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifar
 import cli
+import loaders
 import models
 import training
 import utils
@@ -53,11 +56,12 @@ GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
     "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "V100": 125e12,
 }
-CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl", "graphs-fused")
+CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl", "graphs-fused",
+           "graphs-deterministic")
 # graphs-cl supersedes compiled-cl; graphs-fused needs Triton.
 GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl") + (
     ("graphs-fused",) if ema_fused.available() else ())
-CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl", "graphs-fused"}
+CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl", "graphs-fused", "graphs-deterministic"}
 FUSED_CONFIGS = {"graphs-fused"}  # EMA's fused Triton kernels (EMA(fused=True)) instead of its PyTorch path
 EPOCH_IMAGES = 50_000
 
@@ -78,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(GPU_CONFIGS if cuda else CONFIGS[:2]),
                    help="configurations to time (default: all but compiled-cl on a GPU, classic and eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--table-rows", action="store_true",
+                   help="time instead the trainer's default configuration for every row reproduce.py trains, "
+                        "with the GPU-hours of the whole table")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row for --table-rows' total (default 3)")
     p.add_argument("--profile", action="store_true",
                    help="after timing each configuration, print its top operations by device time (3 steps)")
     args = p.parse_args(argv)
@@ -109,7 +117,7 @@ def timed(step, device, warmup: int, repeats: int) -> tuple[float, float]:
     return warmed - start, (time.perf_counter() - warmed) / repeats
 
 
-def training_images(args) -> tuple[cifar.ImageArray, str]:
+def training_images(args) -> tuple[loaders.ImageArray, str]:
     n = args.b * (args.warmup + args.steps + 1)
     folder = os.path.join(args.data, cifar.CIFAR_FOLDER)
     if os.path.isfile(os.path.join(folder, "train")):
@@ -118,7 +126,7 @@ def training_images(args) -> tuple[cifar.ImageArray, str]:
         return dataset, f"CIFAR-100 from {folder}"
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return cifar.ImageArray(data, rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
+    return loaders.ImageArray(data, rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
 
 
 def endless(loader):
@@ -329,6 +337,7 @@ def configurations(device, args) -> dict:
         "graphs": ("device", replace(compiled, cuda_graphs=True)),
         "graphs-cl": ("device", replace(compiled, cuda_graphs=True, channels_last=True)),
         "graphs-fused": ("device", replace(compiled, cuda_graphs=True)),
+        "graphs-deterministic": ("device", replace(compiled, cuda_graphs=True, deterministic=True)),
     }
 
 
@@ -356,6 +365,8 @@ def main(argv=None) -> int:
 
 def benchmark(args):
     device = utils.default_device()
+    if args.table_rows:
+        return time_table_rows(args, device)
     if device.type != "cuda" and CUDA_GRAPHS_CONFIGS & set(args.configs):
         raise utils.UserError(f"--configs {', '.join(sorted(CUDA_GRAPHS_CONFIGS))} need a CUDA device; this "
                               f"machine has {device.type} only: leave them out")
@@ -364,9 +375,9 @@ def benchmark(args):
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
-    loaders = {"workers": cifar.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
+    paths = {"workers": loaders.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
                                             torch.Generator().manual_seed(0)),
-               "device": cifar.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
+             "device": loaders.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
     configs = configurations(device, args)
 
     mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES))
@@ -374,8 +385,8 @@ def benchmark(args):
     print(f"{args.net} + {args.att}: {mflops:.0f} forward MFLOPs per image; batch {args.b}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; {source}")
 
-    print_data_paths(args, loaders, device)
-    print_proxies(args, loaders["device"], configs["eager"][1])
+    print_data_paths(args, paths, device)
+    print_proxies(args, paths["device"], configs["eager"][1])
 
     peak = peak_flops(args, device)
     print(f"\ntraining (images/s; 200 epochs = {200 * EPOCH_IMAGES:,} images, training steps only):")
@@ -383,7 +394,7 @@ def benchmark(args):
     for name in args.configs:
         loader, speed = configs[name]
         runner = None  # the last configuration's model, gradients and graphs freed before the next is built
-        runner = StepRunner(args, loaders[loader], speed, fused_ema=name in FUSED_CONFIGS)
+        runner = StepRunner(args, paths[loader], speed, fused_ema=name in FUSED_CONFIGS)
         warm_s, step_s = runner.timed(args.warmup, args.steps)
         rates[name] = args.b / step_s
         mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
@@ -404,17 +415,17 @@ def benchmark(args):
         print_ema_comparison(args, device)
 
 
-def print_data_paths(args, loaders, device):
+def print_data_paths(args, paths, device):
     data_batches = max(args.steps, 10)
-    workers_rate = data_rate(loaders["workers"], device, data_batches)
+    workers_rate = data_rate(paths["workers"], device, data_batches)
     workers_per_core = workers_rate / max(args.workers, 1)  # each worker (or the main process) is one core
-    device_rate = data_rate(loaders["device"], device, data_batches)
+    device_rate = data_rate(paths["device"], device, data_batches)
     print("\ndata path alone (images/s):")
     print(f"  workers loader ({args.workers} workers): {workers_rate:10.0f}   per core {workers_per_core:9.0f}")
     if device.type == "cpu":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core, measured, rather than the all-threads rate divided
-        device_per_core = data_rate(loaders["device"], device, data_batches)
+        device_per_core = data_rate(paths["device"], device, data_batches)
         torch.set_num_threads(threads)
         print(f"  device loader ({threads} threads):   {device_rate:10.0f}   per core {device_per_core:9.0f} (1 thread)")
         print(f"  device / workers per core:  {device_per_core / workers_per_core:.1f}x")
@@ -434,6 +445,34 @@ def print_proxies(args, loader, speed):
     print(f"  ATen ops per training step, eager (forward, backward, optimizer): {ops}")
     print(f"  torch.compile of the training forward: {graphs} graph(s), {breaks} graph break(s)"
           + (f"; first: {reason}" if reason else ""))
+
+
+def time_table_rows(args, device, rows=settings.TRAINED_ROWS):
+    """--table-rows: each row of the paper's table that reproduce.py trains, in the trainer's default
+    configuration on this device (the paper recipe's data path), its images/s and the hours of a
+    200-epoch run (training steps only); then the table's total for --seeds seeds, and the rows far
+    below their network's baseline."""
+    recipe = settings.RECIPES["paper"]
+    dataset, source = training_images(args)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; batch {args.b}; {args.warmup} warm-up + "
+          f"{args.steps} timed steps per row; {source}\n\nthe table's rows, the trainer's defaults (images/s):")
+    rates, hours = {}, 0.0
+    for net, att in rows:
+        speed = training.SpeedSettings.resolve(device, args.amp, attention=att)
+        loader = loaders.make_loader("device", dataset, args.b, recipe, device, True,
+                                     generator=torch.Generator(device).manual_seed(0))
+        runner = StepRunner(argparse.Namespace(**{**vars(args), "net": net, "att": att}), loader, speed)
+        rates[net, att] = args.b / runner.timed(args.warmup, args.steps)[1]
+        runner = None  # freed before the next row's model is built
+        hours += 200 * EPOCH_IMAGES / rates[net, att] / 3600 * args.seeds
+        print(f"  {net + ' + ' + att:<18} {speed.describe():<40} {rates[net, att]:9.1f}   200 epochs "
+              f"{200 * EPOCH_IMAGES / rates[net, att] / 3600:6.2f} h")
+        print(f"  result: {net} + {att} | default | batch {args.b} | {rates[net, att]:.0f} images/s | "
+              f"{device_name(device)} | commit {commit()}")
+    print(f"the table: {len(rows)} rows x {args.seeds} seeds = {hours:.1f} device-hours of training steps")
+    slow = [f"{net} + {att} ({rate / rates[net, 'none']:.2f}x its baseline)" for (net, att), rate in rates.items()
+            if (net, "none") in rates and rate < 0.5 * rates[net, "none"]]
+    print(f"below half their network's baseline rate: {', '.join(slow) or 'none'}")
 
 
 def print_ema_as_trained(args, device, configs, rates):

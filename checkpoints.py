@@ -131,7 +131,10 @@ def load_trained_model(weights, net=None, att=None):
     net, att = net or saved["net"], att or saved["att"]
     if (net, att) != (saved["net"], saved["att"]):
         raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
-    model = models.create_model(net, att, settings.NUM_CLASSES)
+    try:
+        model = models.model_of(saved)
+    except ValueError as e:  # recorded stages that make no model
+        raise UserError(f"{path}: {e}") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

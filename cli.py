@@ -47,7 +47,8 @@ def add_amp(p) -> None:
 
 def add_data(p, default=settings.DATA_DIR, whose: str = "") -> None:
     shown = f"{whose}, else {settings.DATA_DIR}" if whose else default or settings.DATA_DIR
-    p.add_argument("--data", default=default, help=f"folder holding cifar-100-python/ (default {shown})")
+    p.add_argument("--data", default=default, help=f"folder holding cifar-100-python/, cifar-10-batches-py/, or "
+                                                   f"train/ and test/ folders of images per class (default {shown})")
 
 
 def positive(kind):
@@ -82,6 +83,15 @@ def seed(text):
     return value
 
 
+def att_stages(text):
+    """"3,4" -> "3,4" (sorted, as recorded); all four stages -> None, the paper's placement."""
+    try:
+        stages = models.parse_stages(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return None if stages == models.ALL_STAGES else ",".join(map(str, stages))
+
+
 def learning_rate(text):
     value = positive(float)(text)
     if value > FLOAT32_MAX:  # the optimizer's kernels take the LR as a float32
@@ -93,6 +103,9 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a CIFAR ResNet with an attention module on CIFAR-100.",
                                 allow_abbrev=False)
     add_model(p, net="resnet50", att="ema")
+    p.add_argument("--att-stages", type=att_stages, default=None, metavar="S,S",
+                   help="ResNet stages (1-4) whose blocks get the attention module, e.g. 3,4 (default all four, "
+                        "the paper's)")
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=positive(int), default=settings.BATCH_SIZE,
                    help=f"batch size, per process under torchrun (default {settings.BATCH_SIZE})")
     p.add_argument("-lr", type=learning_rate, default=settings.LR, help=f"initial learning rate (default {settings.LR})")
@@ -102,6 +115,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help="continue a run: alone, the newest run of -net/-att; or a last.pth or run folder")
     p.add_argument("--epochs", type=positive(int), default=None, help=f"default {settings.EPOCHS}")
     add_data(p, default=None)  # None: a resumed run keeps its own
+    p.add_argument("--dataset", dest="data_format", choices=settings.DATASETS, default="cifar100",
+                   help="what --data holds: CIFAR-100 (default) or CIFAR-10 in their official format, or a folder "
+                        "of images per class (docs/data.md)")
+    p.add_argument("--val", type=positive(int), default=None, metavar="N",
+                   help="hold out N training images (stratified, the same for every run) as a validation split; "
+                        "best.pth is then the best validation epoch (default: none, the paper's protocol)")
     p.add_argument("--seed", type=seed, default=0, help="seeds initialisation, shuffle, augmentations (default 0)")
     p.add_argument("--workers", type=int, default=None, help="--loader workers: processes (default 4, 0 on CPU)")
     p.add_argument("--loader", choices=("device", "workers"), default=None,
@@ -114,6 +133,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (default on CUDA, off on the CPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay compiled steps as CUDA graphs (default on where they apply: --compile, one CUDA GPU)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="on a GPU: deterministic kernels only, so that two runs of one command agree bitwise "
+                        "(slower: docs/speed.md); on the CPU runs are deterministic already")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (docs/training.md: Recipes)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,
@@ -145,6 +167,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
         p.error("--gate-images must be >= 0")
     if args.gate_images and args.att not in (None, "ema") and not args.resume:
         p.error(f"--gate-images draws EMA's gates, and -att {args.att} has none")
+    if args.att_stages and not args.resume and (args.att == "none" or args.net == "mobilenetv2"):
+        p.error(f"--att-stages places the attention module in a ResNet's stages: not with "
+                f"{'-att none' if args.att == 'none' else '-net mobilenetv2'}")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run; --resume continues one: give one of them")
     return args

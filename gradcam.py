@@ -1,4 +1,4 @@
-"""Grad-CAM of a trained checkpoint on CIFAR-100 test images, as one PNG grid.
+"""Grad-CAM of a trained checkpoint on its dataset's test images, as one PNG grid.
 
     python gradcam.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth --images 16
 
@@ -15,11 +15,11 @@ from pathlib import Path
 from PIL import Image
 
 import checkpoints
-import cifar
 import cli
+import loaders
 import pictures
+import run_data
 import utils
-from conf import settings
 from utils import UserError
 
 
@@ -46,14 +46,14 @@ def main(argv=None):
     try:
         check_out(args.out)
         model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
-        dataset = cifar.trained_on(checkpoint["args"], args.data)
+        dataset = run_data.trained_on(checkpoint["args"], args.data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = utils.default_device()
     model.to(device).eval()
-    recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
-    loader = cifar.make_loader("device", dataset, args.images, recipe, device, train=False)
+    recipe = run_data.recipe_of(checkpoint["args"])
+    loader = loaders.make_loader("device", dataset, args.images, recipe, device, train=False)
     images, labels = next(iter(loader))
     cams, predicted = pictures.grad_cam(model, images)
     names = dataset.classes

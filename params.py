@@ -1,6 +1,7 @@
 """Parameter and FLOP report for every row of the paper's CIFAR-100 table, and its MobileNetV2 rows.
 
     python params.py
+    python params.py --att-stages 3,4     # the modules in stages 3 and 4 only (a placement ablation)
 
 The paper counts parameters two ways without saying so: its baseline/CBAM/SA/ECA rows count every
 parameter, its CA and EMA rows leave out every BatchNorm/GroupNorm affine parameter (docs/reference.md section 4).
@@ -9,7 +10,8 @@ Both counts are shown, with the one that reproduces the paper's figure.
 import argparse
 
 from conf import settings
-from models import count_mflops, count_parameters, create_model, list_attentions
+import cli
+from models import ALL_STAGES, count_mflops, count_parameters, create_model, list_attentions, parse_stages
 from models.attention import ATTENTIONS, EMA
 from models.mobilenetv2 import MobileNetV2
 
@@ -25,13 +27,14 @@ def matching_convention(paper_m: float, total: int, no_norm: int) -> str:
     return " & ".join(matches) or "none"
 
 
-def report_rows():
-    """One dict per row of the paper's table; unbuildable rows carry None counts."""
+def report_rows(stages=ALL_STAGES):
+    """One dict per row of the paper's table, the modules in the blocks of `stages`; unbuildable rows
+    carry None counts."""
     for net, attention, paper_m, _, _ in settings.PAPER_TABLE:
         row = dict(net=net, attention=attention, paper_m=paper_m, note=NOTES.get(attention, ""),
                    total=None, no_norm=None, mflops=None, match="none")
         if attention in list_attentions():
-            model = create_model(net, attention, settings.NUM_CLASSES)
+            model = create_model(net, attention, settings.NUM_CLASSES, stages if attention != "none" else ALL_STAGES)
             row["total"], row["no_norm"] = count_parameters(model)
             row["mflops"] = count_mflops(model)
             row["match"] = matching_convention(paper_m, row["total"], row["no_norm"])
@@ -61,12 +64,18 @@ def imagenet_rows():
 
 
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--att-stages", type=cli.att_stages, default=None, metavar="S,S",
+                   help="ResNet stages (1-4) whose blocks get the module (default all four, the paper's)")
+    stages = parse_stages(p.parse_args(argv).att_stages)
+    if stages != ALL_STAGES:
+        print(f"The modules in the blocks of stage(s) {', '.join(map(str, stages))} only: the paper's figures "
+              f"count all four.\n")
     header = f"{'row':<22}{'all params':>13}{'no-norm params':>16}{'paper':>9}  {'matches':<9}{'MFLOPs':>9}"
     print(header)
     print("-" * len(header))
-    for row in report_rows():
+    for row in report_rows(stages):
         name = row["net"] if row["attention"] == "none" else f"{row['net']} + {row['attention']}"
         if row["total"] is None:
             counts = f"{'-':>13}{'-':>16}"

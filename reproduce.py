@@ -10,8 +10,9 @@ Options reproduce.py does not know are passed on to every job (checked by the tr
 jobs, which save and stop, and nothing more starts.
 
 Rerunning it is safe: finished runs are skipped and interrupted ones resumed, because each run has
-a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read is skipped
-with one line saying why. Then `python table.py`.
+a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read, or that holds
+another run (one of a campaign tried small: other epochs, subset, ...), is skipped with one line
+saying why. Then `python table.py`.
 """
 import argparse
 import contextlib
@@ -27,10 +28,10 @@ from pathlib import Path
 
 import cli
 import run_records
-from conf import settings
+import utils
+from conf import run_options, settings
 
-# Every row of the paper's table that has a public definition (SSA has none).
-ROWS = [(net, att) for net, att, *_ in settings.PAPER_TABLE if att != "ssa"]
+ROWS = settings.TRAINED_ROWS
 TRAINER = Path(__file__).resolve().parent / "train_cifar100.py"  # run from any folder
 # What reproduce.py sets for each job itself: not to be passed through.
 SET_PER_JOB = ("net", "att", "recipe", "seed", "run", "checkpoint_dir", "resume", "init_from")
@@ -51,25 +52,46 @@ class Job:
         return prefix + " ".join(self.command)
 
 
-def run_state(folder: Path) -> str:
+def run_state(folder: Path, planned: dict) -> str:
+    """"new", "interrupted", "done" or "skipped": a folder that cannot be read, or that holds a run
+    other than the one planned (a campaign tried small, say), is skipped with one line, never resumed
+    or counted as done."""
     checkpoint, metrics = (folder / "last.pth").is_file(), (folder / "metrics.csv").is_file()
     if not metrics and (folder / "best.pth").is_file() and not checkpoint:
         print(f"skipped {folder}: best.pth without last.pth or metrics.csv", file=sys.stderr)
         return "skipped"
-    if not metrics:
-        return "interrupted" if checkpoint else "new"  # stopped within its first epoch, or never started
+    if not metrics and not checkpoint:
+        return "new"  # never started
     try:
-        run = run_records.read_run(folder)
+        run = run_records.read_run(folder) if metrics else None  # None: stopped within its first epoch
+        identity = run.identity if run else run_records.run_identity(run_records.run_args(folder))
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
+    other = [f"{key}={getattr(identity, key)} (planned: {value})" for key, value in planned.items()
+             if getattr(identity, key) != value]
+    if other:
+        print(f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give this campaign "
+              f"another --checkpoint-dir", file=sys.stderr)
+        return "skipped"
+    if run is None or not run.finished and checkpoint:
+        return "interrupted"
     if run.finished:
         return "done"
-    if not checkpoint:  # its results kept, its last.pth gone: nothing to resume, nothing to overwrite
-        print(f"skipped {folder}: unfinished ({len(run.rows)}/{run.identity.epochs} epochs) and no last.pth to "
-              f"resume", file=sys.stderr)
-        return "skipped"
-    return "interrupted"
+    # Its results kept, its last.pth gone: nothing to resume, nothing to overwrite.
+    print(f"skipped {folder}: unfinished ({len(run.rows)}/{run.identity.epochs} epochs) and no last.pth to "
+          f"resume", file=sys.stderr)
+    return "skipped"
+
+
+def planned_identity(training: list[str], net: str, att: str, recipe: str) -> dict:
+    """The identity values a job's command fixes (with the options passed on), that a run folder's
+    run must have to be this job's; the others the trainer resolves (precision, the dataset)."""
+    given = vars(cli.train_parser().parse_args(training + ["-net", net, "-att", att, "--recipe", recipe]))
+    given["epochs"] = given["epochs"] or settings.EPOCHS
+    given["warm"] = run_options.recipe_warm(given) if given["warm"] is None else given["warm"]
+    return {key: given[key] for key in run_options.IDENTITY
+            if key in given and run_options.OPTIONS[key].resume in (run_options.KEPT, run_options.EXTENDS)}
 
 
 def plan(args) -> list[Job]:
@@ -80,7 +102,7 @@ def plan(args) -> list[Job]:
             for net, att in rows:
                 name = f"{recipe}-seed{seed}"
                 folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
-                state = run_state(folder)
+                state = run_state(folder, planned_identity(args.training, net, att, recipe))
                 command = [sys.executable, str(TRAINER)] if args.run else ["python", "train_cifar100.py"]
                 if state == "interrupted":
                     command += ["--resume", str(folder)]
@@ -95,7 +117,7 @@ def plan(args) -> list[Job]:
 
 # The exit codes of a job asked to stop: 128 + the signal where it handled it, minus the signal where
 # it was killed by it (a crash, e.g. SIGSEGV, is a failure like any other and the queue goes on).
-STOP_CODES = {code for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) for code in (128 + sig, -sig)}
+STOP_CODES = {code for sig in utils.STOP_SIGNALS for code in (128 + sig, -sig)}
 
 
 def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
@@ -131,8 +153,7 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
             if code in STOP_CODES:  # start nothing more
                 stop.set()
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                if sig and signal.getsignal(sig) is not signal.SIG_IGN}  # nohup: SIGHUP stays ignored
+    previous = {sig: signal.signal(sig, pass_on) for sig in utils.handled(utils.STOP_SIGNALS[1:])}  # nohup: ignored
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import uuid
 import warnings
 from datetime import datetime
@@ -37,7 +38,7 @@ import pictures
 import training
 import utils
 from conf import run_options, settings
-from utils import UserError
+from utils import STOP_SIGNALS, UserError, handled
 
 try:
     import fcntl
@@ -47,8 +48,6 @@ except ImportError:  # Windows
 
 # ---------------------------------------------------------------- stop requests
 
-# Ctrl-C, a kill, and a closed terminal or SSH session (SIGHUP; Windows has none).
-STOP_SIGNALS = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig)
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP during start-up (Ctrl-C there is Python's own KeyboardInterrupt), or a second
@@ -57,12 +56,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def handled(signals):
-    """Those of these signals that were not ignored when the process started: under nohup SIGHUP
-    stays ignored (a closed session does not stop the run), as SIGINT in a job started with &."""
-    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 def interrupt(signum, frame):
@@ -188,7 +181,8 @@ def changed_arguments(saved: dict, args, names) -> list[str]:
 def fill_defaults(args) -> None:
     """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name and id."""
     args.epochs = args.epochs or settings.EPOCHS
-    args.data = args.data or settings.DATA_DIR
+    # Recorded as an absolute path: test.py, gradcam.py and a resume find it from any folder.
+    args.data = os.path.abspath(args.data or settings.DATA_DIR)
     args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
     args.run_id = getattr(args, "run_id", None) or uuid.uuid4().hex  # what its TensorBoard folder knows it by
     # The start time and the seed: two seeds started in the same second get two folders.
@@ -270,12 +264,14 @@ class RunFolder:
     of a torchrun launch every method does nothing."""
 
     TAGS = (("Train/loss", "train_loss"), ("Train/top1", "train_top1"), ("Train/lr", "lr"),
-            ("Test/loss", "test_loss"), ("Test/top1", "test_top1"), ("Test/top5", "test_top5"))
+            ("Test/loss", "test_loss"), ("Test/top1", "test_top1"), ("Test/top5", "test_top5"),
+            ("Val/loss", "val_loss"), ("Val/top1", "val_top1"))  # Val: with --val only
 
     def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
         self.ckpt_dir = ckpt_dir
         self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / log_name(ckpt_dir, args)
         self.active, self.writer, self.lock = active, None, None
+        self.logged = set()  # (tag, epoch) of the scalars in the event files
         if not active:
             return
         made = []
@@ -308,7 +304,26 @@ class RunFolder:
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
         utils.write_atomic(self.ckpt_dir / "args.json", lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"),
                            text=True)
-        self.writer = SummaryWriter(self.log_dir)
+        quiet_log_thread_errors()
+        self.writer = True  # for _log, which makes it
+        self._log(lambda _: setattr(self, "writer", SummaryWriter(self.log_dir)))
+
+    def _log(self, write) -> None:
+        """A TensorBoard write. A log that cannot be written (a full disk) stops the logging with one
+        warning, not the run: checkpoints and metrics.csv go on, and a resume logs the missing epochs."""
+        if not self.writer:
+            return
+        try:
+            write(self.writer)
+        except OSError as e:
+            writer, self.writer = self.writer, None
+            if writer is True:  # failed as it was made: it closed its file itself
+                writer = None
+            why = utils.why_not_written(e, self.log_dir / "events", self.log_dir / "events")
+            self.print(f"warning: the TensorBoard log cannot be written: {why}. Training goes on without it "
+                       f"(checkpoints and metrics.csv are written); a resume logs the missing epochs")
+            with contextlib.suppress(OSError, AttributeError):
+                writer.close()
 
     def _claim_new_run(self):
         """A new run never writes over a run that saved a checkpoint. What an earlier attempt logged
@@ -338,6 +353,8 @@ class RunFolder:
         for path in sorted(self.log_dir.glob("events.out.tfevents.*")):
             records = list(RawEventFileLoader(str(path)).Load())
             kept = [record for record in records if self._still_valid(event_pb2.Event.FromString(record), epoch)]
+            self.logged |= {(value.tag, event.step) for event in map(event_pb2.Event.FromString, kept)
+                            for value in event.summary.value}
             if len(kept) <= 1:  # the file's header alone: a start that was killed before it logged
                 path.unlink()
             elif len(kept) < len(records):
@@ -372,20 +389,27 @@ class RunFolder:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            self.writer.add_graph(model, images)
+            self._log(lambda writer: writer.add_graph(model, images))
         # The tracer leaves reference cycles that hold the model and its check-run outputs (device
         # memory on a GPU) until some later collection: free them before training starts.
         gc.collect()
 
     def log_epoch(self, history):
-        """The epoch's scalars to TensorBoard: before its checkpoint (a resume from the one before
-        forgets them, and logs them again)."""
-        if not self.active:
+        """The epochs' scalars not yet in the log to TensorBoard (the newest epoch's; on resume, those
+        a full disk kept out): before the epoch's checkpoint (a resume from the one before forgets
+        them, and logs them again)."""
+        missing = [(tag, row[key], row["epoch"]) for row in history for tag, key in self.TAGS
+                   if key in row and (tag, row["epoch"]) not in self.logged]
+        if not self.active or not missing:
             return
-        row = history[-1]
-        for tag, key in self.TAGS:
-            self.writer.add_scalar(tag, row[key], row["epoch"])
-        self.writer.flush()
+
+        def write(writer):
+            for tag, value, epoch in missing:
+                writer.add_scalar(tag, value, epoch)
+            writer.flush()
+            self.logged.update((tag, epoch) for tag, _, epoch in missing)
+
+        self._log(write)
 
     def write_metrics(self, history):
         """metrics.csv: after the epoch's checkpoint, so that it never lists an epoch no checkpoint holds."""
@@ -404,27 +428,42 @@ class RunFolder:
         if not self.active:
             return
         for name, grid in pictures.ema_gate_grids(model, images, recipe, speed).items():
-            self.writer.add_image(f"EMA gates/{name}", grid, epoch)
+            self._log(lambda writer: writer.add_image(f"EMA gates/{name}", grid, epoch))
 
     def save(self, name, state):
         if self.active:
             utils.save_atomic(state, self.ckpt_dir / name)
 
-    def finish(self, args, final, best):
+    def print_epoch(self, row: dict, epochs: int, is_best: bool) -> None:
+        val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}" if "val_top1" in row else ""
+        self.print(f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+                   f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
+                   f"top-5 {row['test_top5']:.2f}{val}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
+
+    def finish(self, args, final, best, minutes: float):
+        """The run's final numbers: printed, and to TensorBoard (its hyper-parameters view)."""
+        picked = "on the validation split" if args.val else "on the test set"
+        self.print(f"done in {minutes:.1f} min. final (epoch {final['epoch']}): top-1 {final['test_top1']:.2f} top-5 "
+                   f"{final['test_top5']:.2f}; best (epoch {best['epoch']}, picked {picked}): test top-1 "
+                   f"{best['top1']:.2f} top-5 {best['top5']:.2f}")
         if not self.active:
             return
         hparam_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         metrics = {"hparam/final_top1": final["test_top1"], "hparam/final_top5": final["test_top5"],
                    "hparam/best_top1": best["top1"]}
-        for summary in hparams(hparam_dict, metrics):
-            self.writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, final["epoch"])
+
+        def write(writer):
+            for summary in hparams(hparam_dict, metrics):
+                writer.file_writer.add_summary(summary)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, final["epoch"])
+            writer.flush()
+
+        self._log(write)
         self.close()
 
     def close(self):
-        if self.writer:
-            self.writer.close()
+        self._log(lambda writer: writer.close())
         if self.lock:
             self.lock.release()
             if self.log_lock:
@@ -459,6 +498,22 @@ class RunLock:
 
     def release(self) -> None:
         self.file.close()
+
+
+def quiet_log_thread_errors() -> None:
+    """TensorBoard's writer thread dies with a traceback on a failed write (a full disk); the next
+    write raises it again, and RunFolder._log says it in one line: the thread's traceback goes."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_log_thread", False):
+        return
+
+    def hook(thread_error):
+        writer_thread = type(thread_error.thread).__name__ == "_AsyncWriterThread"
+        if not (writer_thread and isinstance(thread_error.exc_value, OSError)):
+            previous(thread_error)
+
+    hook.quiet_log_thread = True
+    threading.excepthook = hook
 
 
 def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:

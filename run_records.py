@@ -20,7 +20,7 @@ from conf.run_options import OPTIONS, REQUIRED
 
 # The identity options, then the unclassified keys as sorted (key, value) pairs.
 Identity = namedtuple("Identity", [*run_options.IDENTITY, "unclassified"])
-RECORDED_DATASET = re.compile(r"cifar-100|custom-[0-9a-f]{8}")  # what the trainer writes as "dataset"
+RECORDED_DATASET = re.compile(r"cifar-100|cifar-10|(custom|folder)-[0-9a-f]{8}")  # what the trainer writes as "dataset"
 
 
 def paper_configuration(recipe: str) -> dict:
@@ -72,6 +72,7 @@ class Run:
     seed: int
     rows: list  # metrics.csv, one dict of floats per epoch
     mtime: float  # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
+    classes: int = settings.NUM_CLASSES  # recorded by the trainer since --dataset
 
     @property
     def finished(self) -> bool:
@@ -83,7 +84,8 @@ class Run:
 
     @property
     def best(self) -> dict:
-        return max(self.rows, key=lambda r: r["test_top1"])  # the first epoch with the highest top-1
+        """The first epoch with the highest validation top-1 (--val), else test top-1 (the paper's way)."""
+        return max(self.rows, key=lambda r: r["val_top1" if "val_top1" in r else "test_top1"])
 
 
 def run_args(folder: Path) -> dict:
@@ -140,7 +142,7 @@ def number(text, where: str) -> float:
     return value
 
 
-NEEDED_COLUMNS = ("test_top1", "test_top5")
+NEEDED_COLUMNS = ("epoch", "test_top1", "test_top5")  # every version of the trainer wrote them
 
 
 def read_metrics(path: Path) -> list:
@@ -164,7 +166,7 @@ def read_metrics(path: Path) -> list:
             raise UnreadableRun(f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
         rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key, text in line.items()})
     epochs = [row.get("epoch") for row in rows]
-    if "epoch" in columns and epochs != list(range(1, len(rows) + 1)):  # each row read by its epoch number
+    if epochs != list(range(1, len(rows) + 1)):  # each row read by its epoch number
         shown = ", ".join(f"{e:g}" for e in epochs)
         raise UnreadableRun(f"metrics.csv lists epochs {shown}, not 1 to {len(rows)} in order")
     return rows
@@ -175,7 +177,10 @@ def read_run(folder: Path) -> Run:
     args = run_args(folder)
     identity = run_identity(args)
     metrics = folder / "metrics.csv"
-    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime)
+    classes = args.get("classes") or settings.NUM_CLASSES
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes")
+    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime, classes)
 
 
 def read_runs(checkpoint_dir: Path) -> list[Run]:

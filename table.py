@@ -197,10 +197,10 @@ def seeds_line(rows: list[Row], delta: float) -> str:
 # ---------------------------------------------------------------- the report
 
 @functools.cache  # the table is rendered twice (printed, and table.md): build each model once
-def count_params(net: str, att: str) -> str:
+def count_params(net: str, att: str, att_stages=None, classes=settings.NUM_CLASSES) -> str:
     import models  # torch is only needed for this column
-    from models import count_parameters
-    return f"{count_parameters(models.create_model(net, att, settings.NUM_CLASSES))[0] / 1e6:.2f}M"
+    model = models.model_of({"net": net, "att": att, "att_stages": att_stages, "classes": classes})
+    return f"{models.count_parameters(model)[0] / 1e6:.2f}M"
 
 
 def cell(mean, std):
@@ -212,7 +212,8 @@ HEADER = ["Name", "Recipe", "Resolution", "#Params", "Seeds", "Top-1 final", "To
 DIFF_HEADER = ["Name", "Recipe", "Seeds", "Δ final vs baseline", "Δ best vs baseline", "Δ final vs EMA",
                "Δ best vs EMA"]
 TABLE_NOTE = ("Top-1/Top-5: test accuracy (%), mean ± sample standard deviation over seeds. 'best' is the epoch "
-              "with the highest test top-1, as the paper picks it (on the test set: optimistic); 'final' is the "
+              "with the highest test top-1, as the paper picks it (on the test set: optimistic), or in rows with "
+              "val=N the epoch with the highest validation top-1 (--val N: held-out training images); 'final' is the "
               "last epoch. Δ: our best-epoch mean minus the paper. Recipe: after ';', what differs from the "
               "paper's configuration without changing the recipe (amp, sync_bn, b x world = 128, or the --data "
               "path of a run that did not record its dataset).")
@@ -224,7 +225,8 @@ def row_cells(row: Row) -> list[str]:
     """Name to Top-5 best."""
     final1, best1, final5, best5 = (row.stats(w, k) for w, k in (("final", "test_top1"), ("best", "test_top1"),
                                                                  ("final", "test_top5"), ("best", "test_top5")))
-    return [row.name, row.recipe_cell, "32x32", count_params(row.identity.net, row.att), str(final1[2]),
+    params = count_params(row.identity.net, row.att, row.identity.att_stages, (row.finished + row.unfinished)[0].classes)
+    return [row.name, row.recipe_cell, "32x32", params, str(final1[2]),
             cell(*final1[:2]), cell(*final5[:2]), cell(*best1[:2]), cell(*best5[:2])]
 
 
@@ -240,7 +242,9 @@ def paper_cells(row: Row) -> list[str]:
 def difference_cells(row: Row, by_identity: dict) -> list[str]:
     cells = [row.name, row.recipe_cell, str(len(row.finished))]
     for att, what in (("none", "baseline"), ("ema", "EMA")):
-        reference = by_identity.get(row.identity._replace(att=att))
+        # The baseline has no module to place; EMA is compared at the same placement (--att-stages).
+        reference = by_identity.get(row.identity._replace(att=att, att_stages=None if att == "none" else
+                                                          row.identity.att_stages))
         for which in ("final", "best"):
             cells.append("-" if row.att == att else interval_cell(compare(row, reference, which, what)))
     return cells

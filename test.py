@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on CIFAR-100's test set: top-1/top-5 error, parameters and MFLOPs.
+"""Evaluate a checkpoint on its dataset's test set: top-1/top-5 error, parameters and MFLOPs.
 
     python test.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth
     python test.py -weights checkpoint/resnet50_ema/<run>      # a run folder: its last.pth
@@ -11,12 +11,12 @@ import argparse
 import sys
 
 import checkpoints
-import cifar
 import cli
+import loaders
 import models
+import run_data
 import training
 import utils
-from conf import settings
 from utils import UserError
 
 
@@ -53,12 +53,13 @@ def test(args):
     # One pass over the test set: compiling would cost more time than it saves.
     speed = training.SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
-    dataset = cifar.trained_on(saved, args.data)
-    loader = cifar.make_loader("device", dataset, args.b, settings.RECIPES[saved["recipe"]], speed.device, train=False)
+    dataset = run_data.trained_on(saved, args.data)
+    loader = loaders.make_loader("device", dataset, args.b, run_data.recipe_of(saved), speed.device, train=False)
     stats = training.evaluate(model, loader, speed)
     total, no_norm = models.count_parameters(model)
 
-    epochs = "" if checkpoint["epoch"] is None else f", after {checkpoint['epoch']} epochs"
+    n = checkpoint["epoch"]
+    epochs = "" if n is None else f", after {n} epoch{'s' if n != 1 else ''}"
     print(f"{path}: {net} + {att}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
     print(f"checkpoint layout: {checkpoint['layout']}")
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "

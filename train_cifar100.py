@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-import cifar
+import loaders
 import models
+import run_data
 import run_folder
 import training
 import utils
-from conf import settings
 from utils import UserError
 
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
@@ -97,9 +97,8 @@ class Trainer:
         device = processes.start()
         # The notes are printed once the run folder is open.
         self.speed, self.notes = training.resolve_device_options(args, device, processes)
-        self.recipe = settings.RECIPES[args.recipe]
-        self.data = cifar.training_data(args, self.recipe, device, processes, self.notes)
-        self.train_data, self.test_data = self.data.train, self.data.test
+        self.data = run_data.training_data(args, device, processes, self.notes)
+        self.train_data, self.test_data, self.recipe = self.data.train, self.data.test, self.data.recipe
         self.model, self.step_model, self.eval_model, self.penalty = training.build_model(
             args, self.recipe, self.speed, processes, self.notes)
         self.optimizer = training.make_optimizer(self.model, args.lr, device)
@@ -122,6 +121,7 @@ class Trainer:
         if self.checkpoint:  # metrics.csv as far as this checkpoint goes (an older file may be resumed)
             run_folder.repair_best(self.out, self.checkpoint, self.best)
             self.out.write_metrics(self.history)
+            self.out.log_epoch(self.history)  # the epochs a full log disk kept out, if any
         else:
             self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
 
@@ -149,7 +149,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{args.epochs}", unit="batch",
                    leave=False, dynamic_ncols=True, disable=not processes.main)
         self.epoch_start, first_step, stop_signal = time.time(), self.step, 0
-        for step, (images, labels) in cifar.batches(self.train_data, self.step, self.epoch):
+        for step, (images, labels) in loaders.batches(self.train_data, self.step, self.epoch):
             images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
             loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler,
                                              self.speed, self.penalty)
@@ -162,9 +162,10 @@ class Trainer:
                 stop_signal = self.check(watch, stop, bar, first_step)
                 if stop_signal and self.step < steps:
                     break
-            if self.step - first_step == ESTIMATE_AFTER and not self.estimated:  # once a run, above the bar
+            timed = self.step - first_step
+            if (timed == ESTIMATE_AFTER or self.step == steps) and not self.estimated:  # once a run, above the bar
                 self.estimated = True
-                tqdm.write(training.cpu_estimate((time.time() - self.epoch_start) / ESTIMATE_AFTER * steps,
+                tqdm.write(training.cpu_estimate((time.time() - self.epoch_start) / timed * steps,
                                                  args.epochs - self.epoch))
         bar.close()
         return stop_signal
@@ -185,22 +186,25 @@ class Trainer:
         return stop_signal
 
     def end_epoch(self):
-        """Test, log, checkpoint."""
+        """Test (and validate), log, checkpoint."""
         loss_sum, hits, seen = self.totals.read(self.processes)
         self.processes.broadcast_buffers(self.model)
         # The last step's gradients are not needed again: freed, they leave evaluation their memory,
         # and no output of a training graph's replay is alive while evaluation's graphs replay.
         self.optimizer.zero_grad(set_to_none=True)
         test = training.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
+        val = self.data.val and training.evaluate(self.eval_model, self.data.val, self.speed, self.processes)
         self.epoch, self.step, self.totals = self.epoch + 1, 0, training.RunningTotals(self.speed.device)
         lr = self.optimizer.param_groups[0]["lr"]
         row = {"epoch": self.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * hits / seen,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+               **({"val_loss": val["loss"], "val_top1": val["top1"]} if val else {}),
                "seconds": round(time.time() - self.epoch_start, 2)}
         self.history.append(row)
-        is_best = test["top1"] > self.best["top1"] or not self.best["epoch"]  # the first epoch is a best too
+        picked = row.get("val_top1", test["top1"])  # the best epoch: on the validation split with --val
+        is_best = picked > self.best.get("picked", self.best["top1"]) or not self.best["epoch"]  # the first is too
         if is_best:
-            self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": self.epoch}
+            self.best = {"top1": test["top1"], "top5": test["top5"], "epoch": self.epoch, "picked": picked}
         self.out.log_epoch(self.history)
         if self.args.gate_images and self.epoch % self.args.gate_images == 0:
             self.out.gate_images(self.model, self.data.gate_images, self.recipe, self.speed, self.epoch)
@@ -209,9 +213,7 @@ class Trainer:
         if is_best:
             self.out.save("best.pth", state)
         self.out.write_metrics(self.history)
-        self.out.print(f"epoch {self.epoch}/{self.args.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
-                       f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
-                       f"top-5 {row['test_top5']:.2f}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
+        self.out.print_epoch(row, self.args.epochs, is_best)
 
     def checkpoint_state(self) -> dict:
         """Everything needed to continue at (epoch, step); a collective under torchrun. Randomness
@@ -227,11 +229,7 @@ class Trainer:
         would lose, say how to go on, return the exit code."""
         out = self.out
         if self.epoch == self.args.epochs:  # done, even if a stop request came with the last step
-            final = self.history[-1]
-            out.finish(self.args, final, self.best)
-            out.print(f"done in {(time.time() - self.started) / 60:.1f} min. final (epoch {final['epoch']}): top-1 "
-                      f"{final['test_top1']:.2f} top-5 {final['test_top5']:.2f}; best (epoch {self.best['epoch']}, "
-                      f"picked on the test set): top-1 {self.best['top1']:.2f} top-5 {self.best['top5']:.2f}")
+            out.finish(self.args, self.history[-1], self.best, minutes=(time.time() - self.started) / 60)
             return 0
         if self.step:  # stopped mid-epoch; an epoch's end has saved already
             out.save("last.pth", self.checkpoint_state())

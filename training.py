@@ -7,6 +7,7 @@ hit counts stay there, and are read only where the caller chooses to wait (every
 """
 import bisect
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -50,10 +51,11 @@ class SpeedSettings:
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    deterministic: bool = False  # on CUDA: deterministic kernels only (--deterministic)
 
     @classmethod
     def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None, cuda_graphs=None,
-                processes: int = 1) -> "SpeedSettings":
+                processes: int = 1, deterministic: bool = False) -> "SpeedSettings":
         """Fill unset options with the defaults for the device and the attention module, chosen from
         benchmark.py's GPU run (docs/speed.md). CUDA graphs only where they apply (see
         cuda_graphs_obstacle); asked for elsewhere, they are off."""
@@ -76,13 +78,20 @@ class SpeedSettings:
         # A compiled step still launches its kernels one by one from Python, and the GPU waited on
         # the CPU; a CUDA graph replays all of a forward's (or backward's) kernels with one launch.
         cuda_graphs = cuda_graphs is not False and cuda_graphs_obstacle(device, compile, processes) is None
-        return cls(device, amp, channels_last, compile, cuda_graphs)
+        return cls(device, amp, channels_last, compile, cuda_graphs, deterministic)
 
     def enable_fast_kernels(self) -> None:
         """cuDNN picks the fastest convolution algorithm per shape on first use (EMA's grouped
-        convolutions have unusual shapes); the choice is not bitwise reproducible across runs."""
+        convolutions have unusual shapes); the choice is not bitwise reproducible across runs. With
+        `deterministic`, cuDNN's deterministic algorithms and PyTorch's deterministic kernels only (an
+        operation that has none raises), and the cuBLAS workspace setting that makes its matrix
+        products deterministic; before the first one, which reads it."""
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            if self.deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = not self.deterministic
+            torch.backends.cudnn.deterministic = self.deterministic
+            torch.use_deterministic_algorithms(self.deterministic)
 
     @property
     def memory_format(self):
@@ -115,7 +124,8 @@ class SpeedSettings:
         else:
             execution = "compiled" if self.compile else "eager"
         layout = "channels_last" if self.channels_last else "contiguous"
-        return f"{'fp32' if self.amp == 'off' else self.amp}, {layout}, {execution}"
+        deterministic = ", deterministic" if self.deterministic else ""
+        return f"{'fp32' if self.amp == 'off' else self.amp}, {layout}, {execution}{deterministic}"
 
 
 def cuda_graphs_obstacle(device: torch.device, compile: bool, processes: int):
@@ -136,8 +146,10 @@ def resolve_device_options(args, device, processes: Distributed) -> tuple[SpeedS
     if args.sync_bn and processes.enabled and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
     speed = SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att, args.cuda_graphs,
-                                  processes.world)
+                                  processes.world, args.deterministic and device.type == "cuda")
     notes = []
+    if args.deterministic and device.type != "cuda":
+        notes.append("note: --deterministic changes nothing here: runs on the CPU are deterministic already")
     if device.type == "cpu" and (speed.amp == "fp16" or speed.amp == "bf16" and not native_cpu_bf16()):
         notes.append(f"warning: this CPU emulates --amp {speed.amp}, much slower than --amp off")
     if args.cuda_graphs and not speed.cuda_graphs:
@@ -157,7 +169,7 @@ def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed
     through DDP (gradients averaged over ranks) and torch.compile; evaluation through the compiled
     plain module (DDP adds nothing there). `penalty`: NAM's L1 term, or None."""
     torch.manual_seed(args.seed)
-    model = models.create_model(args.net, args.att, settings.NUM_CLASSES)
+    model = models.model_of(vars(args))
     initialise(model, recipe)
     if args.init_from and not args.resume:  # a resumed run loads its own weights
         layout = checkpoints.load_weights_into(model, args.init_from, f"this run's {args.net} + {args.att}")
@@ -179,6 +191,8 @@ def build_model(args, recipe: dict, speed: SpeedSettings, processes: Distributed
 def cpu_estimate(epoch_seconds: float, epochs: int) -> str:
     """The warning a CPU run prints once: how long an epoch and the rest of the run take."""
     def span(seconds):
+        if seconds >= 2 * 86400:
+            return f"{seconds / 86400:.1f} days"
         if seconds >= 3600:
             return f"{seconds / 3600:.1f} h"
         return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
@@ -280,8 +294,9 @@ class RunningTotals:
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Number of images whose label is among the top-k predictions, for each k (as tensors)."""
-    top = logits.topk(max(ks), dim=1).indices
+    """Number of images whose label is among the top-k predictions, for each k (as tensors); with
+    fewer than k classes (a small --dataset folder), every image's."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return [hits[:, :k].any(1).sum() for k in ks]
 

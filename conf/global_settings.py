@@ -16,6 +16,7 @@ MILESTONES = (60, 120, 160)
 LR_DECAY = 0.2
 
 DATA_DIR = "./data"
+DATASETS = ("cifar100", "cifar10", "folder")  # --dataset: run_data.py
 CHECKPOINT_DIR = "checkpoint"
 LOG_DIR = "runs"
 
@@ -34,6 +35,8 @@ PAPER_TABLE = (
     ("resnet101", "ca", 46.22, 80.01, 94.78),
     ("resnet101", "ema", 42.96, 80.86, 95.75),
 )
+# The rows of that table that can be trained: every one with a public definition (SSA has none).
+TRAINED_ROWS = tuple((net, att) for net, att, *_ in PAPER_TABLE if att != "ssa")
 
 # Optimizer, shared by both recipes (docs/reference.md section 3).
 BATCH_SIZE = 128

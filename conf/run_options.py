@@ -56,6 +56,7 @@ OPTIONS = {
     "net": Option(True, paper=ROW),
     "att": Option(True, paper=ROW),
     "recipe": Option(True, paper=ROW),
+    "att_stages": Option(True, None, None),  # None: every stage, the paper's placement
     "lr": Option(True, settings.LR, settings.LR, number=True),
     "b": Option(True, settings.BATCH_SIZE, settings.BATCH_SIZE, arithmetic=True, number=True),  # per process
     # Recorded by the trainer: torchrun processes, so the global batch is b x world.
@@ -63,6 +64,7 @@ OPTIONS = {
     "epochs": Option(True, settings.EPOCHS, resume=EXTENDS, number=True),
     "warm": Option(True, recipe_warm, recipe_warm, number=True),
     "subset": Option(True, None, None),
+    "val": Option(True, None, None),  # held-out training images: the best epoch is picked on them
     # Recorded by the trainer: "cifar-100" or "custom-<8 hex>" (cifar.dataset_identity); before it was
     # recorded, the --data path.
     "dataset": Option(True, "cifar-100", lambda args: args.get("data"), resume=MAY_CHANGE, option=False),
@@ -78,11 +80,17 @@ OPTIONS = {
     # Not the identity. table.py averages over seeds (and needs one in every run).
     "seed": Option(False),
     "data": Option(False, resume=MAY_CHANGE),  # where the data is; "dataset" is what it is
+    "data_format": Option(False),  # --dataset: how --data holds it ("dataset" tells the runs apart)
+    # Recorded by the trainer from the data: the classes, the normalization (run_data.py).
+    "classes": Option(False, resume=MAY_CHANGE, option=False),
+    "mean": Option(False, resume=MAY_CHANGE, option=False),
+    "std": Option(False, resume=MAY_CHANGE, option=False),
     "loader": Option(False, resume=MAY_CHANGE, arithmetic=True),
     "workers": Option(False, resume=MAY_CHANGE, arithmetic=lambda args: args.get("loader") == "workers"),
     "channels_last": Option(False, resume=MAY_CHANGE, arithmetic=True),
     "compile": Option(False, resume=MAY_CHANGE, arithmetic=True),
-    "cuda_graphs": Option(False, resume=MAY_CHANGE),  # replays the compiled kernels: the same arithmetic
+    "cuda_graphs": Option(False, resume=MAY_CHANGE),
+    "deterministic": Option(False, resume=MAY_CHANGE, arithmetic=True),  # other kernels: not bitwise on resume  # replays the compiled kernels: the same arithmetic
     "gpu": Option(False),  # accepted for the classic CLI; changes nothing
     "gate_images": Option(False),
     "run": Option(False, resume=FOLDER),

@@ -1,5 +1,5 @@
-"""Model registry, ``create_model(net, attention=None, num_classes=100)``, and the parameter and
-FLOP counts of a model."""
+"""Model registry, ``create_model(net, attention=None, num_classes=100, stages=ALL_STAGES)``,
+``model_of(recorded arguments)``, and the parameter and FLOP counts of a model."""
 from typing import Optional
 
 import torch
@@ -24,9 +24,24 @@ def list_attentions() -> list[str]:
     return [NO_ATTENTION, *ATTENTIONS]
 
 
-def create_model(net: str, attention: Optional[str] = None, num_classes: int = 100) -> nn.Module:
+ALL_STAGES = (1, 2, 3, 4)  # a ResNet's stages, layer1 to layer4
+
+
+def parse_stages(text: Optional[str]) -> tuple[int, ...]:
+    """"3,4" -> (3, 4); None -> all four (the paper's placement). A ValueError says what is wrong."""
+    if text is None:
+        return ALL_STAGES
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(part in {str(s) for s in ALL_STAGES} for part in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"expected distinct ResNet stages from 1 to 4 such as 3,4, got {text!r}")
+    return tuple(sorted(map(int, parts)))
+
+
+def create_model(net: str, attention: Optional[str] = None, num_classes: int = 100,
+                 stages: tuple[int, ...] = ALL_STAGES) -> nn.Module:
     """Network `net` (CIFAR-shaped) with attention module `attention` (None or "none" for the
-    baseline) in every block; MobileNetV2 places EMA by its own rule (models/mobilenetv2.py)."""
+    baseline) in every block of the ResNet stages `stages` (all four: the paper's placement);
+    MobileNetV2 places EMA by its own rule (models/mobilenetv2.py)."""
     if net not in list_models():
         raise ValueError(f"unknown net {net!r}; choose from: {', '.join(list_models())}")
     if attention == NO_ATTENTION:
@@ -35,8 +50,18 @@ def create_model(net: str, attention: Optional[str] = None, num_classes: int = 1
         raise ValueError(f"unknown attention {attention!r}; choose from: {', '.join(list_attentions())}")
     constructor = ATTENTIONS[attention] if attention else None
     if net == "mobilenetv2":
+        if tuple(stages) != ALL_STAGES:
+            raise ValueError("stages (--att-stages) place the module in a ResNet's stages; "
+                             "mobilenetv2 has its own rule")
         return MobileNetV2(num_classes, constructor, cifar=True)
-    return resnet(net, num_classes, constructor)
+    return resnet(net, num_classes, constructor, tuple(stages))
+
+
+def model_of(args: dict) -> nn.Module:
+    """The model a run's recorded arguments describe (args.json, a checkpoint's "args"): its network,
+    attention, stages (att_stages; absent in older runs: all four) and classes (absent: CIFAR-100's)."""
+    return create_model(args["net"], args["att"], args.get("classes") or settings.NUM_CLASSES,
+                        parse_stages(args.get("att_stages")))
 
 
 def stage_ends(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,4 +1,5 @@
-"""CIFAR-style ResNets (3x3 stem, no max-pool) with an optional attention module in every block.
+"""CIFAR-style ResNets (3x3 stem, no max-pool) with an optional attention module in every block (or in
+the blocks of some stages only: `att_stages`, a placement ablation; all four in the paper).
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; the CIFAR variant follows the
 classic CIFAR-100 training repos. The attention module sits on the block's output width, after the
@@ -68,8 +69,10 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
+    """`att_stages`: the stages (1-4) whose blocks get the attention module; all four in the paper."""
+
     def __init__(self, block, num_blocks, num_classes: int = 100,
-                 attention: Optional[AttentionConstructor] = None):
+                 attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4)):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 3, padding=1, bias=False),
@@ -78,10 +81,11 @@ class ResNet(nn.Module):
         )
         in_planes = 64
         stages = []
-        for planes, blocks, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+        for stage, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)), 1):
             layers = []
             for i in range(blocks):
-                layers.append(block(in_planes, planes, stride if i == 0 else 1, attention))
+                module = attention if stage in att_stages else None
+                layers.append(block(in_planes, planes, stride if i == 0 else 1, module))
                 in_planes = planes * block.expansion
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -103,6 +107,7 @@ RESNETS = {
 }
 
 
-def resnet(name: str, num_classes: int = 100, attention: Optional[AttentionConstructor] = None) -> ResNet:
+def resnet(name: str, num_classes: int = 100, attention: Optional[AttentionConstructor] = None,
+           stages=(1, 2, 3, 4)) -> ResNet:
     block, num_blocks = RESNETS[name]
-    return ResNet(block, num_blocks, num_classes, attention)
+    return ResNet(block, num_blocks, num_classes, attention, stages)

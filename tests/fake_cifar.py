@@ -70,3 +70,44 @@ def _folder(root):
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def write_fake_cifar10(root, n_train=50, n_test=20, seed=0):
+    """Write root/cifar-10-batches-py/ in CIFAR-10's format: five data batches, test_batch and
+    batches.meta (keys labels, label_names); return root."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    data, labels = make_images(n_train, 10, seed)
+    for batch, part in enumerate(np.array_split(np.arange(n_train), 5), 1):
+        _dump({b"data": data[part], b"labels": [int(x) for x in labels[part]],
+               b"batch_label": f"training batch {batch} of 5".encode(),
+               b"filenames": [f"img_{i}.png".encode() for i in part]}, folder / f"data_batch_{batch}")
+    data, labels = make_images(n_test, 10, seed + 1)
+    _dump({b"data": data, b"labels": [int(x) for x in labels], b"batch_label": b"testing batch 1 of 1"},
+          folder / "test_batch")
+    _dump({b"label_names": [f"class_{i}".encode() for i in range(10)], b"num_cases_per_batch": n_train // 5,
+           b"num_vis": 3072}, folder / "batches.meta")
+    return Path(root)
+
+
+def write_image_folder(root, n_train=24, n_test=12, classes=("cat", "dog", "emu"), seed=0, test_name="test",
+                       size=(40, 28)):
+    """Write root/train/<class>/*.png and root/<test_name>/<class>/*.png (`size`: not 32 x 32, so that
+    the resize is exercised; some JPEG and greyscale among them); return root."""
+    from PIL import Image
+    for split, n, split_seed in (("train", n_train, seed), (test_name, n_test, seed + 1)):
+        data, labels = make_images(n, len(classes), split_seed)
+        for i, (row, label) in enumerate(zip(data, labels)):
+            image = Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0)).resize(size)
+            folder = Path(root) / split / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            if i % 5 == 3:
+                image.convert("L").save(folder / f"{i}.jpg")
+            else:
+                image.save(folder / f"{i}.png")
+        for name in classes:  # every class in both splits, whatever the draw
+            folder = Path(root) / split / name
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "extra.png")
+    return Path(root)

@@ -77,17 +77,21 @@ def test_a_new_run_never_replaces_results_without_last_pth(kept, small_data, fin
 
 def test_reproduce_plans_a_folder_without_last_pth_by_its_results(finished_small_run, tmp_path, capsys):
     """Finished (by metrics.csv): done; unfinished without a checkpoint to resume: skipped, never new."""
+    def planned(epochs):  # the small run's own options
+        return reproduce.planned_identity(["-b", "16", "-lr", "0.02", "--epochs", str(epochs)], "resnet18", "ema",
+                                          "paper")
+
     done = copy_run(finished_small_run, tmp_path, "done")
     (done / "last.pth").unlink()
-    assert reproduce.run_state(done) == "done"
+    assert reproduce.run_state(done, planned(1)) == "done"
     stuck = copy_run(finished_small_run, tmp_path, "stuck")
     (stuck / "last.pth").unlink()
     args = json.loads((stuck / "args.json").read_text())
     (stuck / "args.json").write_text(json.dumps({**args, "epochs": 5}))
-    assert reproduce.run_state(stuck) == "skipped"
+    assert reproduce.run_state(stuck, planned(5)) == "skipped"
     assert f"skipped {stuck}: unfinished (1/5 epochs) and no last.pth to resume" in capsys.readouterr().err
     (stuck / "metrics.csv").unlink()
-    assert reproduce.run_state(stuck) == "skipped"
+    assert reproduce.run_state(stuck, planned(5)) == "skipped"
     assert "best.pth without last.pth or metrics.csv" in capsys.readouterr().err
 
 
@@ -207,13 +211,16 @@ def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(small_data, t
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
 
 
-def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", 1)
+@pytest.mark.parametrize("estimate_after", [1, 6])  # 6: more steps than an epoch has, timed over the epoch
+def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(small_data, tmp_path, monkeypatch, capsys,
+                                                            estimate_after):
+    monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", estimate_after)
     assert train(small_data, tmp_path, "est", "--epochs", "3") == 0
     assert capsys.readouterr().out.count("warning: no GPU; about") == 1
     assert training.cpu_estimate(30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
     assert training.cpu_estimate(600, 200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
                                                "remaining 200 epochs")
+    assert training.cpu_estimate(3600, 200).endswith("1.0 h per epoch, 8.3 days for the remaining 200 epochs")
 
 
 # ---------------------------------------------------------------- reproduce.py
@@ -350,3 +357,46 @@ def test_test_py_evaluates_on_the_data_it_was_trained_on(small_data, finished_sm
     other = write_fake_cifar100(tmp_path / "other", n_train=16, n_test=16, seed=1)
     assert test_script.main(["-weights", str(run / "best.pth"), "--data", str(other)]) == 0
     assert f"warning: {other} holds custom-" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writes_left", [0, 2])  # full from the start; full within the first epoch
+def test_a_full_log_disk_stops_the_logging_not_the_run_and_a_resume_logs_what_is_missing(small_data, tmp_path,
+                                                                                         monkeypatch, capsys,
+                                                                                         writes_left):
+    """TensorBoard's writer thread dies on a full disk and its next write raises: one warning, the run
+    goes on, and the resume (with space again) logs the epochs the log lacks."""
+    import errno
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    full, original, writes = [True], RecordWriter.write, []
+
+    def write(self, data):
+        writes.append(data)
+        if full[0] and len(writes) > writes_left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    assert train(small_data, tmp_path, "logs", "--epochs", "2") == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("warning: the TensorBoard log cannot be written: no space left on device") == 1
+    assert "Traceback" not in captured.err + captured.out
+    run = folder(tmp_path, "logs")
+    assert [row["epoch"] for row in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    full[0] = False
+    assert resume(tmp_path, run, "--epochs", "3") == 0
+    assert tensorboard_steps(folder(tmp_path, "logs", "runs")) == [1, 2, 3]
+    assert tensorboard_steps(folder(tmp_path, "logs", "runs"), "Train/loss") == [1, 2, 3]
+
+
+def test_a_relative_data_folder_is_found_from_any_folder(small_data, tmp_path, monkeypatch, capsys):
+    import test as test_script
+    monkeypatch.chdir(small_data.parent)
+    assert train(small_data, tmp_path, "relative", "--epochs", "1", "--data", small_data.name) == 0
+    run = folder(tmp_path, "relative")
+    assert json.loads((run / "args.json").read_text())["data"] == str(small_data)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert test_script.main(["-weights", str(run / "best.pth")]) == 0
+    assert "16 test images" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cifar
+import loaders
 import models
 import train_cifar100
 import training
@@ -103,7 +103,7 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
 
 def test_device_loader_equals_torchvision_on_cuda():
     images, offsets, flips, angles = (t.cuda() for t in random_batch(64, seed=2))
-    out = cifar.augment(images, offsets, flips, angles, MEAN.cuda(), STD.cuda())
+    out = loaders.augment(images, offsets, flips, angles, MEAN.cuda(), STD.cuda())
     for i in range(len(images)):
         top, left = offsets[i].tolist()
         expected = torchvision_tensor(images[i], top, left, bool(flips[i]), float(angles[i]))
@@ -201,3 +201,20 @@ def test_two_epochs_fused_and_unfused_agree(data_root, tmp_path, monkeypatch):
         history = torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth", weights_only=True)["history"]
         losses[fused] = [row["train_loss"] for row in history]
     assert losses[True] == pytest.approx(losses[False], rel=0.05), losses
+
+
+def test_deterministic_runs_agree_bitwise(data_root, tmp_path):
+    """--deterministic in the default configuration (compiled, CUDA graphs, bf16): two runs of one
+    command end with bitwise-equal weights."""
+    weights = []
+    try:
+        for run in ("first", "second"):
+            assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-b", "64", "--epochs", "2", "--deterministic",
+                                        "--data", str(data_root)] + outputs(tmp_path, run)) == 0
+            weights.append(torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth", weights_only=True)["model"])
+    finally:  # the flags are the process's: the other tests run as the trainer does by default
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert weights[0].keys() == weights[1].keys()
+    different = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

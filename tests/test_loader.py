@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 
 import benchmark
 import cifar
+import loaders
 import train_cifar100
 import training
 from conf import settings
@@ -57,7 +58,7 @@ def torchvision_tensor(image, top, left, flip, angle):
 
 def test_crop_and_flip_equal_torchvision_exactly():
     images, offsets, flips, _ = random_batch(64)
-    out = cifar.augment(images, offsets, flips, None, MEAN, STD)
+    out = loaders.augment(images, offsets, flips, None, MEAN, STD)
     assert flips.any() and not flips.all()
     for i in range(len(images)):
         top, left = offsets[i].tolist()
@@ -66,7 +67,7 @@ def test_crop_and_flip_equal_torchvision_exactly():
 
 def test_rotation_equals_torchvision():
     images, offsets, flips, angles = random_batch(64, seed=1)
-    out = cifar.augment(images, offsets, flips, angles, MEAN, STD)
+    out = loaders.augment(images, offsets, flips, angles, MEAN, STD)
     differing = 0
     for i in range(len(images)):
         top, left = offsets[i].tolist()
@@ -79,7 +80,7 @@ def test_rotation_equals_torchvision():
 
 def test_random_parameters_have_torchvision_distributions():
     n = 90_000
-    loader = cifar.DeviceLoader(cifar.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
+    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
                                 torch.device("cpu"), torch.Generator().manual_seed(0))
     order, offsets, flips, angles = loader.epoch_parameters()
     assert torch.equal(order.sort().values, torch.arange(n))
@@ -98,7 +99,7 @@ def test_random_parameters_have_torchvision_distributions():
 
 
 def test_paper_recipe_has_no_rotation():
-    loader = cifar.DeviceLoader(cifar.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
+    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
                                 settings.RECIPES["paper"], torch.device("cpu"), torch.Generator().manual_seed(0))
     assert loader.epoch_parameters()[3] is None
 
@@ -112,7 +113,7 @@ def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
     dataset = cifar.CIFAR100Folder(data_root, train=True)
 
     def epochs(seed):
-        loader = cifar.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+        loader = loaders.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
                                    generator=torch.Generator().manual_seed(seed))
         return [list(loader) for _ in range(2)]
 
@@ -123,16 +124,16 @@ def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
     assert same(first[0], again[0]) and same(first[1], again[1])
     assert not same(first[0], first[1]) and not same(first[0], other[0])
     # Starting an epoch at step 2 gives the same batches as running through steps 0 and 1.
-    loader = cifar.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
+    loader = loaders.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
                                generator=torch.Generator().manual_seed(0))
-    skipped = [batch for _, batch in cifar.batches(loader, 2)]
+    skipped = [batch for _, batch in loaders.batches(loader, 2)]
     assert same(skipped, first[0][2:])
 
 
 def test_device_and_workers_test_loaders_agree(data_root):
     dataset = cifar.CIFAR100Folder(data_root, train=False)
-    device = list(cifar.make_loader("device", dataset, 16, CLASSIC, torch.device("cpu"), False))
-    workers = list(cifar.make_loader("workers", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    device = list(loaders.make_loader("device", dataset, 16, CLASSIC, torch.device("cpu"), False))
+    workers = list(loaders.make_loader("workers", dataset, 16, CLASSIC, torch.device("cpu"), False))
     assert len(device) == len(workers) == 4
     for (a, la), (b, lb) in zip(device, workers):
         assert torch.equal(a, b) and torch.equal(la, lb)
@@ -211,3 +212,11 @@ def test_benchmark_refuses_cuda_graphs_without_cuda_or_warm_up(capsys):
     with pytest.raises(SystemExit) as refused:  # the graphs' recording would fall inside the timed steps
         benchmark.main(["-net", "resnet18", "--configs", "graphs", "--warmup", "1"])
     assert refused.value.code == 2 and "--warmup must be 2 or more" in capsys.readouterr().err
+
+
+def test_benchmark_times_the_tables_rows_in_the_trainers_defaults(capsys):
+    args = benchmark.parse_args(["-b", "4", "--steps", "1", "--warmup", "1", "--table-rows", "--seeds", "2"])
+    benchmark.time_table_rows(args, torch.device("cpu"), rows=[("resnet18", "none"), ("resnet18", "ema")])
+    out = capsys.readouterr().out
+    assert out.count("result: resnet18 + ") == 2 and "| default | batch 4 |" in out
+    assert "the table: 2 rows x 2 seeds = " in out and "below half their network's baseline rate: " in out

@@ -211,3 +211,27 @@ def test_nam_channel_weights_are_detached():
     gamma = nam.bn2.weight.abs()
     (x * (nam.bn2(x) * (gamma / gamma.sum())[:, None, None]).sigmoid()).sum().backward()
     assert not torch.allclose(g_detached, nam.bn2.weight.grad)
+
+
+@pytest.mark.parametrize("stages", [(3, 4), (1,)])
+@pytest.mark.parametrize("att", sorted(PER_BLOCK))
+def test_att_stages_hold_the_modules_of_those_stages_only(att, stages):
+    """--att-stages: the baseline's parameters plus the modules of the blocks of those stages."""
+    from models.resnet import RESNETS
+    block, blocks = RESNETS["resnet50"]
+    widths = [planes * block.expansion for planes in (64, 128, 256, 512)]
+    model = models.create_model("resnet50", att, 100, stages)
+    expected = EXACT_TOTALS[("resnet50", "none")] + sum(blocks[s - 1] * PER_BLOCK[att](widths[s - 1]) for s in stages)
+    assert models.count_parameters(model)[0] == expected
+    for stage in models.ALL_STAGES:
+        placed = [not isinstance(b.attention, nn.Identity) for b in getattr(model, f"layer{stage}")]
+        assert placed == [stage in stages] * blocks[stage - 1]
+
+
+def test_att_stages_are_parsed_strictly():
+    assert models.parse_stages("4, 3") == (3, 4) and models.parse_stages(None) == models.ALL_STAGES
+    for bad in ("", "0", "5", "3,3", "3;4", "1.5"):
+        with pytest.raises(ValueError, match="distinct ResNet stages from 1 to 4"):
+            models.parse_stages(bad)
+    with pytest.raises(ValueError, match="mobilenetv2 has its own rule"):
+        models.create_model("mobilenetv2", "ema", 100, (3, 4))

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradcam
 import cifar
+import loaders
 import models
 import pictures
 import train_cifar100
@@ -50,7 +51,7 @@ def test_grad_cam_maps(trained):
     model.eval()
     recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
     dataset = cifar.CIFAR100Folder(data, train=False)
-    images, _ = next(iter(cifar.make_loader("device", dataset, 8, recipe, torch.device("cpu"), train=False)))
+    images, _ = next(iter(loaders.make_loader("device", dataset, 8, recipe, torch.device("cpu"), train=False)))
     cams, predicted = pictures.grad_cam(model, images)
     assert cams.shape == (8, 32, 32) and predicted.shape == (8,)
     assert cams.min() >= 0 and cams.max() <= 1

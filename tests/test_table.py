@@ -328,6 +328,8 @@ def break_folder(folder, how):
         metrics.write_text(metrics.read_text().replace(",79.0,", ",n/a,", 1))
     elif how == "missing column":
         metrics.write_text(metrics.read_text().replace("test_top5", "top5"))
+    elif how == "no epoch column":
+        metrics.write_text(metrics.read_text().replace("epoch,", "step,", 1))
     elif how == "empty metrics.csv":
         metrics.write_text("")
     elif how == "a list as a value":
@@ -341,7 +343,7 @@ def break_folder(folder, how):
 WHY = {"corrupt args.json": "args.json is not valid JSON", "args.json a list": "are a list, not a JSON object",
        "half-written metrics.csv": "does not have 8 values (half-written?)",
        "non-numeric value": "test_top1 is 'n/a', not a number", "missing column": "has no test_top5 column",
-       "empty metrics.csv": "metrics.csv is empty", "missing seed": "lack 'seed'",
+       "empty metrics.csv": "metrics.csv is empty", "no epoch column": "has no epoch column", "missing seed": "lack 'seed'",
        "a list as a value": "'subset' is [1, 2], not a single value"}
 
 
@@ -395,11 +397,26 @@ def test_reproduce_refuses_bad_flags(tmp_path, capsys, flags, message):
 def test_reproduce_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     fake_run(tmp_path, "resnet50", "ema", 0, [10.0, 20.0], planned=2)  # finished
     interrupted = fake_run(tmp_path, "resnet101", "ca", 0, [10.0], planned=2)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2"]) == 0
     captured = capsys.readouterr()
     assert "# resnet50 + ema, paper, seed 0: done" in captured.out
-    assert f"python train_cifar100.py --resume {interrupted}   # resumes" in captured.out
+    assert f"python train_cifar100.py --resume {interrupted} --epochs 2   # resumes" in captured.out
     assert "1 done, 1 to resume, 8 to start" in captured.err
+
+
+def test_reproduce_never_takes_a_small_trials_runs_for_the_campaigns(tmp_path, capsys):
+    """A campaign tried small (--epochs 2 --subset 64) and then run in full: the trial's folders are
+    neither done nor resumed, but skipped with one line each."""
+    done = fake_run(tmp_path, "resnet50", "ema", 0, [10.0, 20.0], planned=2, subset=64)
+    interrupted = fake_run(tmp_path, "resnet101", "ca", 0, [10.0], planned=2, subset=64)
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    for run in (done, interrupted):
+        assert (f"skipped {run}: it holds another run, epochs=2 (planned: 200), subset=64 (planned: None); "
+                in captured.err) and str(run) not in captured.out
+    assert "0 done, 0 to resume, 8 to start, 2 skipped" in captured.err
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2", "--subset", "64"]) == 0
+    assert "1 done, 1 to resume, 8 to start" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["corrupt args.json", "half-written metrics.csv", "args.json a list",
@@ -407,7 +424,7 @@ def test_reproduce_skips_finished_and_resumes_interrupted(tmp_path, capsys):
 def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, how):
     folder = fake_run(tmp_path, "resnet50", "ema", 0, [79.0, 79.0], planned=2)
     break_folder(folder, how)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2"]) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if str(folder) in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"skipped {folder}: ") and WHY[how] in warnings[0]

@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cifar
+import loaders
 import test as test_script
 import train_cifar100
 import run_folder
@@ -315,10 +316,10 @@ def test_lr_schedule():
 
 def test_recipes_transforms_and_init():
     paper, classic = settings.RECIPES["paper"], settings.RECIPES["classic"]
-    assert "RandomRotation" not in repr(cifar.train_transform(paper))
-    assert "RandomRotation(degrees=[-15.0, 15.0]" in repr(cifar.train_transform(classic))
-    assert f"mean={settings.CIFAR10_MEAN}" in repr(cifar.test_transform(paper))
-    assert "RandomCrop" not in repr(cifar.test_transform(paper))
+    assert "RandomRotation" not in repr(loaders.train_transform(paper))
+    assert "RandomRotation(degrees=[-15.0, 15.0]" in repr(loaders.train_transform(classic))
+    assert f"mean={settings.CIFAR10_MEAN}" in repr(loaders.test_transform(paper))
+    assert "RandomCrop" not in repr(loaders.test_transform(paper))
 
     import models
     torch.manual_seed(0)

@@ -1,0 +1,175 @@
+"""A run's data: the dataset (--dataset: CIFAR-100, CIFAR-10, or a folder of images per class, all
+held as 32 x 32 uint8 arrays), its validation split (--val), its normalization and its loaders; and
+the test split that a trained model is evaluated on (test.py, gradcam.py).
+
+What is recorded in a run's arguments: `dataset` (what the data is: "cifar-100", "cifar-10",
+"custom-<8 hex>" for CIFAR files that are not the official ones, "folder-<8 hex>" for a folder of
+images, by content), `classes`, and the `mean` and `std` it was normalized with.
+"""
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cifar
+import image_folder
+from conf import settings
+from loaders import ImageArray, make_loader
+from utils import SINGLE_PROCESS, Distributed, UserError
+
+# --dataset (conf.settings.DATASETS): the CIFAR formats; "folder" is image_folder.py's.
+FORMATS = {"cifar100": cifar.CIFAR100, "cifar10": cifar.CIFAR10}
+VAL_SEED = 0  # the validation split's own: the same images for every run with the same N and data
+
+
+def kind_of(saved: dict) -> str:
+    return saved.get("data_format") or "cifar100"  # runs from before --dataset trained on CIFAR-100
+
+
+def prepare(kind: str, root) -> None:
+    """Download a CIFAR set where missing; decode and cache a folder's images."""
+    if kind in FORMATS:
+        cifar.ensure(root, FORMATS[kind])
+    else:
+        for train in (True, False):
+            image_folder.ImageFolderSplit(root, train)
+
+
+def open_split(kind: str, root, train: bool) -> ImageArray:
+    """A split as an ImageArray with .classes and .md5 (what the dataset's identity is made of)."""
+    if kind in FORMATS:
+        return cifar.CifarFolder(root, train, form=FORMATS[kind])
+    return image_folder.ImageFolderSplit(root, train)
+
+
+def identity(kind: str, train_md5: str, test_md5: str) -> str:
+    if kind in FORMATS:
+        return cifar.identity_of(train_md5, test_md5, FORMATS[kind])
+    return "folder-" + hashlib.md5((train_md5 + test_md5).encode()).hexdigest()[:8]
+
+
+def checked_classes(kind: str, train: ImageArray, test: ImageArray) -> int:
+    if train.classes != test.classes:
+        only = sorted(set(train.classes) ^ set(test.classes)) or ["the same names in another order"]
+        raise UserError(f"--data {kind}: the training and test splits have different classes ({', '.join(only[:5])})")
+    return len(train.classes)
+
+
+def normalization(kind: str, recipe: str, train: ImageArray) -> tuple[tuple, tuple]:
+    """(mean, std) per channel. CIFAR-100: the recipe's (the paper's recipe normalizes it with CIFAR-10's
+    statistics, as its authors' script does); CIFAR-10: its own; a folder: its training images'."""
+    if kind == "cifar100":
+        return tuple(settings.RECIPES[recipe]["mean"]), tuple(settings.RECIPES[recipe]["std"])
+    if kind == "cifar10":
+        return settings.CIFAR10_MEAN, settings.CIFAR10_STD
+    pixels = train.data.reshape(-1, 3).astype(np.float64) / 255
+    return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+
+
+def recipe_of(saved: dict) -> dict:
+    """The run's recipe with the normalization it trained with (older runs: the recipe's own)."""
+    recipe = settings.RECIPES[saved["recipe"]]
+    mean, std = saved.get("mean") or recipe["mean"], saved.get("std") or recipe["std"]
+    return {**recipe, "mean": tuple(mean), "std": tuple(std)}
+
+
+def normalization_of(saved: dict) -> tuple[tuple, tuple]:
+    recipe = recipe_of(saved)
+    return recipe["mean"], recipe["std"]
+
+
+def validation_split(targets: list, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices trained on, indices held out): n images, stratified by class (each class gives its
+    share, rounded by largest remainder so that the shares add up to n), drawn with VAL_SEED; both in
+    their original order. The same for every run with the same n and data."""
+    targets = np.asarray(targets)
+    classes, counts = np.unique(targets, return_counts=True)
+    exact = counts * n / len(targets)
+    shares = np.floor(exact).astype(int)
+    shares[np.argsort(-(exact - shares), kind="stable")[:n - shares.sum()]] += 1
+    rng = np.random.default_rng(VAL_SEED)
+    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share] for c, share in zip(classes, shares)])
+    mask = np.zeros(len(targets), dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def select(split: ImageArray, indices) -> ImageArray:
+    """The images of `indices`, as a split of their own."""
+    subset = ImageArray(split.data[indices], [split.targets[i] for i in indices])
+    subset.classes = split.classes
+    return subset
+
+
+@dataclass
+class TrainingData:
+    train_set: ImageArray  # the images trained on
+    train: object  # the training loader: len() steps per epoch
+    test: object
+    val: object  # the validation loader (--val), else None
+    generator: torch.Generator
+    gate_images: object  # the first 8 test images (--gate-images), else None
+    recipe: dict  # the recipe, with this data's normalization
+
+
+def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: list = None) -> TrainingData:
+    """The run's data, downloaded or cached where missing (once per machine; the other ranks wait),
+    what it is recorded in `args` (dataset, classes, mean, std); what the log should say appended to
+    `notes`."""
+    notes = [] if notes is None else notes
+    kind = args.data_format
+    if processes.local_rank == 0:
+        prepare(kind, args.data)
+    processes.barrier()
+    train_set, test_set = open_split(kind, args.data, True), open_split(kind, args.data, False)
+    classes = checked_classes(kind, train_set, test_set)
+    if getattr(args, "classes", None) not in (None, classes):  # a resume on other data
+        raise UserError(f"--data {args.data} has {classes} classes; the run being resumed was trained on {args.classes}")
+    args.dataset, args.classes = identity(kind, train_set.md5, test_set.md5), classes
+    args.mean, args.std = map(list, normalization(kind, args.recipe, train_set))
+    recipe = recipe_of(vars(args))
+    val_set = None
+    if args.val:
+        if args.val >= len(train_set):
+            raise UserError(f"--val {args.val} holds out every training image (there are {len(train_set):,})")
+        kept, held = validation_split(train_set.targets, args.val)
+        train_set, val_set = select(train_set, kept), select(train_set, held)
+    if args.subset and args.subset >= len(train_set):  # the whole set: not a subset run in table.py
+        notes.append(f"note: --subset {args.subset} covers the whole training set ({len(train_set):,} images): "
+                     f"recorded as no subset")
+        args.subset = None
+    if args.subset:
+        train_set.truncate(args.subset)
+    # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
+    # epoch, then takes its shard.
+    generator = torch.Generator(device if args.loader == "device" else "cpu")
+    generator.manual_seed(args.seed)
+    train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator, processes)
+    evaluation = lambda split: make_loader(args.loader, split, max(args.b, 256), recipe, device, False, args.workers,
+                                           processes=processes)
+    test, val = evaluation(test_set), val_set and evaluation(val_set)
+    gate_images = next(iter(test))[0][:8] if args.gate_images else None  # the same every time
+    return TrainingData(train_set, train, test, val, generator, gate_images, recipe)
+
+
+def trained_on(saved: dict, data=None) -> ImageArray:
+    """The test split to evaluate a trained model on: --data, else the folder its run recorded, else
+    ./data; a warning when that data is not what it was trained on (its recorded dataset)."""
+    kind, root = kind_of(saved), data or saved.get("data") or settings.DATA_DIR
+    if kind in FORMATS:  # a folder's test split is decoded (or read from its cache) below
+        cifar.ensure(root, FORMATS[kind])
+    test_set = open_split(kind, root, train=False)
+    recorded = saved.get("dataset")
+    if recorded:
+        if kind in FORMATS:
+            form = FORMATS[kind]
+            train_md5 = cifar.split_md5(cifar.file_md5(Path(root) / form.folder / name) for name in form.splits["train"])
+        else:
+            train_md5 = open_split(kind, root, train=True).md5
+        found = identity(kind, train_md5, test_set.md5)
+        if found != recorded:
+            print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}", file=sys.stderr)
+    return test_set

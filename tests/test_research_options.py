@@ -1,0 +1,238 @@
+"""What researchers ask an attention repo for, end to end on tiny data in each on-disk format:
+placement ablations (--att-stages), their own data (--dataset cifar10 / folder), honest model
+selection (--val), deterministic runs (--deterministic; on the CPU: nothing changes) and export to
+ONNX (export.py; skipped where the ONNX packages are not installed)."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export
+import image_folder
+import run_data
+import run_records
+import table
+import test as test_script
+import train_cifar100
+from conftest import SMALL_RUN
+from fake_cifar import write_fake_cifar10, write_image_folder
+from test_runs import folder, resume, roots, snapshot, train
+
+
+def train_on(data, base, run, *extra):
+    return train_cifar100.main(SMALL_RUN + ["--data", str(data), "--run-name", run] + roots(base) + list(extra))
+
+
+def recorded(base, run) -> dict:
+    return json.loads((folder(base, run) / "args.json").read_text())
+
+
+# ---------------------------------------------------------------- --att-stages
+
+def test_att_stages_are_recorded_and_followed_by_test_py_and_table_py(small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "deep", "--epochs", "1", "--att-stages", "4,3") == 0
+    run = folder(tmp_path, "deep")
+    assert recorded(tmp_path, "deep")["att_stages"] == "3,4"
+    capsys.readouterr()
+    assert test_script.main(["-weights", str(run / "best.pth")]) == 0
+    # resnet18: the baseline's 11,220,132 and EMA's 10 (c/32)^2 + 4 (c/32) in the 2 blocks of stages 3 and 4
+    assert "parameters 11,226,724 (all)" in capsys.readouterr().out
+    assert table.main(["--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "att_stages=3,4" in out and "11.23M" in out
+
+
+# ---------------------------------------------------------------- --dataset
+
+def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tmp_path, capsys):
+    data = write_fake_cifar10(tmp_path / "data")
+    assert train_on(data, tmp_path, "ten", "--dataset", "cifar10", "--epochs", "1") == 0
+    args = recorded(tmp_path, "ten")
+    assert (args["data_format"], args["classes"]) == ("cifar10", 10) and args["dataset"].startswith("custom-")
+    assert args["mean"] == pytest.approx([0.49139968, 0.48215827, 0.44653124])
+    state = torch.load(folder(tmp_path, "ten") / "last.pth", weights_only=True)
+    assert state["model"]["fc.weight"].shape[0] == 10
+    assert resume(tmp_path, folder(tmp_path, "ten"), "--epochs", "2") == 0
+    capsys.readouterr()
+    assert test_script.main(["-weights", str(folder(tmp_path, "ten"))]) == 0
+    assert "after 2 epochs, 20 test images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("test_name", ["test", "val"])
+def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(tmp_path, monkeypatch, capsys, test_name):
+    data = write_image_folder(tmp_path / "images", test_name=test_name)
+    assert train_on(data, tmp_path, "own", "--dataset", "folder", "--epochs", "1") == 0
+    args = recorded(tmp_path, "own")
+    assert args["classes"] == 3 and args["dataset"].startswith("folder-")
+    pixels = np.concatenate([image_folder.ImageFolderSplit(data, True).data]).reshape(-1, 3) / 255
+    assert args["mean"] == pytest.approx(pixels.mean(0).tolist()) and args["std"] == pytest.approx(pixels.std(0).tolist())
+    assert sorted(p.name for p in data.glob(".cache-*")) == sorted([f".cache-32x32-{test_name}.npz",
+                                                                     ".cache-32x32-train.npz"])
+
+    def decode(*_):
+        raise AssertionError("decoded again: the cache was not used")
+
+    monkeypatch.setattr(image_folder, "decode", decode)
+    assert resume(tmp_path, folder(tmp_path, "own"), "--epochs", "2") == 0
+    capsys.readouterr()
+    assert test_script.main(["-weights", str(folder(tmp_path, "own"))]) == 0
+    assert "12 test images" in capsys.readouterr().out
+
+
+def test_a_folder_split_equals_its_images_resized_once(tmp_path):
+    from PIL import Image
+    data = write_image_folder(tmp_path / "images")
+    split = image_folder.ImageFolderSplit(data, train=False)
+    assert split.classes == ["cat", "dog", "emu"]
+    first = sorted((data / "test" / "cat").iterdir())[0]
+    expected = np.asarray(Image.open(first).convert("RGB").resize((32, 32), Image.BILINEAR))
+    assert split.data.shape[1:] == (32, 32, 3) and (split.data[0] == expected).all() and split.targets[0] == 0
+
+
+def broken_folder(root: Path, how: str) -> Path:
+    write_image_folder(root)
+    if how == "an empty class folder":
+        (root / "train" / "fox").mkdir()
+        (root / "test" / "fox").mkdir()
+        (root / "test" / "fox" / "1.png").write_bytes((root / "test" / "cat").glob("*.png").__next__().read_bytes())
+    elif how == "a file that is not an image":
+        (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    elif how == "an unreadable image":
+        (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG but not really")
+    elif how == "other classes in test":
+        (root / "test" / "dog").rename(root / "test" / "wolf")
+    elif how == "no train folder":
+        (root / "train").rename(root / "training")
+    return root
+
+
+WHY = {"an empty class folder": "fox holds no images", "a file that is not an image": "notes.txt is not an image",
+       "an unreadable image": "broken.png is not an image PIL can read",
+       "other classes in test": "different classes (dog, wolf)", "no train folder": "has no train/ folder"}
+
+
+@pytest.mark.parametrize("how", WHY)
+def test_a_bad_image_folder_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys, how):
+    data = broken_folder(tmp_path / "images", how)
+    assert train_on(data, tmp_path, "bad", "--dataset", "folder", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert WHY[how] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- --val
+
+def test_the_validation_split_is_stratified_fixed_and_exact():
+    targets = [0] * 50 + [1] * 30 + [2] * 20
+    kept, held = run_data.validation_split(targets, 10)
+    assert len(held) == 10 and len(kept) == 90 and not set(kept) & set(held)
+    assert np.bincount(np.asarray(targets)[held]).tolist() == [5, 3, 2]
+    again_kept, again_held = run_data.validation_split(targets, 10)
+    assert (again_held == held).all() and (again_kept == kept).all()
+    _, seven = run_data.validation_split(targets, 7)  # shares 3.5, 2.1, 1.4: the largest remainders round up
+    assert len(seven) == 7 and np.bincount(np.asarray(targets)[seven]).tolist() == [4, 2, 1]
+
+
+def test_val_trains_on_the_rest_and_picks_best_pth_on_validation(small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "val", "--epochs", "3", "--val", "6") == 0
+    out = capsys.readouterr().out
+    assert "10 training images" in out and "picked on the validation split" in out
+    rows = list(csv.DictReader(open(folder(tmp_path, "val") / "metrics.csv")))
+    assert {"val_loss", "val_top1"} <= rows[0].keys()
+    best = max(rows, key=lambda r: float(r["val_top1"]))["epoch"]
+    assert torch.load(folder(tmp_path, "val") / "best.pth", weights_only=True)["epoch"] == int(best)
+    run = run_records.read_run(folder(tmp_path, "val"))
+    assert run.best["epoch"] == int(best) and run.identity.val == 6
+    assert "val=6" in run_records.label(run.identity).split(", ")
+
+
+def test_val_that_holds_out_everything_is_refused(small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "all", "--epochs", "1", "--val", "16") == 2
+    assert "--val 16 holds out every training image (there are 16)" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------- --deterministic
+
+def test_deterministic_changes_nothing_on_the_cpu_and_says_so(small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "plain", "--epochs", "1") == 0
+    assert train(small_data, tmp_path, "det", "--epochs", "1", "--deterministic") == 0
+    assert "--deterministic changes nothing here" in capsys.readouterr().out
+    weights = [torch.load(folder(tmp_path, run) / "last.pth", weights_only=True)["model"] for run in ("plain", "det")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert recorded(tmp_path, "det")["deterministic"] is True
+
+
+# ---------------------------------------------------------------- export.py
+
+needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
+                                reason="export needs onnx, onnxscript and onnxruntime (requirements-export.txt)")
+
+
+def a_checkpoint(path: Path, att: str, classes: int = 100) -> Path:
+    """A checkpoint of this repo's format with random weights (export does not need training)."""
+    import models
+    torch.manual_seed(0)
+    model = models.create_model("resnet18", att, classes)
+    for module in model.modules():  # BatchNorm statistics away from 0 and 1, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    args = {"net": "resnet18", "att": att, "recipe": "paper", "classes": classes}
+    torch.save({"format": 2, "model": model.state_dict(), "args": args, "epoch": 3}, path)
+    return path
+
+
+@needs_onnx
+@pytest.mark.parametrize("att", ["none", "ema", "se", "cbam", "eca", "sa", "nam", "ca"])
+def test_export_writes_onnx_that_onnxruntime_runs_like_pytorch(tmp_path, att, capsys):
+    import onnx
+    import onnxruntime
+
+    import checkpoints
+    weights = a_checkpoint(tmp_path / "model.pth", att)
+    out = tmp_path / f"{att}.onnx"
+    assert export.main(["-weights", str(weights), "--out", str(out)]) == 0
+    assert "checked with onnxruntime at batches 1 and 7" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pth", out.name])  # no temporary files
+    model = checkpoints.load_trained_model(weights)[0].eval()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        got = session.run(None, {"images": images.numpy()})[0]
+        assert got.shape == (batch, 100) and np.abs(got - expected).max() <= 1e-3
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert metadata["att"] == att and metadata["epoch"] == 3 and len(metadata["mean"]) == 3
+
+
+@needs_onnx
+def test_export_refuses_what_it_cannot_write_and_keeps_nothing_half_written(tmp_path, monkeypatch, capsys):
+    weights = a_checkpoint(tmp_path / "model.pth", "ema", classes=10)
+    assert export.main(["-weights", str(weights), "--out", str(tmp_path / "nowhere" / "m.onnx")]) == 2
+    assert export.main(["-weights", str(weights), "--out", str(tmp_path / "m.pt")]) == 2
+    monkeypatch.setattr(export, "check_with_onnxruntime", lambda model, path: 0.5)
+    assert export.main(["-weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "differ from PyTorch's by up to 0.5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+def test_export_without_the_onnx_packages_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def without_onnx(name, *args, **kwargs):
+        if name in ("onnx", "onnxscript"):
+            raise ImportError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnx)
+    before = snapshot(tmp_path)
+    assert export.main(["-weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "pip install -r requirements-export.txt" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

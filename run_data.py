@@ -162,6 +162,9 @@ def trained_on(saved: dict, data=None) -> ImageArray:
     if kind in FORMATS:  # a folder's test split is decoded (or read from its cache) below
         cifar.ensure(root, FORMATS[kind])
     test_set = open_split(kind, root, train=False)
+    trained = saved.get("classes") or settings.NUM_CLASSES
+    if len(test_set.classes) != trained:  # the model could not even score its labels
+        raise UserError(f"{root} holds {len(test_set.classes)} classes; the checkpoint was trained on {trained}")
     recorded = saved.get("dataset")
     if recorded:
         if kind in FORMATS:

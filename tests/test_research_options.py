@@ -81,6 +81,10 @@ def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(tmp_path, 
     capsys.readouterr()
     assert test_script.main(["-weights", str(folder(tmp_path, "own"))]) == 0
     assert "12 test images" in capsys.readouterr().out
+    monkeypatch.undo()  # the other folder is decoded
+    other = write_image_folder(tmp_path / "other", classes=("a", "b"))
+    assert test_script.main(["-weights", str(folder(tmp_path, "own")), "--data", str(other)]) == 2
+    assert f"{other} holds 2 classes; the checkpoint was trained on 3" in capsys.readouterr().err
 
 
 def test_a_folder_split_equals_its_images_resized_once(tmp_path):

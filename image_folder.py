@@ -13,6 +13,7 @@ sizes and modification times are those it was made from.
 import hashlib
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,10 @@ def listing_key(folder: Path, files) -> str:
     """What a cache was made from: every file's path below the split, size and modification time."""
     key = hashlib.md5()
     for path, index in files:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as e:  # a dangling link, say
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
         key.update(f"{path.relative_to(folder)}\0{index}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return key.hexdigest()
 
@@ -98,7 +102,7 @@ def decode(files, folder: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
                 data[i] = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"{path} is not an image PIL can read ({type(e).__name__}: {e})") from None
     return data
 
@@ -108,13 +112,18 @@ def read_cache(cache: Path, key: str, classes: list):
         with np.load(cache, allow_pickle=False) as saved:
             if str(saved["key"]) == key and saved["classes"].tolist() == classes:
                 return saved["data"]
-    except (OSError, ValueError, KeyError):  # none yet, or unreadable: decoded again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or damaged: decoded again
         pass
     return None
+
+
+_not_cached = set()  # the folders already reported as not cached: one note each
 
 
 def write_cache(cache: Path, key: str, classes: list, data: np.ndarray) -> None:
     try:
         utils.write_atomic(cache, lambda f: np.savez(f, key=np.array(key), classes=np.array(classes), data=data))
     except (OSError, UserError) as e:
-        print(f"note: no cache of the decoded images ({e}); they are decoded again next time", file=sys.stderr)
+        if cache.parent not in _not_cached:
+            _not_cached.add(cache.parent)
+            print(f"note: no cache of the decoded images ({e}); they are decoded again next time", file=sys.stderr)

@@ -64,12 +64,13 @@ def run_state(folder: Path, planned: dict) -> str:
         return "new"  # never started
     try:
         run = run_records.read_run(folder) if metrics else None  # None: stopped within its first epoch
-        identity = run.identity if run else run_records.run_identity(run_records.run_args(folder))
+        args = run_records.run_args(folder)
+        values = {**(run.identity if run else run_records.run_identity(args))._asdict(),
+                  "data_format": args.get("data_format") or "cifar100"}  # runs from before --dataset: CIFAR-100
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
-    other = [f"{key}={getattr(identity, key)} (planned: {value})" for key, value in planned.items()
-             if getattr(identity, key) != value]
+    other = [f"{key}={values[key]} (planned: {value})" for key, value in planned.items() if values[key] != value]
     if other:
         print(f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give this campaign "
               f"another --checkpoint-dir", file=sys.stderr)
@@ -85,13 +86,14 @@ def run_state(folder: Path, planned: dict) -> str:
 
 
 def planned_identity(training: list[str], net: str, att: str, recipe: str) -> dict:
-    """The identity values a job's command fixes (with the options passed on), that a run folder's
-    run must have to be this job's; the others the trainer resolves (precision, the dataset)."""
+    """The identity values a job's command fixes (with the options passed on), and its --dataset, that a
+    run folder's run must have to be this job's; the others the trainer resolves (precision, the files)."""
     given = vars(cli.train_parser().parse_args(training + ["-net", net, "-att", att, "--recipe", recipe]))
     given["epochs"] = given["epochs"] or settings.EPOCHS
     given["warm"] = run_options.recipe_warm(given) if given["warm"] is None else given["warm"]
-    return {key: given[key] for key in run_options.IDENTITY
-            if key in given and run_options.OPTIONS[key].resume in (run_options.KEPT, run_options.EXTENDS)}
+    fixed = {key: given[key] for key in run_options.IDENTITY
+             if key in given and run_options.OPTIONS[key].resume in (run_options.KEPT, run_options.EXTENDS)}
+    return fixed | {"data_format": given["data_format"]}  # which --dataset: kept on resume, as the identity
 
 
 def plan(args) -> list[Job]:

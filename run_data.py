@@ -29,13 +29,13 @@ def kind_of(saved: dict) -> str:
     return saved.get("data_format") or "cifar100"  # runs from before --dataset trained on CIFAR-100
 
 
-def prepare(kind: str, root) -> None:
-    """Download a CIFAR set where missing; decode and cache a folder's images."""
+def prepare(kind: str, root):
+    """Download a CIFAR set where missing; decode and cache a folder's images, and return its
+    (train, test) splits (read once: where the folder is read-only, nothing caches them)."""
     if kind in FORMATS:
         cifar.ensure(root, FORMATS[kind])
-    else:
-        for train in (True, False):
-            image_folder.ImageFolderSplit(root, train)
+        return None
+    return image_folder.ImageFolderSplit(root, True), image_folder.ImageFolderSplit(root, False)
 
 
 def open_split(kind: str, root, train: bool) -> ImageArray:
@@ -66,7 +66,8 @@ def normalization(kind: str, recipe: str, train: ImageArray) -> tuple[tuple, tup
     if kind == "cifar10":
         return settings.CIFAR10_MEAN, settings.CIFAR10_STD
     pixels = train.data.reshape(-1, 3).astype(np.float64) / 255
-    return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+    # A channel that never varies (all blue 0, say) would divide by 0: its std is taken as one step.
+    return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1 / 255).tolist())
 
 
 def recipe_of(saved: dict) -> dict:
@@ -121,10 +122,9 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: 
     `notes`."""
     notes = [] if notes is None else notes
     kind = args.data_format
-    if processes.local_rank == 0:
-        prepare(kind, args.data)
+    prepared = prepare(kind, args.data) if processes.local_rank == 0 else None
     processes.barrier()
-    train_set, test_set = open_split(kind, args.data, True), open_split(kind, args.data, False)
+    train_set, test_set = prepared or (open_split(kind, args.data, True), open_split(kind, args.data, False))
     classes = checked_classes(kind, train_set, test_set)
     if getattr(args, "classes", None) not in (None, classes):  # a resume on other data
         raise UserError(f"--data {args.data} has {classes} classes; the run being resumed was trained on {args.classes}")
@@ -150,7 +150,7 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: 
     train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator, processes)
     evaluation = lambda split: make_loader(args.loader, split, max(args.b, 256), recipe, device, False, args.workers,
                                            processes=processes)
-    test, val = evaluation(test_set), val_set and evaluation(val_set)
+    test, val = evaluation(test_set), evaluation(val_set) if val_set is not None else None
     gate_images = next(iter(test))[0][:8] if args.gate_images else None  # the same every time
     return TrainingData(train_set, train, test, val, generator, gate_images, recipe)
 
@@ -170,9 +170,9 @@ def trained_on(saved: dict, data=None) -> ImageArray:
         if kind in FORMATS:
             form = FORMATS[kind]
             train_md5 = cifar.split_md5(cifar.file_md5(Path(root) / form.folder / name) for name in form.splits["train"])
-        else:
-            train_md5 = open_split(kind, root, train=True).md5
-        found = identity(kind, train_md5, test_set.md5)
-        if found != recorded:
+        else:  # a folder holding test/ alone is evaluated without this check
+            train_md5 = open_split(kind, root, train=True).md5 if (Path(root) / "train").is_dir() else None
+        found = train_md5 and identity(kind, train_md5, test_set.md5)
+        if found and found != recorded:
             print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}", file=sys.stderr)
     return test_set

@@ -124,7 +124,9 @@ def resolve_resume(args):
     kept = set(run_options.GIVEN_ON_RESUME) | ({"net", "att"} if args.resume == "newest" else set())  # -net/-att pick the newest run
     ignored = [name for name, value in vars(args).items() if name not in kept and value != defaults[name]]
     if ignored:
-        print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(ignored)}", file=sys.stderr)
+        flags = {action.dest: action.option_strings[-1] for action in cli.train_parser()._actions}
+        print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(flags.get(n, n) for n in ignored)}",
+              file=sys.stderr)
     return saved, checkpoint
 
 
@@ -245,7 +247,9 @@ def resume_notes(checkpoint, args, device_type: str, world: int) -> list[str]:
         now = f"{', '.join(changes)} at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
         args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
         notes.append(f"note: {now}: a mixed run, which table.py lists apart")
-    changes = changed_arguments(saved, args, run_options.arithmetic_on_resume(vars(args)))
+    arithmetic = [name for name in run_options.arithmetic_on_resume(vars(args))
+                  if name != "deterministic" or device_type == "cuda"]  # it picks other kernels on CUDA only
+    changes = changed_arguments(saved, args, arithmetic)
     if checkpoint["format"] == 1:
         changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
     for what, then, now in (("device", checkpoint.get("device"), device_type), ("processes", checkpoint.get("world"), world)):
@@ -373,9 +377,10 @@ class RunFolder:
     def announce(self, args, n_params: int, n_images: int, speed, processes, resumed_at) -> None:
         """What is trained where, and (resumed_at: epoch, step, steps per epoch) from where."""
         launch = f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled else f"batch {args.b}"
-        self.print(f"{args.net} + {args.att} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
-                   f"epoch{'s' if args.epochs != 1 else ''}, "
-                   f"{launch}, {n_images:,} training images, on {speed.device} ({speed.describe()}); "
+        stages = f" in stages {args.att_stages}" if args.att_stages else ""
+        self.print(f"{args.net} + {args.att}{stages} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
+                   f"epoch{'s' if args.epochs != 1 else ''}, {launch}, {n_images:,} training "
+                   f"image{'s' if n_images != 1 else ''}, on {speed.device} ({speed.describe()}); "
                    f"checkpoints in {self.ckpt_dir}, logs in {self.log_dir}")
         epoch, step, steps = resumed_at
         if epoch or step:

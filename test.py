@@ -60,7 +60,8 @@ def test(args):
 
     n = checkpoint["epoch"]
     epochs = "" if n is None else f", after {n} epoch{'s' if n != 1 else ''}"
-    print(f"{path}: {net} + {att}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
+    stages = f" in stages {saved['att_stages']}" if saved.get("att_stages") else ""
+    print(f"{path}: {net} + {att}{stages}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
     print(f"checkpoint layout: {checkpoint['layout']}")
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
           f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")

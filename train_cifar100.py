@@ -193,7 +193,8 @@ class Trainer:
         # and no output of a training graph's replay is alive while evaluation's graphs replay.
         self.optimizer.zero_grad(set_to_none=True)
         test = training.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
-        val = self.data.val and training.evaluate(self.eval_model, self.data.val, self.speed, self.processes)
+        val = (training.evaluate(self.eval_model, self.data.val, self.speed, self.processes)
+               if self.data.val is not None else None)
         self.epoch, self.step, self.totals = self.epoch + 1, 0, training.RunningTotals(self.speed.device)
         lr = self.optimizer.param_groups[0]["lr"]
         row = {"epoch": self.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * hits / seen,

@@ -195,7 +195,9 @@ def cpu_estimate(epoch_seconds: float, epochs: int) -> str:
             return f"{seconds / 86400:.1f} days"
         if seconds >= 3600:
             return f"{seconds / 3600:.1f} h"
-        return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        if seconds >= 60:
+            return f"{seconds / 60:.1f} min"
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
     rest = f"{span(epoch_seconds * epochs)} for the remaining {epochs} epoch{'s' if epochs != 1 else ''}"
     return f"warning: no GPU; about {span(epoch_seconds)} per epoch, {rest}"
 

@@ -417,6 +417,9 @@ def test_reproduce_never_takes_a_small_trials_runs_for_the_campaigns(tmp_path, c
     assert "0 done, 0 to resume, 8 to start, 2 skipped" in captured.err
     assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2", "--subset", "64"]) == 0
     assert "1 done, 1 to resume, 8 to start" in capsys.readouterr().err
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2", "--subset", "64",
+                           "--dataset", "cifar10"]) == 0
+    assert "data_format=cifar100 (planned: cifar10)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["corrupt args.json", "half-written metrics.csv", "args.json a list",

@@ -367,6 +367,8 @@ def benchmark(args):
     device = utils.default_device()
     if args.table_rows:
         return time_table_rows(args, device)
+    if "graphs-deterministic" in args.configs:  # read when cuBLAS starts, before any configuration runs
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type != "cuda" and CUDA_GRAPHS_CONFIGS & set(args.configs):
         raise utils.UserError(f"--configs {', '.join(sorted(CUDA_GRAPHS_CONFIGS))} need a CUDA device; this "
                               f"machine has {device.type} only: leave them out")

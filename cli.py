@@ -133,9 +133,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (default on CUDA, off on the CPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay compiled steps as CUDA graphs (default on where they apply: --compile, one CUDA GPU)")
-    p.add_argument("--deterministic", action="store_true",
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU: deterministic kernels only, so that two runs of one command agree bitwise "
-                        "(slower: docs/speed.md); on the CPU runs are deterministic already")
+                        "(slower: docs/speed.md); on the CPU runs are deterministic already (default off; a "
+                        "resumed run keeps its own)")
     p.add_argument("--recipe", default="paper", choices=list(settings.RECIPES), help="default paper (docs/training.md: Recipes)")
     p.add_argument("--subset", type=positive(int), default=None, help="train on the first N images")
     p.add_argument("--nam-l1", type=float, default=0.0,

@@ -145,6 +145,7 @@ def resolve_device_options(args, device, processes: Distributed) -> tuple[SpeedS
     and recorded in `args` (with the number of processes); the notes for the log."""
     if args.sync_bn and processes.enabled and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+    args.deterministic = bool(args.deterministic)  # None: not given (off for a new run, as it was for an old one)
     speed = SpeedSettings.resolve(device, args.amp, args.channels_last, args.compile, args.att, args.cuda_graphs,
                                   processes.world, args.deterministic and device.type == "cuda")
     notes = []

@@ -89,8 +89,8 @@ OPTIONS = {
     "workers": Option(False, resume=MAY_CHANGE, arithmetic=lambda args: args.get("loader") == "workers"),
     "channels_last": Option(False, resume=MAY_CHANGE, arithmetic=True),
     "compile": Option(False, resume=MAY_CHANGE, arithmetic=True),
-    "cuda_graphs": Option(False, resume=MAY_CHANGE),
-    "deterministic": Option(False, resume=MAY_CHANGE, arithmetic=True),  # other kernels: not bitwise on resume  # replays the compiled kernels: the same arithmetic
+    "cuda_graphs": Option(False, resume=MAY_CHANGE),  # replays the compiled kernels: the same arithmetic
+    "deterministic": Option(False, resume=MAY_CHANGE, arithmetic=True),  # other kernels: not bitwise on resume
     "gpu": Option(False),  # accepted for the classic CLI; changes nothing
     "gate_images": Option(False),
     "run": Option(False, resume=FOLDER),

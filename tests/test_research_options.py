@@ -202,6 +202,8 @@ def test_deterministic_changes_nothing_on_the_cpu_and_says_so(small_data, tmp_pa
     assert recorded(tmp_path, "det")["deterministic"] is True
     assert resume(tmp_path, folder(tmp_path, "plain"), "--epochs", "2", "--deterministic") == 0
     assert "not bitwise" not in capsys.readouterr().out  # nothing changes on the CPU, and nothing is said to
+    assert resume(tmp_path, folder(tmp_path, "det"), "--epochs", "2") == 0  # a resume keeps it
+    assert recorded(tmp_path, "det")["deterministic"] is True
 
 
 # ---------------------------------------------------------------- export.py

@@ -91,7 +91,7 @@ class CifarFolder(ImageArray):
                          transform)
         self.form = form
         self.classes = _read_class_names(folder / form.meta, form)
-        self.md5 = split_md5(file_md5(folder / name) for name in form.splits[split])
+        self.md5 = files_md5(Path(root), form, split)
         self.official = self.md5 == form.official_md5(split)
         if not self.official:
             _warn_unofficial(folder, split, form)
@@ -102,6 +102,11 @@ class CIFAR100Folder(CifarFolder):
 
     def __init__(self, root, train: bool, transform=None):
         super().__init__(root, train, transform, CIFAR100)
+
+
+def files_md5(root: Path, form: CifarFormat, split: str) -> str:
+    """The MD5 of a split's files in <root>/<format's folder>/ (split_md5), read without loading them."""
+    return split_md5(file_md5(root / form.folder / name) for name in form.splits[split])
 
 
 def file_md5(path: Path) -> str:

@@ -168,8 +168,7 @@ def trained_on(saved: dict, data=None) -> ImageArray:
     recorded = saved.get("dataset")
     if recorded:
         if kind in FORMATS:
-            form = FORMATS[kind]
-            train_md5 = cifar.split_md5(cifar.file_md5(Path(root) / form.folder / name) for name in form.splits["train"])
+            train_md5 = cifar.files_md5(Path(root), FORMATS[kind], "train")
         else:  # a folder holding test/ alone is evaluated without this check
             train_md5 = open_split(kind, root, train=True).md5 if (Path(root) / "train").is_dir() else None
         found = train_md5 and identity(kind, train_md5, test_set.md5)

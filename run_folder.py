@@ -1,7 +1,7 @@
 """What manages a run's folder: resume resolution (which checkpoint, which arguments), the training
 state read back from a checkpoint, the folder itself (the lock, args.json, metrics.csv, last.pth and
-best.pth written atomically, the TensorBoard log and its repair after an interruption), and stop
-requests (Ctrl-C, SIGTERM, SIGHUP) that save before stopping.
+best.pth written atomically, the TensorBoard log: its folder's name and repair are event_log.py's), and
+stop requests (Ctrl-C, SIGTERM, SIGHUP) that save before stopping.
 
     checkpoint/<net>_<att>/<run>/{last.pth, best.pth, metrics.csv, args.json, .lock}
     runs/<net>_<att>/<run>/events.out.tfevents.*
@@ -12,28 +12,24 @@ import argparse
 import contextlib
 import csv
 import gc
-import hashlib
 import io
 import json
 import os
 import signal
 import sys
-import threading
 import uuid
 import warnings
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-from tensorboard.compat.proto import event_pb2
-from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 import checkpoints
 import cli
+import event_log
 import pictures
 import training
 import utils
@@ -273,7 +269,7 @@ class RunFolder:
 
     def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
         self.ckpt_dir = ckpt_dir
-        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / log_name(ckpt_dir, args)
+        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / event_log.log_name(ckpt_dir, args)
         self.active, self.writer, self.lock = active, None, None
         self.logged = set()  # (tag, epoch) of the scalars in the event files
         if not active:
@@ -299,8 +295,8 @@ class RunFolder:
         if resumed_epoch is None:
             self._claim_new_run()
         else:
-            self._forget_events_after(resumed_epoch)
-        utils.write_atomic(self.log_dir / OWNER, lambda f: f.write(json.dumps(
+            self.logged = event_log.forget_events_after(self.log_dir, resumed_epoch)
+        utils.write_atomic(self.log_dir / event_log.OWNER, lambda f: f.write(json.dumps(
             {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve()), "logs": str(self.log_dir.resolve())})
             + "\n"), text=True)
         for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
@@ -308,7 +304,7 @@ class RunFolder:
         # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
         utils.write_atomic(self.ckpt_dir / "args.json", lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"),
                            text=True)
-        quiet_log_thread_errors()
+        event_log.quiet_log_thread_errors()
         self.writer = True  # for _log, which makes it
         self._log(lambda _: setattr(self, "writer", SummaryWriter(self.log_dir)))
 
@@ -347,28 +343,6 @@ class RunFolder:
         if stale:
             self.print(f"removed {len(stale)} TensorBoard file(s) of an earlier attempt that saved no checkpoint "
                        f"from {self.log_dir}")
-
-    def _forget_events_after(self, epoch: int):
-        """Remove from the event files what an interrupted process logged after the checkpoint being
-        resumed, and the final metrics of a finished run being extended: TensorBoard's own reader
-        (load_fast=false) ignores SummaryWriter's purge_step and would show those steps twice."""
-        for leftover in [*self.log_dir.glob(".rewrite-*.tmp"), *self.log_dir.glob("*tfevents*.tmp")]:
-            leftover.unlink()  # a rewrite that a kill interrupted
-        for path in sorted(self.log_dir.glob("events.out.tfevents.*")):
-            records = list(RawEventFileLoader(str(path)).Load())
-            kept = [record for record in records if self._still_valid(event_pb2.Event.FromString(record), epoch)]
-            self.logged |= {(value.tag, event.step) for event in map(event_pb2.Event.FromString, kept)
-                            for value in event.summary.value}
-            if len(kept) <= 1:  # the file's header alone: a start that was killed before it logged
-                path.unlink()
-            elif len(kept) < len(records):
-                # The temporary file's name without "tfevents": TensorBoard reads every such file.
-                utils.write_atomic(path, lambda f: write_records(f, kept), tmp=rewrite_file(path))
-
-    @staticmethod
-    def _still_valid(event, epoch: int) -> bool:
-        final_metrics = any(value.tag.startswith(("hparam/", "_hparams_/")) for value in event.summary.value)
-        return event.step <= epoch and not final_metrics
 
     def print(self, *lines):
         if self.active:
@@ -505,22 +479,6 @@ class RunLock:
         self.file.close()
 
 
-def quiet_log_thread_errors() -> None:
-    """TensorBoard's writer thread dies with a traceback on a failed write (a full disk); the next
-    write raises it again, and RunFolder._log says it in one line: the thread's traceback goes."""
-    previous = threading.excepthook
-    if getattr(previous, "quiet_log_thread", False):
-        return
-
-    def hook(thread_error):
-        writer_thread = type(thread_error.thread).__name__ == "_AsyncWriterThread"
-        if not (writer_thread and isinstance(thread_error.exc_value, OSError)):
-            previous(thread_error)
-
-    hook.quiet_log_thread = True
-    threading.excepthook = hook
-
-
 def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:
     """best.pth must hold the epoch the record calls best. A crash while it was written leaves an
     older one; the record's best epoch is then the one last.pth holds, so last.pth rebuilds it."""
@@ -539,45 +497,6 @@ def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:
     else:
         folder.print(f"warning: {path} holds epoch {held} but the best is epoch {best['epoch']}, "
                      f"which no checkpoint holds any more; best.pth is stale")
-
-
-def rewrite_file(events: Path) -> Path:
-    """The temporary file an event file is rewritten into: no "tfevents" in its name, which
-    TensorBoard would read as one more event file."""
-    return events.with_name(f".rewrite-{hashlib.sha1(events.name.encode()).hexdigest()[:12]}.tmp")
-
-
-def write_records(file, records):
-    writer = RecordWriter(file)
-    for record in records:
-        writer.write(record)
-
-
-OWNER = ".owner"  # in a TensorBoard folder: the run it belongs to, {"run_id", "folder", "logs"}
-
-
-def log_name(ckpt_dir: Path, args) -> str:
-    """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the run
-    folder is not in a <net>_<att>/ folder (a copy elsewhere that kept the original's name), or when
-    that TensorBoard folder belongs to another run (the same run name in another --checkpoint-dir).
-    A folder belongs to the run folder its .owner names (this folder's earlier attempt), or to a run of
-    its run id whose folder moved; a folder from before .owner to a resumed run, not to a new one."""
-    unique = f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
-    if ckpt_dir.parent.name != f"{args.net}_{args.att}":
-        return unique
-    logs = Path(args.log_dir) / ckpt_dir.parent.name / ckpt_dir.name
-    try:
-        owner = json.loads((logs / OWNER).read_text())
-    except (OSError, ValueError):  # from before .owner: a resumed run's own; a new run does not take its logs
-        return unique if not args.resume and list(logs.glob("events.out.tfevents.*")) else ckpt_dir.name
-    if not isinstance(owner, dict) or owner.get("folder") == str(ckpt_dir.resolve()):
-        return ckpt_dir.name
-    # The same run id: this run and its logs copied or moved together (the .owner names other logs),
-    # or this run moved here (its old folder is gone); not a copy of the run beside the original.
-    same_run = owner.get("run_id") == args.run_id
-    copied_with_logs = owner.get("logs") != str(logs.resolve())
-    moved = not (Path(str(owner.get("folder"))) / "last.pth").exists()
-    return ckpt_dir.name if same_run and (copied_with_logs or moved) else unique
 
 
 def resume_command(ckpt_dir, log_root, processes) -> str:

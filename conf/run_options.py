@@ -75,7 +75,7 @@ OPTIONS = {
     # Recorded by the trainer after a resume that changed an identity value, e.g. "amp off -> bf16 at
     # epoch 3 step 0": a mixed run.
     "changed_on_resume": Option(True, None, None, option=False),
-    # Recorded by the trainer: the run's own name for its TensorBoard folder (run_folder.log_name).
+    # Recorded by the trainer: the run's own name for its TensorBoard folder (event_log.log_name).
     "run_id": Option(False, option=False),
     # Not the identity. table.py averages over seeds (and needs one in every run).
     "seed": Option(False),

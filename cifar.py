@@ -57,6 +57,13 @@ class CifarFormat:
         return (f"<root>/{self.folder}/ with the files {', '.join(self.files[:-1])} and {self.files[-1]} "
                 f"(Python pickles, as in the official {self.source.filename})")
 
+    @property
+    def option(self) -> str:  # its --dataset value
+        return self.name.lower().replace("-", "")
+
+    def complete_in(self, root: Path) -> bool:
+        return all((root / self.folder / name).is_file() for name in self.files)
+
     def official_md5(self, split: str) -> str:
         return split_md5(dict(self.source.train_list + self.source.test_list)[name]
                          for name in self.splits[split])
@@ -64,6 +71,7 @@ class CifarFormat:
 
 CIFAR100 = CifarFormat("CIFAR-100", torchvision.datasets.CIFAR100, "fine_labels", 100)
 CIFAR10 = CifarFormat("CIFAR-10", torchvision.datasets.CIFAR10, "labels", 10)
+CIFAR_FORMATS = (CIFAR100, CIFAR10)
 CIFAR_FOLDER = CIFAR100.folder
 CIFAR_LAYOUT = CIFAR100.layout
 
@@ -229,8 +237,10 @@ def ensure(root, form: CifarFormat) -> None:
     folder = Path(root) / form.folder
     if Path(root).is_file():
         raise UserError(f"--data {root} is a file, not a folder; expected layout: {form.layout}")
-    if Path(root).name == form.folder and not folder.exists():
-        raise UserError(f"--data {root} is the dataset's own folder: point --data at {Path(root).parent}")
+    for own in CIFAR_FORMATS:
+        if Path(root).name == own.folder and not folder.exists():
+            whose, hint = ("the dataset's", "") if own is form else (f"{own.name}'s", f" and pass --dataset {own.option}")
+            raise UserError(f"--data {root} is {whose} own folder: point --data at {Path(root).parent}{hint}")
     present = [name for name in form.files if (folder / name).is_file()]
     if len(present) == len(form.files):
         return
@@ -238,6 +248,10 @@ def ensure(root, form: CifarFormat) -> None:
         missing = [name for name in form.files if name not in present]
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
                         f"{form.layout}")
+    others = [other for other in CIFAR_FORMATS if other is not form and other.complete_in(Path(root))]
+    hint = "".join(f" {root} holds {other.name}: for it, pass --dataset {other.option}." for other in others)
+    if hint:
+        print(f"note: {form.name} is not in {root}, so it is downloaded there.{hint}", file=sys.stderr)
     new_folders = folders_to_make(Path(root))
     try:
         _download(Path(root), form)
@@ -245,7 +259,7 @@ def ensure(root, form: CifarFormat) -> None:
         remove_empty(new_folders)  # a failed download leaves no empty --data folder behind
         why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
         raise UserError(f"{form.name} is not in {Path(root).resolve()} and could not be downloaded "
-                        f"({why}). Expected layout: {form.layout}. Download it "
+                        f"({why}).{hint} Expected layout: {form.layout}. Download it "
                         f"elsewhere and copy it there, or point --data at the folder holding it.") from None
 
 

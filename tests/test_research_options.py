@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import cifar
 import export
 import image_folder
 import run_data
@@ -19,6 +20,7 @@ import run_records
 import table
 import test as test_script
 import train_cifar100
+import utils
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar10, write_image_folder
 from test_runs import folder, resume, roots, snapshot, train
@@ -61,6 +63,24 @@ def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tm
     capsys.readouterr()
     assert test_script.main(["-weights", str(folder(tmp_path, "ten"))]) == 0
     assert "after 2 epochs, 20 test images" in capsys.readouterr().out
+
+
+def test_the_other_cifar_in_data_is_named_with_its_flag(tmp_path, monkeypatch, capsys):
+    """--dataset cifar100 (the default) on a folder of CIFAR-10: the refusal says --dataset cifar10."""
+    data = write_fake_cifar10(tmp_path / "data")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(cifar, "_download", offline)
+    with pytest.raises(utils.UserError, match="holds CIFAR-10: for it, pass --dataset cifar10") as refused:
+        cifar.ensure(data, cifar.CIFAR100)
+    assert "could not be downloaded (OSError: no network)" in str(refused.value)
+    assert "--dataset cifar10" in capsys.readouterr().err  # said before a download, too
+    assert not (data / cifar.CIFAR100.folder).exists()
+    inner = data / cifar.CIFAR10.folder
+    with pytest.raises(utils.UserError, match=f"is CIFAR-10's own folder: point --data at {data} and pass "
+                                              f"--dataset cifar10"):
+        cifar.ensure(inner, cifar.CIFAR100)
 
 
 @pytest.mark.parametrize("test_name", ["test", "val"])

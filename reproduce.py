@@ -63,8 +63,8 @@ def run_state(folder: Path, planned: dict) -> str:
     if not metrics and not checkpoint:
         return "new"  # never started
     try:
-        run = run_records.read_run(folder) if metrics else None  # None: stopped within its first epoch
         args = run_records.run_args(folder)
+        run = run_records.read_run(folder, args) if metrics else None  # None: stopped within its first epoch
         values = {**(run.identity if run else run_records.run_identity(args))._asdict(),
                   "data_format": args.get("data_format") or "cifar100"}  # runs from before --dataset: CIFAR-100
     except run_records.UnreadableRun as e:

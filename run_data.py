@@ -35,7 +35,7 @@ def prepare(kind: str, root):
     if kind in FORMATS:
         cifar.ensure(root, FORMATS[kind])
         return None
-    return image_folder.ImageFolderSplit(root, True), image_folder.ImageFolderSplit(root, False)
+    return open_split(kind, root, True), open_split(kind, root, False)
 
 
 def open_split(kind: str, root, train: bool) -> ImageArray:

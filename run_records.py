@@ -172,9 +172,10 @@ def read_metrics(path: Path) -> list:
     return rows
 
 
-def read_run(folder: Path) -> Run:
-    """The run in `folder`; UnreadableRun says why it cannot be used."""
-    args = run_args(folder)
+def read_run(folder: Path, args: dict = None) -> Run:
+    """The run in `folder` (whose args.json, `args`, the caller may have read); UnreadableRun says why
+    it cannot be used."""
+    args = run_args(folder) if args is None else args
     identity = run_identity(args)
     metrics = folder / "metrics.csv"
     classes = args.get("classes") or settings.NUM_CLASSES

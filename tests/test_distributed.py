@@ -13,7 +13,7 @@ import train_cifar100
 from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--seed", "0"]
+TINY = ["-net", "resnet18", "-att", "ema", "-b", "4", "-lr", "0.02", "--seed", "0"]
 
 
 def torchrun(script, *args, timeout=300, env=None):
@@ -24,7 +24,7 @@ def torchrun(script, *args, timeout=300, env=None):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=96, n_test=32)  # 3 steps of 2 x 16
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=24, n_test=8)  # 3 steps of 2 x 4
 
 
 def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     first = torchrun(ROOT / "train_cifar100.py", *TINY, "--data", str(data_root), "--epochs", "1", *outputs)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 1/1 ") == 1  # rank 0 alone prints
-    assert "2 processes, global batch 32" in first.stdout
+    assert "2 processes, global batch 8" in first.stdout
     assert first.stderr.count("is not the official CIFAR-100 file") == 1  # rank 0 alone
 
     folder = tmp_path / "checkpoint" / "resnet18_ema" / "ddp"
@@ -54,7 +54,7 @@ def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     out = capsys.readouterr().out
     final = checkpoint["history"][-1]
     assert f"top-1 {final['test_top1']:.2f}%" in out and f"loss {final['test_loss']:.4f}" in out
-    assert "32 test images" in out
+    assert "8 test images" in out
 
     # A DDP checkpoint resumes in a single process too.
     assert train_cifar100.main(["--resume", str(folder), "--epochs", "3", "--log-dir", str(tmp_path / "runs")]) == 0

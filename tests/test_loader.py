@@ -139,8 +139,8 @@ def test_device_and_workers_test_loaders_agree(data_root):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
-def test_bf16_and_channels_last_training(data_root, tmp_path):
-    argv = ["-net", "resnet18", "-att", "ema", "-b", "16", "--subset", "48", "--epochs", "1", "--data", str(data_root),
+def test_bf16_and_channels_last_training(small_data, tmp_path):
+    argv = ["-net", "resnet18", "-att", "ema", "-b", "8", "--epochs", "1", "--data", str(small_data),
             "--amp", "bf16", "--channels-last", "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"),
             "--run-name", "fast"]
     assert train_cifar100.main(argv) == 0

@@ -25,14 +25,14 @@ from conf import settings
 from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
-# ResNet18 + EMA, 96 images in batches of 32: 3 steps per epoch.
-TINY = ["-net", "resnet18", "-att", "ema", "-b", "32", "-lr", "0.02", "--seed", "0"]
+# ResNet18 + EMA, 24 images in batches of 8: 3 steps per epoch.
+TINY = ["-net", "resnet18", "-att", "ema", "-b", "8", "-lr", "0.02", "--seed", "0"]
 TAGS = {"Train/loss", "Train/top1", "Train/lr", "Test/loss", "Test/top1", "Test/top5"}
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=96, n_test=32)
+    return write_fake_cifar100(tmp_path_factory.mktemp("data"), n_train=24, n_test=8)
 
 
 def out_args(base: Path, run: str):
@@ -175,8 +175,10 @@ def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monke
 def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, tmp_path):
     """torch takes seconds to import: a signal then ends the script with one line and 128 + the
     signal, not a silent kill (SIGTERM) or a traceback (Ctrl-C)."""
+    # As from a terminal: a suite started with & ignores SIGINT, and so would the script (rightly).
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
-                             *out_args(tmp_path, "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *out_args(tmp_path, "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     time.sleep(0.5)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -339,7 +341,7 @@ def test_unofficial_dataset_loads_with_a_warning(data_root, monkeypatch, capsys)
     assert "not the official CIFAR-100 file" in capsys.readouterr().err
     image, label = dataset[0]
     assert image.size == (32, 32) and 0 <= label < 100
-    assert dataset.data.shape == (96, 32, 32, 3) and len(dataset.classes) == 100
+    assert dataset.data.shape == (24, 32, 32, 3) and len(dataset.classes) == 100
 
 
 def test_dataset_pickle_with_code_is_refused(tmp_path):

@@ -232,14 +232,17 @@ def ensure_cifar100(root) -> None:
     ensure(root, CIFAR100)
 
 
-def ensure(root, form: CifarFormat) -> None:
-    """Download the dataset into root unless its folder is already there; a clear error otherwise."""
+def ensure(root, form: CifarFormat, chosen: bool = True) -> None:
+    """Download the dataset into root unless its folder is already there; a clear error otherwise.
+    chosen: by this command's --dataset (so another value can be suggested), not by a run's record
+    (a resume, test.py, gradcam.py)."""
     folder = Path(root) / form.folder
     if Path(root).is_file():
         raise UserError(f"--data {root} is a file, not a folder; expected layout: {form.layout}")
     for own in CIFAR_FORMATS:
         if Path(root).name == own.folder and not folder.exists():
-            whose, hint = ("the dataset's", "") if own is form else (f"{own.name}'s", f" and pass --dataset {own.option}")
+            hint = "" if own is form else f" and pass --dataset {own.option}" if chosen else f" (the run is {form.name}'s)"
+            whose = "the dataset's" if own is form else f"{own.name}'s"
             raise UserError(f"--data {root} is {whose} own folder: point --data at {Path(root).parent}{hint}")
     present = [name for name in form.files if (folder / name).is_file()]
     if len(present) == len(form.files):
@@ -248,10 +251,9 @@ def ensure(root, form: CifarFormat) -> None:
         missing = [name for name in form.files if name not in present]
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
                         f"{form.layout}")
-    others = [other for other in CIFAR_FORMATS if other is not form and other.complete_in(Path(root))]
-    hint = "".join(f" {root} holds {other.name}: for it, pass --dataset {other.option}." for other in others)
-    if hint:
-        print(f"note: {form.name} is not in {root}, so it is downloaded there.{hint}", file=sys.stderr)
+    hint = "".join(f" {root} holds {other.name}: " + (f"for it, pass --dataset {other.option}." if chosen else
+                                                       f"the run is {form.name}'s.")
+                   for other in CIFAR_FORMATS if other is not form and other.complete_in(Path(root)))
     new_folders = folders_to_make(Path(root))
     try:
         _download(Path(root), form)
@@ -261,6 +263,8 @@ def ensure(root, form: CifarFormat) -> None:
         raise UserError(f"{form.name} is not in {Path(root).resolve()} and could not be downloaded "
                         f"({why}).{hint} Expected layout: {form.layout}. Download it "
                         f"elsewhere and copy it there, or point --data at the folder holding it.") from None
+    if hint:
+        print(f"note: {form.name} was not in {root}, so it was downloaded there.{hint}", file=sys.stderr)
 
 
 def _download(root: Path, form: CifarFormat) -> None:

@@ -29,11 +29,12 @@ def kind_of(saved: dict) -> str:
     return saved.get("data_format") or "cifar100"  # runs from before --dataset trained on CIFAR-100
 
 
-def prepare(kind: str, root):
+def prepare(kind: str, root, chosen: bool = True):
     """Download a CIFAR set where missing; decode and cache a folder's images, and return its
-    (train, test) splits (read once: where the folder is read-only, nothing caches them)."""
+    (train, test) splits (read once: where the folder is read-only, nothing caches them). chosen: by
+    --dataset, not by a resumed run's record."""
     if kind in FORMATS:
-        cifar.ensure(root, FORMATS[kind])
+        cifar.ensure(root, FORMATS[kind], chosen)
         return None
     return open_split(kind, root, True), open_split(kind, root, False)
 
@@ -122,7 +123,7 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: 
     `notes`."""
     notes = [] if notes is None else notes
     kind = args.data_format
-    prepared = prepare(kind, args.data) if processes.local_rank == 0 else None
+    prepared = prepare(kind, args.data, chosen=not getattr(args, "resume", None)) if processes.local_rank == 0 else None
     processes.barrier()
     train_set, test_set = prepared or (open_split(kind, args.data, True), open_split(kind, args.data, False))
     classes = checked_classes(kind, train_set, test_set)
@@ -160,7 +161,7 @@ def trained_on(saved: dict, data=None) -> ImageArray:
     ./data; a warning when that data is not what it was trained on (its recorded dataset)."""
     kind, root = kind_of(saved), data or saved.get("data") or settings.DATA_DIR
     if kind in FORMATS:  # a folder's test split is decoded (or read from its cache) below
-        cifar.ensure(root, FORMATS[kind])
+        cifar.ensure(root, FORMATS[kind], chosen=False)
     test_set = open_split(kind, root, train=False)
     trained = saved.get("classes") or settings.NUM_CLASSES
     if len(test_set.classes) != trained:  # the model could not even score its labels

@@ -20,7 +20,6 @@ import run_records
 import table
 import test as test_script
 import train_cifar100
-import utils
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar10, write_image_folder
 from test_runs import folder, resume, roots, snapshot, train
@@ -65,22 +64,37 @@ def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tm
     assert "after 2 epochs, 20 test images" in capsys.readouterr().out
 
 
-def test_the_other_cifar_in_data_is_named_with_its_flag(tmp_path, monkeypatch, capsys):
-    """--dataset cifar100 (the default) on a folder of CIFAR-10: the refusal says --dataset cifar10."""
+def test_the_other_cifar_in_data_is_named_with_its_flag(small_data, tmp_path, monkeypatch, capsys):
+    """--dataset cifar100 (the default) on a folder of CIFAR-10: the refusal says --dataset cifar10
+    where the command chose the dataset; a resume and test.py, which follow the run's, say whose it is."""
     data = write_fake_cifar10(tmp_path / "data")
 
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(cifar, "_download", offline)
-    with pytest.raises(utils.UserError, match="holds CIFAR-10: for it, pass --dataset cifar10") as refused:
-        cifar.ensure(data, cifar.CIFAR100)
-    assert "could not be downloaded (OSError: no network)" in str(refused.value)
-    assert "--dataset cifar10" in capsys.readouterr().err  # said before a download, too
-    assert not (data / cifar.CIFAR100.folder).exists()
-    inner = data / cifar.CIFAR10.folder
-    with pytest.raises(utils.UserError, match=f"is CIFAR-10's own folder: point --data at {data} and pass "
-                                              f"--dataset cifar10"):
-        cifar.ensure(inner, cifar.CIFAR100)
+    assert train_on(data, tmp_path, "c100", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "could not be downloaded (OSError: no network). " in err and "holds CIFAR-10: for it, pass --dataset cifar10." in err
+    assert len(err.strip().splitlines()) == 1 and not (data / cifar.CIFAR100.folder).exists()
+    assert train_on(data / cifar.CIFAR10.folder, tmp_path, "inner", "--epochs", "1") == 2
+    assert (f"is CIFAR-10's own folder: point --data at {data} and pass --dataset cifar10"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "checkpoint").exists()
+
+    assert train_on(small_data, tmp_path, "run", "--epochs", "1") == 0  # a CIFAR-100 run
+    run = folder(tmp_path, "run")
+    capsys.readouterr()
+    for command in (lambda: resume(tmp_path, run, "--epochs", "2", "--data", str(data)),
+                    lambda: test_script.main(["-weights", str(run), "--data", str(data)])):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert "holds CIFAR-10: the run is CIFAR-100's." in err and "--dataset" not in err, err
+    assert test_script.main(["-weights", str(run), "--data", str(data / cifar.CIFAR10.folder)]) == 2
+    assert "is CIFAR-10's own folder: point --data at" in capsys.readouterr().err
+    monkeypatch.setattr(cifar, "_download", lambda root, form: None)  # a download that worked
+    cifar.ensure(data, cifar.CIFAR100)
+    assert capsys.readouterr().err == (f"note: CIFAR-100 was not in {data}, so it was downloaded there. {data} holds "
+                                       f"CIFAR-10: for it, pass --dataset cifar10.\n")
 
 
 @pytest.mark.parametrize("test_name", ["test", "val"])

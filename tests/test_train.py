@@ -175,13 +175,24 @@ def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monke
 def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, tmp_path):
     """torch takes seconds to import: a signal then ends the script with one line and 128 + the
     signal, not a silent kill (SIGTERM) or a traceback (Ctrl-C)."""
-    # As from a terminal: a suite started with & ignores SIGINT, and so would the script (rightly).
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
-                             *out_args(tmp_path, "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
+    # As from a terminal: a suite started with & ignores SIGINT, and so would the script (rightly). A
+    # signal with a handler here is back to its default in the script (exec resets it).
+    ignored = signal.getsignal(sig) is signal.SIG_IGN
+    before = signal.signal(sig, signal.default_int_handler) if ignored else None
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
+                                 "--epochs", "1", *out_args(tmp_path, "run")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        if ignored:
+            signal.signal(sig, before)
     time.sleep(0.5)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 128 + sig, err
     assert [line for line in err.splitlines() if line.strip()] == [
         f"{signal.Signals(sig).name}: stopped while loading; nothing was written"], err

@@ -244,9 +244,9 @@ def ensure(root, form: CifarFormat, chosen: bool = True) -> None:
             hint = "" if own is form else f" and pass --dataset {own.option}" if chosen else f" (the run is {form.name}'s)"
             whose = "the dataset's" if own is form else f"{own.name}'s"
             raise UserError(f"--data {root} is {whose} own folder: point --data at {Path(root).parent}{hint}")
-    present = [name for name in form.files if (folder / name).is_file()]
-    if len(present) == len(form.files):
+    if form.complete_in(Path(root)):
         return
+    present = [name for name in form.files if (folder / name).is_file()]
     if present:  # a folder of the user's own: never overwritten by a download
         missing = [name for name in form.files if name not in present]
         raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "

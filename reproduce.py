@@ -66,7 +66,7 @@ def run_state(folder: Path, planned: dict) -> str:
         args = run_records.run_args(folder)
         run = run_records.read_run(folder, args) if metrics else None  # None: stopped within its first epoch
         values = {**(run.identity if run else run_records.run_identity(args))._asdict(),
-                  "data_format": args.get("data_format") or "cifar100"}  # runs from before --dataset: CIFAR-100
+                  "data_format": run_records.data_format(args)}
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"

@@ -16,6 +16,7 @@ import torch
 
 import cifar
 import image_folder
+import run_records
 from conf import settings
 from loaders import ImageArray, make_loader
 from utils import SINGLE_PROCESS, Distributed, UserError
@@ -23,10 +24,6 @@ from utils import SINGLE_PROCESS, Distributed, UserError
 # --dataset (conf.settings.DATASETS): the CIFAR formats; "folder" is image_folder.py's.
 FORMATS = {"cifar100": cifar.CIFAR100, "cifar10": cifar.CIFAR10}
 VAL_SEED = 0  # the validation split's own: the same images for every run with the same N and data
-
-
-def kind_of(saved: dict) -> str:
-    return saved.get("data_format") or "cifar100"  # runs from before --dataset trained on CIFAR-100
 
 
 def prepare(kind: str, root, chosen: bool = True):
@@ -159,7 +156,7 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: 
 def trained_on(saved: dict, data=None) -> ImageArray:
     """The test split to evaluate a trained model on: --data, else the folder its run recorded, else
     ./data; a warning when that data is not what it was trained on (its recorded dataset)."""
-    kind, root = kind_of(saved), data or saved.get("data") or settings.DATA_DIR
+    kind, root = run_records.data_format(saved), data or saved.get("data") or settings.DATA_DIR
     if kind in FORMATS:  # a folder's test split is decoded (or read from its cache) below
         cifar.ensure(root, FORMATS[kind], chosen=False)
     test_set = open_split(kind, root, train=False)

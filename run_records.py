@@ -172,6 +172,11 @@ def read_metrics(path: Path) -> list:
     return rows
 
 
+def data_format(args: dict) -> str:
+    """The run's --dataset value: runs from before --dataset trained on CIFAR-100."""
+    return args.get("data_format") or "cifar100"
+
+
 def read_run(folder: Path, args: dict = None) -> Run:
     """The run in `folder` (whose args.json, `args`, the caller may have read); UnreadableRun says why
     it cannot be used."""

@@ -502,7 +502,8 @@ def print_ema_as_trained(args, device, configs, rates):
         if fused:
             cells.append(f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused at "
                          f"{floor / (ms / 1e3) / bandwidth:5.1%} of the copy rate")
-        print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} modules  " + "   ".join(cells))
+        print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} {'module ' if count == 1 else 'modules'}  "
+              + "   ".join(cells))
     for path in paths:
         trained = next((name for name, (loader, config_speed) in configs.items()
                         if loader == "device" and config_speed == speed and name in rates

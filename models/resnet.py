@@ -7,7 +7,7 @@ residual branch's last BN, before the shortcut add and the final ReLU (docs/refe
 the attention module sits). `attention` is a constructor from models.attention.ATTENTIONS (called with
 each block's output width), or None for the baseline.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -68,20 +68,25 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
                          nn.BatchNorm2d(out_planes))
 
 
+WIDTHS = (64, 128, 256, 512)  # the four stages' planes in every network of the paper; the stem has the first
+
+
 class ResNet(nn.Module):
-    """`att_stages`: the stages (1-4) whose blocks get the attention module; all four in the paper."""
+    """`att_stages`: the stages (1-4) whose blocks get the attention module; all four in the paper.
+    `widths`: the stages' planes (the stem has the first); narrower ones only for the test suite's own
+    network (tests/tiny_net.py)."""
 
     def __init__(self, block, num_blocks, num_classes: int = 100,
-                 attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4)):
+                 attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4), widths=WIDTHS):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 3, padding=1, bias=False),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        in_planes = 64
+        in_planes = widths[0]
         stages = []
-        for stage, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)), 1):
+        for stage, (planes, blocks, stride) in enumerate(zip(widths, num_blocks, (1, 2, 2, 2)), 1):
             layers = []
             for i in range(blocks):
                 module = attention if stage in att_stages else None
@@ -97,17 +102,23 @@ class ResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-# name -> (block, blocks per stage)
+class ResNetSpec(NamedTuple):
+    block: type
+    blocks: tuple[int, int, int, int]  # per stage
+    widths: tuple[int, int, int, int] = WIDTHS
+
+
+# name (the `-net` choice) -> its blocks
 RESNETS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+    "resnet18": ResNetSpec(BasicBlock, (2, 2, 2, 2)),
+    "resnet34": ResNetSpec(BasicBlock, (3, 4, 6, 3)),
+    "resnet50": ResNetSpec(Bottleneck, (3, 4, 6, 3)),
+    "resnet101": ResNetSpec(Bottleneck, (3, 4, 23, 3)),
+    "resnet152": ResNetSpec(Bottleneck, (3, 8, 36, 3)),
 }
 
 
 def resnet(name: str, num_classes: int = 100, attention: Optional[AttentionConstructor] = None,
            stages=(1, 2, 3, 4)) -> ResNet:
-    block, num_blocks = RESNETS[name]
-    return ResNet(block, num_blocks, num_classes, attention, stages)
+    spec = RESNETS[name]
+    return ResNet(spec.block, spec.blocks, num_classes, attention, stages, spec.widths)

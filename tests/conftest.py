@@ -16,11 +16,15 @@ import gc  # noqa: E402
 import pytest  # noqa: E402  (after CUDA is hidden)
 import torch  # noqa: E402
 
+import tiny_net  # noqa: E402
+
+tiny_net.register()  # -net resnet_tiny, the suite's own small network
+
 # glibc's, on Linux: hands memory that was freed back to the system.
 MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
 
-# ResNet18 + EMA, fp32, one step of 16 images per epoch.
-SMALL_RUN = ["-net", "resnet18", "-att", "ema", "-b", "16", "-lr", "0.02", "--amp", "off"]
+# The suite's tiny ResNet + EMA, fp32, one step of 16 images per epoch.
+SMALL_RUN = ["-net", tiny_net.NET, "-att", "ema", "-b", "16", "-lr", "0.02", "--amp", "off"]
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +36,8 @@ def small_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished_small_run(small_data, tmp_path_factory):
-    """A one-epoch SMALL_RUN, trained once, in <base>/checkpoint/resnet18_ema/run and
-    <base>/runs/resnet18_ema/run: tests continue copies of it (a copied run folder continues as itself)."""
+    """A one-epoch SMALL_RUN, trained once, in <base>/checkpoint/resnet_tiny_ema/run and
+    <base>/runs/resnet_tiny_ema/run: tests continue copies of it (a copied run folder continues as itself)."""
     import train_cifar100
     base = tmp_path_factory.mktemp("finished")
     outputs = ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", "run"]

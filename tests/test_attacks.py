@@ -21,6 +21,7 @@ import train_cifar100
 import training
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
+from tiny_net import NET
 from test_runs import copy_run, folder, resume, snapshot, tensorboard_steps, train
 
 
@@ -78,7 +79,7 @@ def test_a_new_run_never_replaces_results_without_last_pth(kept, small_data, fin
 def test_reproduce_plans_a_folder_without_last_pth_by_its_results(finished_small_run, tmp_path, capsys):
     """Finished (by metrics.csv): done; unfinished without a checkpoint to resume: skipped, never new."""
     def planned(epochs):  # the small run's own options
-        return reproduce.planned_identity(["-b", "16", "-lr", "0.02", "--epochs", str(epochs)], "resnet18", "ema",
+        return reproduce.planned_identity(["-b", "16", "-lr", "0.02", "--epochs", str(epochs)], NET, "ema",
                                           "paper")
 
     done = copy_run(finished_small_run, tmp_path, "done")
@@ -114,7 +115,7 @@ def test_one_folder_for_checkpoints_and_logs(small_data, tmp_path, capsys):
     """--checkpoint-dir X --log-dir X: one run folder holds both, and the run does not lock itself out."""
     both = ["--checkpoint-dir", str(tmp_path / "x"), "--log-dir", str(tmp_path / "x")]
     assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", "r", "--epochs", "1"] + both) == 0
-    run = tmp_path / "x" / "resnet18_ema" / "r"
+    run = tmp_path / "x" / f"{NET}_ema" / "r"
     assert (run / "last.pth").is_file() and list(run.glob("events.out.tfevents.*"))
     assert train_cifar100.main(["--resume", str(run), "--epochs", "2", "--log-dir", str(tmp_path / "x")]) == 0
 
@@ -287,7 +288,7 @@ def test_two_seeds_started_in_the_same_second_get_two_folders(small_data, tmp_pa
                         "--log-dir", str(tmp_path / "runs")]
     assert train_cifar100.main(both + ["--seed", "0"]) == 0
     assert train_cifar100.main(both + ["--seed", "1"]) == 0
-    assert sorted(p.name for p in (tmp_path / "checkpoint" / "resnet18_ema").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "checkpoint" / f"{NET}_ema").iterdir()) == [
         "2026-12-01T20-15-00-seed0", "2026-12-01T20-15-00-seed1"]
 
 
@@ -297,13 +298,13 @@ def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(s
     first, second = (SMALL_RUN + ["--data", str(small_data), "--run-name", "paper-seed0", "--epochs", "1",
                                   "--checkpoint-dir", str(tmp_path / name)] + logs for name in ("a", "b"))
     assert train_cifar100.main(first) == 0
-    shared = tmp_path / "runs" / "resnet18_ema" / "paper-seed0"
+    shared = tmp_path / "runs" / f"{NET}_ema" / "paper-seed0"
     before = snapshot(shared)
     assert train_cifar100.main(second) == 0
     assert snapshot(shared) == before  # the first campaign's log untouched
     others = [p for p in shared.parent.iterdir() if p.name.startswith("paper-seed0-")]
     assert len(others) == 1 and tensorboard_steps(others[0]) == [1]
-    assert train_cifar100.main(["--resume", str(tmp_path / "a" / "resnet18_ema" / "paper-seed0"), "--epochs", "2"]
+    assert train_cifar100.main(["--resume", str(tmp_path / "a" / f"{NET}_ema" / "paper-seed0"), "--epochs", "2"]
                                + logs) == 0
     assert tensorboard_steps(shared) == [1, 2] and tensorboard_steps(others[0]) == [1]
 
@@ -314,7 +315,7 @@ def test_resume_newest_takes_a_renamed_run(small_data, finished_small_run, tmp_p
     os.utime(older / "last.pth", (1e9, 1e9))
     renamed = run.parent / "renamed"
     run.rename(renamed)
-    assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-resume", "--epochs", "2",
+    assert train_cifar100.main(["-net", NET, "-att", "ema", "-resume", "--epochs", "2",
                                 "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs")]) == 0
     assert f"resuming {renamed / 'last.pth'}" in capsys.readouterr().out
 
@@ -322,7 +323,7 @@ def test_resume_newest_takes_a_renamed_run(small_data, finished_small_run, tmp_p
 def test_resume_newest_prefers_the_run_to_its_backup_copy(small_data, finished_small_run, tmp_path, capsys):
     run = copy_run(finished_small_run, tmp_path, "run")
     shutil.copytree(run, run.parent / "run.bak")  # newer on disk
-    assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-resume", "--epochs", "2",
+    assert train_cifar100.main(["-net", NET, "-att", "ema", "-resume", "--epochs", "2",
                                 "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs")]) == 0
     assert f"resuming {run / 'last.pth'}" in capsys.readouterr().out
     assert torch.load(run.parent / "run.bak" / "last.pth", weights_only=True)["epoch"] == 1

@@ -1,4 +1,5 @@
-"""torchrun / DistributedDataParallel on the CPU (gloo), two processes, on a tiny dataset."""
+"""torchrun / DistributedDataParallel on the CPU (gloo), two processes, on a tiny dataset and the suite's
+tiny network (tests/tiny_net.py)."""
 import os
 import subprocess
 import sys
@@ -10,10 +11,11 @@ import torch
 
 import test as test_script
 import train_cifar100
+import tiny_net
 from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["-net", "resnet18", "-att", "ema", "-b", "4", "-lr", "0.02", "--seed", "0"]
+TINY = ["-net", tiny_net.NET, "-att", "ema", "-b", "4", "-lr", "0.02", "--seed", "0"]
 
 
 def torchrun(script, *args, timeout=300, env=None):
@@ -29,20 +31,20 @@ def data_root(tmp_path_factory):
 
 def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     outputs = ["--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs"), "--run-name", "ddp"]
-    first = torchrun(ROOT / "train_cifar100.py", *TINY, "--data", str(data_root), "--epochs", "1", *outputs)
+    first = torchrun(tiny_net.__file__, ROOT / "train_cifar100.py", *TINY, "--data", str(data_root), "--epochs", "1", *outputs)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 1/1 ") == 1  # rank 0 alone prints
     assert "2 processes, global batch 8" in first.stdout
     assert first.stderr.count("is not the official CIFAR-100 file") == 1  # rank 0 alone
 
-    folder = tmp_path / "checkpoint" / "resnet18_ema" / "ddp"
-    resumed = torchrun(ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))
+    folder = tmp_path / "checkpoint" / f"{tiny_net.NET}_ema" / "ddp"
+    resumed = torchrun(tiny_net.__file__, ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 2/2, step 0/" in resumed.stdout and resumed.stdout.count("epoch 2/2 ") == 1
 
     # Only rank 0 wrote: one set of files, one TensorBoard event file per process that logged.
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "args.json", "best.pth", "last.pth", "metrics.csv"]
-    events = list((tmp_path / "runs" / "resnet18_ema" / "ddp").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "runs" / f"{tiny_net.NET}_ema" / "ddp").glob("events.out.tfevents.*"))
     assert len(events) == 2  # the first launch and the resumed one, rank 0 each time
     checkpoint = torch.load(folder / "last.pth", weights_only=True)
     assert checkpoint["epoch"] == 2 and [row["epoch"] for row in checkpoint["history"]] == [1, 2]

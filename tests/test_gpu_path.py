@@ -17,6 +17,7 @@ from fake_cifar import write_fake_cifar100
 from models.attention import ATTENTIONS, EMA
 from models.attention.ema import FoldedEMA
 from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
+from tiny_net import NET
 
 
 def train(data, base, run, *extra):
@@ -26,7 +27,7 @@ def train(data, base, run, *extra):
 
 
 def last_checkpoint(base, run):
-    return torch.load(base / "checkpoint" / "resnet18_ema" / run / "last.pth", weights_only=True)
+    return torch.load(base / "checkpoint" / f"{NET}_ema" / run / "last.pth", weights_only=True)
 
 
 def test_no_host_synchronisation_inside_training_steps(small_data, tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
     """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each kind,
     without attention and with EMA, runs the same code as the deep ones, and each other attention
     module is traced in both kinds of block. MobileNetV2 with EMA (its own placement rule) and without."""
-    assert {block for block, _ in RESNETS.values()} == {BasicBlock, Bottleneck}
+    assert {spec.block for spec in RESNETS.values()} == {BasicBlock, Bottleneck}
     speed = training.SpeedSettings(torch.device("cpu"))
     images, features = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 8, 8)
     traced = {("mobilenetv2", attention): (models.create_model("mobilenetv2", attention), images)
@@ -167,7 +168,7 @@ def fresh_run(finished_tiny_run, base):
 def test_every_allowed_override_resumes(override, finished_tiny_run, tmp_path, capsys):
     fresh_run(finished_tiny_run, tmp_path)
     capsys.readouterr()
-    folder = tmp_path / "checkpoint" / "resnet18_ema" / "run"
+    folder = tmp_path / "checkpoint" / f"{NET}_ema" / "run"
     assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"), *override]) == 0
     out = capsys.readouterr().out
     assert "not bitwise" in out
@@ -180,7 +181,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys
     """A checkpoint written on CUDA by the old format (one CUDA RNG state per visible GPU, a CUDA
     loader generator) or by this one (device "cuda") continues here, and says it is not bitwise."""
     fresh_run(finished_tiny_run, tmp_path)
-    path = tmp_path / "checkpoint" / "resnet18_ema" / "run" / "last.pth"
+    path = tmp_path / "checkpoint" / f"{NET}_ema" / "run" / "last.pth"
     new_format = last_checkpoint(tmp_path, "run")
     new_format["device"] = "cuda"
     new_format["args"]["cuda_graphs"] = True

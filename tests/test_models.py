@@ -218,7 +218,7 @@ def test_nam_channel_weights_are_detached():
 def test_att_stages_hold_the_modules_of_those_stages_only(att, stages):
     """--att-stages: the baseline's parameters plus the modules of the blocks of those stages."""
     from models.resnet import RESNETS
-    block, blocks = RESNETS["resnet50"]
+    block, blocks, _ = RESNETS["resnet50"]
     widths = [planes * block.expansion for planes in (64, 128, 256, 512)]
     model = models.create_model("resnet50", att, 100, stages)
     expected = EXACT_TOTALS[("resnet50", "none")] + sum(blocks[s - 1] * PER_BLOCK[att](widths[s - 1]) for s in stages)

@@ -17,13 +17,14 @@ import train_cifar100
 import checkpoints
 from conf import settings
 from fake_cifar import write_fake_cifar100, write_meta
+from tiny_net import NET
 
 
 @pytest.fixture(scope="module")
 def trained(small_data, tmp_path_factory):
-    """A toy ResNet18 + EMA trained 2 epochs with gate images on, and a 1-epoch run with them off."""
+    """The suite's tiny ResNet + EMA trained 2 epochs with gate images on, and a 1-epoch run with them off."""
     base = tmp_path_factory.mktemp("pictures")
-    common = ["-net", "resnet18", "-att", "ema", "-b", "8", "-lr", "0.02", "--data", str(small_data),
+    common = ["-net", NET, "-att", "ema", "-b", "8", "-lr", "0.02", "--data", str(small_data),
               "--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs")]
     assert train_cifar100.main(common + ["--epochs", "2", "--gate-images", "1", "--run-name", "on"]) == 0
     assert train_cifar100.main(common + ["--epochs", "1", "--run-name", "off"]) == 0
@@ -38,16 +39,16 @@ def image_tags(folder):
 
 def test_gate_images_in_tensorboard_only_when_asked(trained):
     base, _ = trained
-    acc, tags = image_tags(base / "runs" / "resnet18_ema" / "on")
+    acc, tags = image_tags(base / "runs" / f"{NET}_ema" / "on")
     assert set(tags) == {f"EMA gates/layer{i}" for i in range(1, 5)}
     assert [event.step for event in acc.Images("EMA gates/layer4")] == [1, 2]
     assert acc.Images("EMA gates/layer1")[0].width > 2 * 32  # images and gates side by side
-    assert image_tags(base / "runs" / "resnet18_ema" / "off")[1] == []
+    assert image_tags(base / "runs" / f"{NET}_ema" / "off")[1] == []
 
 
 def test_grad_cam_maps(trained):
     base, data = trained
-    model, checkpoint, _ = checkpoints.load_trained_model(base / "checkpoint" / "resnet18_ema" / "on")
+    model, checkpoint, _ = checkpoints.load_trained_model(base / "checkpoint" / f"{NET}_ema" / "on")
     model.eval()
     recipe = settings.RECIPES[checkpoint["args"]["recipe"]]
     dataset = cifar.CIFAR100Folder(data, train=False)
@@ -63,7 +64,7 @@ def test_grad_cam_maps(trained):
 def test_gradcam_png(trained, tmp_path, capsys):
     base, data = trained
     out = tmp_path / "cam.png"
-    argv = ["-weights", str(base / "checkpoint" / "resnet18_ema" / "on"), "--images", "6", "--columns", "3",
+    argv = ["-weights", str(base / "checkpoint" / f"{NET}_ema" / "on"), "--images", "6", "--columns", "3",
             "--data", str(data), "--out", str(out)]
     assert gradcam.main(argv) == 0
     with Image.open(out) as image:
@@ -104,9 +105,9 @@ def test_grad_cam_leaves_nothing_behind():
 
 def test_gradcam_rejects_another_architecture(trained, capsys):
     base, data = trained
-    argv = ["-net", "resnet34", "-weights", str(base / "checkpoint" / "resnet18_ema" / "on"), "--data", str(data)]
+    argv = ["-net", "resnet34", "-weights", str(base / "checkpoint" / f"{NET}_ema" / "on"), "--data", str(data)]
     assert gradcam.main(argv) == 2
-    assert "holds resnet18 + ema, not the requested resnet34 + ema" in capsys.readouterr().err
+    assert f"holds {NET} + ema, not the requested resnet34 + ema" in capsys.readouterr().err
 
 
 def assert_refused(argv, message, capsys, out_folder):
@@ -125,7 +126,7 @@ def test_gradcam_refuses_a_meta_without_a_name_for_every_label(trained, tmp_path
     write_meta(data, names)
     out_folder = tmp_path / "out"
     out_folder.mkdir()
-    argv = ["-weights", str(base / "checkpoint" / "resnet18_ema" / "on"), "--data", str(data),
+    argv = ["-weights", str(base / "checkpoint" / f"{NET}_ema" / "on"), "--data", str(data),
             "--out", str(out_folder / "cam.png")]
     assert_refused(argv, message, capsys, out_folder)
 

@@ -23,6 +23,7 @@ import train_cifar100
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar10, write_image_folder
 from test_runs import folder, resume, roots, snapshot, train
+from tiny_net import NET
 
 
 def train_on(data, base, run, *extra):
@@ -41,11 +42,12 @@ def test_att_stages_are_recorded_and_followed_by_test_py_and_table_py(small_data
     assert recorded(tmp_path, "deep")["att_stages"] == "3,4"
     capsys.readouterr()
     assert test_script.main(["-weights", str(run / "best.pth")]) == 0
-    # resnet18: the baseline's 11,220,132 and EMA's 10 (c/32)^2 + 4 (c/32) in the 2 blocks of stages 3 and 4
-    assert "parameters 11,226,724 (all)" in capsys.readouterr().out
+    # The tiny network's baseline of 1,252,100 and EMA's 10 k^2 + 4 k (k = c/32) in its one block of stage 3
+    # (k = 4) and of stage 4 (k = 8): 176 + 672.
+    assert "parameters 1,252,948 (all)" in capsys.readouterr().out
     assert table.main(["--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
-    assert "att_stages=3,4" in out and "11.23M" in out
+    assert "att_stages=3,4" in out and "1.25M" in out
 
 
 # ---------------------------------------------------------------- --dataset
@@ -247,15 +249,16 @@ needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name 
 
 
 def a_checkpoint(path: Path, att: str, classes: int = 100) -> Path:
-    """A checkpoint of this repo's format with random weights (export does not need training)."""
+    """A checkpoint of this repo's format with random weights (export does not need training), of the
+    suite's tiny network."""
     import models
     torch.manual_seed(0)
-    model = models.create_model("resnet18", att, classes)
+    model = models.create_model(NET, att, classes)
     for module in model.modules():  # BatchNorm statistics away from 0 and 1, as after training
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    args = {"net": "resnet18", "att": att, "recipe": "paper", "classes": classes}
+    args = {"net": NET, "att": att, "recipe": "paper", "classes": classes}
     torch.save({"format": 2, "model": model.state_dict(), "args": args, "epoch": 3}, path)
     return path
 

@@ -18,6 +18,7 @@ import train_cifar100
 import utils
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
+from tiny_net import NET
 
 
 def copy_run(finished, base, run):
@@ -40,7 +41,7 @@ def resume(base, folder, *extra):
 
 
 def folder(base, run, kind="checkpoint"):
-    return base / kind / "resnet18_ema" / run
+    return base / kind / f"{NET}_ema" / run
 
 
 def snapshot(path):
@@ -237,7 +238,7 @@ def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys)
     assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
     # Weights of another network: the message names both sides.
     assert train(small_data, tmp_path, "misfit", "--epochs", "1", "--init-from", str(source), "-att", "none") == 2
-    assert "resnet18 + ema) does not fit this run's resnet18 + none" in capsys.readouterr().err
+    assert f"{NET} + ema) does not fit this run's {NET} + none" in capsys.readouterr().err
 
 
 def test_a_resume_that_changes_the_identity_is_a_mixed_run(finished_small_run, tmp_path, capsys):

@@ -23,10 +23,12 @@ import training
 import utils
 from conf import settings
 from fake_cifar import write_fake_cifar100
+from tiny_net import NET, command
 
 ROOT = Path(__file__).resolve().parents[1]
-# ResNet18 + EMA, 24 images in batches of 8: 3 steps per epoch.
-TINY = ["-net", "resnet18", "-att", "ema", "-b", "8", "-lr", "0.02", "--seed", "0"]
+# The suite's tiny ResNet (tests/tiny_net.py) + EMA, 24 images in batches of 8: 3 steps per epoch.
+TINY = ["-net", NET, "-att", "ema", "-b", "8", "-lr", "0.02", "--seed", "0"]
+PAPER_NET = ["-net", "resnet18", "-att", "ema", "-b", "8"]  # for the script itself, without tiny_net
 TAGS = {"Train/loss", "Train/top1", "Train/lr", "Test/loss", "Test/top1", "Test/top5"}
 
 
@@ -40,7 +42,7 @@ def out_args(base: Path, run: str):
 
 
 def run_dir(base: Path, run: str, kind="checkpoint"):
-    return base / kind / "resnet18_ema" / run
+    return base / kind / f"{NET}_ema" / run
 
 
 def train(data_root, base, run, *extra):
@@ -78,7 +80,7 @@ def test_two_epochs_write_everything(reference, capsys):
     base, other_warnings = reference
     folder = run_dir(base, "ref")
     assert (folder / "last.pth").is_file() and (folder / "best.pth").is_file()
-    assert json.loads((folder / "args.json").read_text())["net"] == "resnet18"
+    assert json.loads((folder / "args.json").read_text())["net"] == NET
     assert not list(folder.glob("*.tmp"))
     rows = read_metrics(folder)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -105,7 +107,7 @@ def test_two_epochs_write_everything(reference, capsys):
     out = capsys.readouterr().out
     top1_error = 100 - float(rows[-1]["test_top1"])
     assert f"top-1 error {top1_error:.2f}%" in out
-    assert "11,227,172 (all)" in out and "MFLOPs" in out
+    assert "1,253,010 (all)" in out and "MFLOPs" in out  # tests/tiny_net.py's network + EMA
 
 
 def reference_data(folder: Path):
@@ -135,8 +137,8 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, reference, data_roo
     else:
         ref_base = tmp_path
         assert train(data_root, ref_base, "ref", "--epochs", "2", "--loader", loader) == 0
-    cmd = [sys.executable, "-u", str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
-           *out_args(tmp_path, "killed"), "--epochs", "2", "--loader", loader]
+    cmd = command("train_cifar100.py", *TINY, "--data", str(data_root), *out_args(tmp_path, "killed"),
+                  "--epochs", "2", "--loader", loader)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the header is printed once Ctrl-C/SIGTERM are handled
         if "checkpoints in" in line:
@@ -180,7 +182,7 @@ def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, t
     ignored = signal.getsignal(sig) is signal.SIG_IGN
     before = signal.signal(sig, signal.default_int_handler) if ignored else None
     try:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *TINY, "--data", str(data_root),
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *PAPER_NET, "--data", str(data_root),
                                  "--epochs", "1", *out_args(tmp_path, "run")], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     finally:
@@ -204,7 +206,7 @@ def test_resume_newest_run_of_net_and_attention(reference, data_root, tmp_path, 
     assert train(data_root, tmp_path, "newer", "--epochs", "1") == 0
     os.utime(run_dir(tmp_path, "older") / "last.pth", (0, 0))
     capsys.readouterr()
-    assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-resume", "--epochs", "1",
+    assert train_cifar100.main(["-net", NET, "-att", "ema", "-resume", "--epochs", "1",
                                 "--checkpoint-dir", str(tmp_path / "checkpoint")]) == 0
     assert "newer" in capsys.readouterr().out  # already finished: reported, nothing trained
 
@@ -305,7 +307,7 @@ def test_test_py_rejects_another_architecture(reference, capsys):
     base, _ = reference
     folder = run_dir(base, "ref")
     assert test_script.main(["-net", "resnet34", "-weights", str(folder / "best.pth")]) == 2
-    assert "holds resnet18 + ema, not the requested resnet34 + ema" in capsys.readouterr().err
+    assert f"holds {NET} + ema, not the requested resnet34 + ema" in capsys.readouterr().err
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):

@@ -73,8 +73,8 @@ WIDTHS = (64, 128, 256, 512)  # the four stages' planes in every network of the 
 
 class ResNet(nn.Module):
     """`att_stages`: the stages (1-4) whose blocks get the attention module; all four in the paper.
-    `widths`: the stages' planes (the stem has the first); narrower ones only for the test suite's own
-    network (tests/tiny_net.py)."""
+    `widths`: the stages' planes (the stem has the first); 64 to 512 in every network of the paper,
+    narrower for a small ResNet that checks a setup quickly (the test suite trains one)."""
 
     def __init__(self, block, num_blocks, num_classes: int = 100,
                  attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4), widths=WIDTHS):

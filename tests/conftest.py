@@ -70,7 +70,7 @@ def free_memory_after_each_module():
 def return_freed_memory():
     """Dozens of trainings run in this one process. glibc keeps what they free for reuse, in pieces
     that later allocations rarely fit, so the process grows with each (peak 2.0 GB without the trim,
-    1.7 GB with it, on the 2-core development box)."""
+    1.7 GB with it, on the 2-core development box, when the suite trained ResNet18)."""
     yield
     if MALLOC_TRIM is not None:
         MALLOC_TRIM(0)

@@ -72,8 +72,8 @@ def test_report_rows():
 
 
 def test_one_cifar_epoch(tmp_path):
-    data = write_fake_cifar100(tmp_path / "data", n_train=64, n_test=32)
-    argv = ["-net", "mobilenetv2", "-att", "ema", "-b", "32", "--epochs", "1", "--data", str(data),
+    data = write_fake_cifar100(tmp_path / "data", n_train=16, n_test=8)  # batch 8: its 32x32 maps take memory
+    argv = ["-net", "mobilenetv2", "-att", "ema", "-b", "8", "--epochs", "1", "--data", str(data),
             "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name", "m"]
     assert train_cifar100.main(argv) == 0
     checkpoint = torch.load(tmp_path / "c/mobilenetv2_ema/m/last.pth", weights_only=True)

@@ -11,6 +11,7 @@ from models.attention import (ATTENTIONS, CBAM, ECA, EMA, NAM, SE, CoordAtt, Shu
                               build_attention, nam_l1_penalty)
 from models.attention.eca import adaptive_kernel_size
 from models.resnet import ResidualBlock
+from tiny_net import NET as TINY_NET
 
 # docs/reference.md, 2.1 Summary and 4 How the paper counted #Params: every parameter, 100 classes.
 EXACT_TOTALS = {
@@ -60,10 +61,11 @@ def test_eca_adaptive_kernel_sizes_on_resnet50_widths():
 
 # ResNet50's blocks, only more of them: built and checked, not run (a second each of the suite's time).
 DEEPER_RESNET50S = {"resnet101", "resnet152"}
+PAPER_NETS = [net for net in models.list_models() if net != TINY_NET]  # not the suite's own (tests/tiny_net.py)
 
 
 @pytest.mark.parametrize("attention", models.list_attentions())
-@pytest.mark.parametrize("net", models.list_models())
+@pytest.mark.parametrize("net", PAPER_NETS)
 def test_every_pair_trains_one_step(net, attention):
     torch.manual_seed(0)
     model = models.create_model(net, attention, num_classes=10)
@@ -218,8 +220,8 @@ def test_nam_channel_weights_are_detached():
 def test_att_stages_hold_the_modules_of_those_stages_only(att, stages):
     """--att-stages: the baseline's parameters plus the modules of the blocks of those stages."""
     from models.resnet import RESNETS
-    block, blocks, _ = RESNETS["resnet50"]
-    widths = [planes * block.expansion for planes in (64, 128, 256, 512)]
+    block, blocks, planes = RESNETS["resnet50"]
+    widths = [p * block.expansion for p in planes]
     model = models.create_model("resnet50", att, 100, stages)
     expected = EXACT_TOTALS[("resnet50", "none")] + sum(blocks[s - 1] * PER_BLOCK[att](widths[s - 1]) for s in stages)
     assert models.count_parameters(model)[0] == expected

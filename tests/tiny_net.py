@@ -28,8 +28,8 @@ def command(script: str, *args: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    register()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
-    sys.path[0] = str(Path(script).resolve().parent)  # as if run directly
+    sys.path[0] = str(Path(script).resolve().parent)  # as if run directly, not this folder
+    register()
     runpy.run_path(script, run_name="__main__")

@@ -19,7 +19,9 @@ TINY = ["-net", tiny_net.NET, "-att", "ema", "-b", "4", "-lr", "0.02", "--seed",
 
 
 def torchrun(script, *args, timeout=300, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    """`script` under torchrun, each process with the tiny network registered (tests/tiny_net.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", tiny_net.__file__,
+           str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=None if env is None else {**os.environ, **env})
 
@@ -31,14 +33,14 @@ def data_root(tmp_path_factory):
 
 def test_two_processes_train_resume_and_test(data_root, tmp_path, capsys):
     outputs = ["--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs"), "--run-name", "ddp"]
-    first = torchrun(tiny_net.__file__, ROOT / "train_cifar100.py", *TINY, "--data", str(data_root), "--epochs", "1", *outputs)
+    first = torchrun(ROOT / "train_cifar100.py", *TINY, "--data", str(data_root), "--epochs", "1", *outputs)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 1/1 ") == 1  # rank 0 alone prints
     assert "2 processes, global batch 8" in first.stdout
     assert first.stderr.count("is not the official CIFAR-100 file") == 1  # rank 0 alone
 
     folder = tmp_path / "checkpoint" / f"{tiny_net.NET}_ema" / "ddp"
-    resumed = torchrun(tiny_net.__file__, ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))
+    resumed = torchrun(ROOT / "train_cifar100.py", "--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"))
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 2/2, step 0/" in resumed.stdout and resumed.stdout.count("epoch 2/2 ") == 1
 

@@ -135,8 +135,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, tmp_path):
     # 15 steps an epoch: the signal, sent when the header is printed, lands within the first epoch
     # even if this process waits a second to send it.
     data = write_fake_cifar100(tmp_path / "data", n_train=120, n_test=8)
-    ref_base = tmp_path
-    assert train(data, ref_base, "ref", "--epochs", "2", "--loader", loader) == 0
+    assert train(data, tmp_path, "ref", "--epochs", "2", "--loader", loader) == 0
     cmd = command("train_cifar100.py", *TINY, "--data", str(data), *out_args(tmp_path, "killed"),
                   "--epochs", "2", "--loader", loader)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -152,7 +151,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, tmp_path):
     assert saved["args"]["loader"] == loader
 
     assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "killed")), "--log-dir", str(tmp_path / "runs")]) == 0
-    expected = weights(run_dir(ref_base, "ref") / "last.pth")["model"]
+    expected = weights(run_dir(tmp_path, "ref") / "last.pth")["model"]
     got = weights(run_dir(tmp_path, "killed") / "last.pth")["model"]
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     _, steps = scalars(run_dir(tmp_path, "killed", "runs"))

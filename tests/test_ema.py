@@ -137,3 +137,124 @@ def test_ema_takes_a_batch_of_one_1x1_map(training):
     upstream.load_state_dict(ours.state_dict())
     x = torch.randn(1, 64, 1, 1, dtype=torch.float64)
     torch.testing.assert_close(ours(x), upstream(x), rtol=0, atol=1e-12)
+
+
+# The 3x3 branch by algebra (docs/reference.md, 2.2 EMA) against the authors' formulation, float64.
+# ResNet101's EMA inputs are ResNet50's (the same four stage widths and maps; 23 blocks, not 6, in
+# the third stage), so these shapes cover both.
+RESNET50_AND_101 = [(2, 256, 32, 32, 32), (2, 512, 16, 16, 32), (2, 1024, 8, 8, 32), (2, 2048, 4, 4, 32)]
+ODD = [(2, 64, 5, 9, 32), (3, 96, 7, 3, 32), (2, 64, 1, 1, 32), (2, 64, 1, 7, 32), (2, 64, 6, 1, 32),
+       (2, 32, 5, 4, 32),  # k = 1
+       (1, 64, 4, 6, 8)]   # a batch of one
+
+
+def relative_error(got, want):
+    """Largest |difference| over the reference's largest magnitude, floored at 1: a gradient that
+    is zero analytically (GroupNorm's weight on a 1x1 map) is compared with rounding's scale."""
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
+
+
+def compare_with_folded(shape, memory_format, run=lambda module, x: module(x)):
+    batch, channels, height, width, factor = shape
+    ours = randomized_ema(channels, factor)
+    folded = FoldedEMA(channels, factor).double()
+    folded.load_state_dict(ours.state_dict())
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    out, expected = run(ours, x), folded(x)
+    got = torch.autograd.grad(out, [x, *ours.parameters()], grad)
+    want = torch.autograd.grad(expected, [x, *folded.parameters()], grad)
+    names = ["output", "input gradient"] + [f"{name} gradient" for name, _ in ours.named_parameters()]
+    errors = {name: relative_error(a, b) for name, a, b in zip(names, [out, *got], [expected, *want])}
+    assert max(errors.values()) < 1e-12, errors
+    assert (expected - x).abs().max() > 1e-2  # the module does change its input
+    return out
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", RESNET50_AND_101 + ODD, ids=lambda s: "x".join(map(str, s[:4])) + f"-G{s[4]}")
+def test_ema_equals_the_authors_formulation(shape, memory_format):
+    out = compare_with_folded(shape, memory_format)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 5, 9, 32), (2, 64, 1, 1, 32), (1, 64, 6, 1, 8)],
+                         ids=["5x9", "1x1", "6x1"])
+def test_ema_as_compiled_equals_the_authors_formulation(shape):
+    """Under torch.compile the k -> 1 convolution runs as nine tap sums (EMA._filtered): traced by
+    dynamo and AOTAutograd (backend aot_eager: the graphs the compiler gets, without its C++ build),
+    in one graph with no break, and exact."""
+    torch._dynamo.reset()
+    explained = []
+
+    def compiled(module, x):
+        explained.append(torch._dynamo.explain(module)(x))
+        return torch.compile(module, backend="aot_eager", dynamic=False)(x)
+
+    compare_with_folded(shape, torch.contiguous_format, compiled)
+    assert (explained[0].graph_count, explained[0].graph_break_count) == (1, 0)
+
+
+def test_ema_never_makes_the_3x3_branch():
+    """The forward's convolutions give at most one map per group (k -> 1), never the k maps per
+    group of x2; and it makes fewer tensors of x's size than the authors' formulation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made.append((str(func), out.shape if isinstance(out, torch.Tensor) else None))
+            return out
+
+    x = torch.randn(2, 256, 8, 8)
+    counts = {}
+    for module in (EMA(256), FoldedEMA(256)):
+        with Outputs() as seen:
+            seen.made = []
+            module(x)
+        convolutions = [shape for func, shape in seen.made if "convolution" in func]
+        counts[type(module).__name__] = sum(shape is not None and shape.numel() == x.numel()
+                                            for _, shape in seen.made)
+        if isinstance(module, FoldedEMA):
+            assert (2 * 32, 8, 8, 8) in convolutions  # the check can fail: x2, folded
+        else:
+            assert convolutions and all(shape[0] * shape[1] <= 2 * 32 for shape in convolutions), convolutions
+    assert counts["EMA"] < counts["FoldedEMA"], counts
+
+
+def test_ema_py_works_copied_alone(tmp_path):
+    """models/attention/ema.py in a folder of its own (another project): it imports, runs and
+    equals the repo's EMA; the fused kernels are absent, and asking for them says so."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "models" / "attention" / "ema.py", tmp_path)
+    script = (
+        "import torch, ema\n"
+        "m = ema.EMA(64)\n"
+        "m.load_state_dict(torch.load('state.pt'))\n"
+        "torch.save(m(torch.load('x.pt')), 'out.pt')\n"
+        "try:\n    ema.EMA(64, fused=True)(torch.load('x.pt'))\nexcept ValueError as e:\n    print(e)\n")
+    ours = randomized_ema(64, 32).float()
+    x = torch.randn(2, 64, 6, 6)
+    torch.save(ours.state_dict(), tmp_path / "state.pt")
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "", "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert "ema_fused.py" in done.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours(x), rtol=0, atol=0)
+
+
+def test_spatial_gate_is_the_authors_gate():
+    """The gates that gradcam.py and --gate-images draw: the authors' output over their input."""
+    ours = randomized_ema(64, 8)
+    folded = FoldedEMA(64, 8).double()
+    folded.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 64, 5, 7, dtype=torch.float64)
+    gate = ours.spatial_gate(x)
+    assert gate.shape == (2, 8, 5, 7)
+    torch.testing.assert_close(gate, (folded(x) / x).unflatten(1, (8, 8))[:, :, 0], rtol=1e-10, atol=0)

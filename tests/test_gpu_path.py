@@ -92,20 +92,27 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
 
 
 class LayoutCopies(TorchDispatchMode):
+    """The copies made of tensors of at least `size` elements (x's: a copy into another layout)."""
     COPIES = {"aten.clone.default", "aten._to_copy.default", "aten.copy_.default"}
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
 
     def __enter__(self):
         self.copies = []
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in self.COPIES:
+        if str(func) in self.COPIES and args[0].numel() >= self.size:
             self.copies.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
+    """No copy of x, or of anything its size, in another layout (the small strips may be); and the
+    output in x's layout."""
     torch.manual_seed(0)
     ours = EMA(64, 8).double()
     with torch.no_grad():
@@ -114,10 +121,13 @@ def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
     folded = FoldedEMA(64, 8).double()  # the authors' (B*G, k, H, W) formulation
     folded.load_state_dict(ours.state_dict())
     x = torch.randn(3, 64, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
-    with LayoutCopies() as layout:
+    with LayoutCopies(x.numel()) as layout:
         out = ours(x)
     assert layout.copies == [] and out.is_contiguous(memory_format=memory_format)
-    expected = folded(x)
+    with LayoutCopies(x.numel()) as folded_layout:
+        expected = folded(x)
+    # The check can fail: the authors' fold copies a channels_last x.
+    assert bool(folded_layout.copies) == (memory_format == torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     grad_out = torch.randn_like(out)
     ours_grads = torch.autograd.grad(out, [x, *ours.parameters()], grad_out)

@@ -11,17 +11,18 @@ class CoordAtt(nn.Module):
     """Pool along W and along H, shared 1x1 conv C->mip + BN + h-swish, then one 1x1 conv + sigmoid
     per axis: 3*C*mip + 3*mip + 2C parameters, mip = max(8, C // reduction)."""
 
-    def __init__(self, channels: int, reduction: int = 32):
+    def __init__(self, channels: int, reduction: int = 32, *, device=None, dtype=None):
         super().__init__()
         if channels <= 0 or reduction <= 0:
             raise ValueError(f"CoordAtt needs positive channels and reduction; "
                              f"got channels={channels}, reduction={reduction}")
         mip = max(8, channels // reduction)
-        self.conv1 = nn.Conv2d(channels, mip, kernel_size=1)
-        self.bn1 = nn.BatchNorm2d(mip)
+        factory = dict(device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(channels, mip, kernel_size=1, **factory)
+        self.bn1 = nn.BatchNorm2d(mip, **factory)
         self.act = nn.Hardswish()  # x * relu6(x + 3) / 6, the authors' h_swish
-        self.conv_h = nn.Conv2d(mip, channels, kernel_size=1)
-        self.conv_w = nn.Conv2d(mip, channels, kernel_size=1)
+        self.conv_h = nn.Conv2d(mip, channels, kernel_size=1, **factory)
+        self.conv_w = nn.Conv2d(mip, channels, kernel_size=1, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]

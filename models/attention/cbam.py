@@ -10,12 +10,12 @@ from torch import nn
 class ChannelGate(nn.Module):
     """One shared MLP over the average- and the max-pooled channel vectors, summed, sigmoid."""
 
-    def __init__(self, channels: int, reduction: int):
+    def __init__(self, channels: int, reduction: int, **factory):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(channels, channels // reduction),
+            nn.Linear(channels, channels // reduction, **factory),
             nn.ReLU(inplace=True),
-            nn.Linear(channels // reduction, channels),
+            nn.Linear(channels // reduction, channels, **factory),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,10 +26,10 @@ class ChannelGate(nn.Module):
 class SpatialGate(nn.Module):
     """[max over C, mean over C] (the authors' order) -> 7x7 conv -> BN -> sigmoid."""
 
-    def __init__(self, kernel_size: int = 7):
+    def __init__(self, kernel_size: int = 7, **factory):
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, momentum=0.01)  # the authors' momentum
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **factory)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01, **factory)  # the authors' momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
@@ -39,13 +39,13 @@ class SpatialGate(nn.Module):
 class CBAM(nn.Module):
     """Channel gate, then spatial gate: C^2/8 + C/16 + C + 100 parameters (reduction 16)."""
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, *, device=None, dtype=None):
         super().__init__()
         if channels <= 0 or reduction <= 0 or channels % reduction:
             raise ValueError(f"CBAM needs channels to be a positive multiple of reduction; "
                              f"got channels={channels}, reduction={reduction}")
-        self.channel_gate = ChannelGate(channels, reduction)
-        self.spatial_gate = SpatialGate()
+        self.channel_gate = ChannelGate(channels, reduction, device=device, dtype=dtype)
+        self.spatial_gate = SpatialGate(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial_gate(self.channel_gate(x))

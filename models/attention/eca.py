@@ -18,7 +18,7 @@ def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 class ECA(nn.Module):
     """GAP -> 1-D conv across channels (no bias, 'same' padding) -> sigmoid gate: k_size parameters."""
 
-    def __init__(self, channels: int, k_size: int | None = None):
+    def __init__(self, channels: int, k_size: int | None = None, *, device=None, dtype=None):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"ECA needs a positive number of channels; got channels={channels}")
@@ -26,7 +26,8 @@ class ECA(nn.Module):
             k_size = adaptive_kernel_size(channels)
         if k_size <= 0 or k_size % 2 == 0:
             raise ValueError(f"ECA needs an odd positive k_size; got k_size={k_size}")
-        self.conv = nn.Conv1d(1, 1, kernel_size=k_size, padding=k_size // 2, bias=False)
+        self.conv = nn.Conv1d(1, 1, kernel_size=k_size, padding=k_size // 2, bias=False, device=device,
+                              dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.conv(x.mean((2, 3)).unsqueeze(1)).sigmoid()  # (B, 1, C)

@@ -4,10 +4,16 @@ Ouyang et al., "Efficient Multi-Scale Attention Module with Cross-Spatial Learni
 Authors' code: github.com/YOLOonMe/EMA-attention-module. The function is the seven steps of
 docs/reference.md, 2.2 EMA. Two classes compute it, with the same parameters and state dict:
 
-- EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes, or
-  (option `fused`, not in the paper) the whole module in one Triton kernel each way (ema_fused.py);
-- FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, two
-  matmuls), the reference for the tests and the benchmark.
+- EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes, computing
+  only what the output uses (the 3x3 branch's map is never made: its two uses come from x by
+  algebra), or (option `fused`, not in the paper) the whole module in one Triton kernel each way
+  (ema_fused.py);
+- FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, the k -> k
+  3x3 convolution, two matmuls), the reference for the tests and the benchmark, and what params.py
+  counts FLOPs of.
+
+This file can be copied alone into another project (ema_fused.py is optional): `EMA(channels)` is
+a module for any block of `channels` outputs (docs/reference.md, "EMA in your network").
 
 Submodule names (`gn`, `conv1x1`, `conv3x3`) are the authors', so that their state dicts load with
 ``strict=True``.
@@ -16,7 +22,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import models.attention.ema_fused as ema_fused
+try:  # the optional Triton kernels; this file copied alone into another project runs without them
+    import models.attention.ema_fused as ema_fused
+except ModuleNotFoundError as missing:
+    if missing.name not in ("models", "models.attention", "models.attention.ema_fused"):
+        raise
+    ema_fused = None
 
 
 class EMA(nn.Module):
@@ -24,9 +35,8 @@ class EMA(nn.Module):
     weights: 10k^2 + 4k parameters. Each group gets one spatial gate, shared by its k channels.
 
     The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W), a reshape that copies
-    a channels_last tensor. Here every step keeps the input's layout: a group's shared k -> k
-    convolution is a grouped convolution with the weights repeated per group, and a sum over a
-    group's k channels is a view (B, G, k, ...).
+    a channels_last tensor. Here every step keeps the input's layout: a sum over a group's k channels
+    is a view (B, G, k, ...), and the shared weights act on it by products with their matrices.
 
     ``fused`` (not in the paper) picks how it is computed, never what: the same parameters, state
     dict and function either way. None: the fused kernels where they apply (on CUDA with Triton, maps
@@ -35,7 +45,7 @@ class EMA(nn.Module):
     False: PyTorch.
     """
 
-    def __init__(self, channels: int, factor: int = 32, fused=None):
+    def __init__(self, channels: int, factor: int = 32, fused=None, *, device=None, dtype=None):
         super().__init__()
         if fused not in (None, True, False):
             raise ValueError(f"EMA's fused must be None, True or False, got {fused!r}")
@@ -47,9 +57,10 @@ class EMA(nn.Module):
                 f"got channels={channels}, factor={factor}")
         self.groups = factor
         k = channels // factor
-        self.gn = nn.GroupNorm(k, k)
-        self.conv1x1 = nn.Conv2d(k, k, kernel_size=1)
-        self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1)
+        factory = dict(device=device, dtype=dtype)
+        self.gn = nn.GroupNorm(k, k, **factory)
+        self.conv1x1 = nn.Conv2d(k, k, kernel_size=1, **factory)
+        self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1, **factory)
 
     def forward(self, x: torch.Tensor, gate_only: bool = False) -> torch.Tensor:
         """The paper's steps (docs/reference.md, 2.2 EMA) on x (B, C, H, W); with gate_only, step 7's
@@ -59,25 +70,30 @@ class EMA(nn.Module):
                                        self.conv3x3.weight, self.conv3x3.bias, self.groups, self.gn.eps)
         h, w = x.shape[2:]
         g = self.groups  # 1. Groups: left in place (see the class docstring), not folded into the batch.
-        # 2. Strip pooling: the mean along each axis, the W strip laid along H beside the H strip, so
-        # that one shared 1x1 convolution serves both; a sigmoid gate per strip.
-        strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
-        gate_h, gate_w = self._grouped(self.conv1x1, strips).sigmoid().split([h, w], dim=2)
+        # 2. Strip pooling: the mean along each axis, the W strip laid beside the H strip, so that one
+        # shared 1x1 convolution (a product with its k x k matrix) serves both; a sigmoid gate per strip.
+        row_means = x.mean(3)  # (B, C, H)
+        strips = torch.cat([row_means, x.mean(2)], dim=2).unflatten(1, (g, -1))  # (B, G, k, H + W)
+        mixed = self.conv1x1.weight[:, :, 0, 0] @ strips + self.conv1x1.bias[:, None]
+        gate_h, gate_w = mixed.flatten(1, 2).sigmoid().split([h, w], dim=2)
         # 3. 1x1 branch: x gated along both axes, each channel's map normalised by the GroupNorm.
         # torch.group_norm, not F.group_norm: the latter refuses a batch of one 1x1 map, which the
         # authors' folded input passes.
-        x1 = torch.group_norm(x * gate_h * gate_w.transpose(2, 3), x.shape[1], self.gn.weight.repeat(g),
+        x1 = torch.group_norm(x * gate_h[..., None] * gate_w[:, :, None], x.shape[1], self.gn.weight.repeat(g),
                               self.gn.bias.repeat(g), self.gn.eps)
-        # 4. 3x3 branch.
-        x2 = self._grouped(self.conv3x3, x)
+        # 4. 3x3 branch, x2 = conv3x3(x): never made. Steps 5 and 6 use it only through sums that are
+        # linear in it, each taken from x directly (docs/reference.md, 2.2 EMA).
+        w3, b3 = self.conv3x3.weight, self.conv3x3.bias
         # 5. Channel descriptors: softmax over a group's k channels of each branch's global mean. Every
-        # map of x1 has mean exactly its GroupNorm bias (one channel per group), so a1 = softmax(bias):
-        # no pass over x1 (in x1's dtype, as the mean's; autocast makes GroupNorm float32 on CUDA only).
-        a1 = self.gn.bias.softmax(0).repeat(g).to(x1.dtype)[:, None, None]
-        a2 = x2.mean((2, 3)).unflatten(1, (g, -1)).softmax(-1).flatten(1)[:, :, None, None]
-        # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, and a
-        # group's k weighted maps are summed (element-wise: the authors' matmuls without a reshape).
-        weights = (a1 * x2 + a2 * x1).unflatten(1, (g, -1)).sum(2)
+        # map of x1 has mean exactly its GroupNorm bias (one channel per group), so a1 = softmax(bias).
+        # x2's map mean is b3 plus W3 applied to the sums of x over the window each tap reads.
+        a1 = self.gn.bias.softmax(0)
+        x2_means = torch.einsum("bgcij,ocij->bgo", window_sums(x, row_means * w).unflatten(1, (g, -1)), w3)
+        a2 = (x2_means / (h * w) + b3).softmax(-1)
+        # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, summed over
+        # a group's k channels. a1ᵀ·x2 is x convolved with the one filter a1ᵀ·W3 (k -> 1), plus a1·b3.
+        a1_x2 = self._filtered(x, torch.einsum("o,ocij->cij", a1, w3), a1 @ b3)
+        weights = a1_x2.to(x1.dtype) + (a2.to(x1.dtype)[..., None, None] * x1.unflatten(1, (g, -1))).sum(2)
         # 7. Gate: each group's k channels times sigmoid of its weights. In x's dtype, so that under
         # autocast the output keeps the input's bf16/fp16 as the authors' does (their matmuls run in it).
         gate = weights.sigmoid()
@@ -93,6 +109,10 @@ class EMA(nn.Module):
     def takes_fused_path(self, x: torch.Tensor) -> bool:
         if self.fused is False:
             return False
+        if ema_fused is None:
+            if self.fused:
+                raise ValueError("EMA(fused=True) needs models/attention/ema_fused.py, which is not here")
+            return False
         if self.fused is None:
             return x.is_cuda and ema_fused.ON_CUDA_BY_DEFAULT and ema_fused.unsupported(x, self.groups) is None
         why = ema_fused.unsupported(x, self.groups)
@@ -100,10 +120,29 @@ class EMA(nn.Module):
             raise ValueError(f"EMA(fused=True) cannot run on this input: {why}")
         return True
 
-    def _grouped(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """conv applied to each group of x's channels with the same (shared) weights."""
-        return F.conv2d(x, conv.weight.repeat(self.groups, 1, 1, 1), conv.bias.repeat(self.groups),
-                        padding=conv.padding, groups=self.groups)
+    def _filtered(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, G, H, W): each group of x's k channels convolved (zero padding 1) with one k x 3 x 3
+        filter, the same for every group, plus a scalar bias."""
+        b, _, h, w = x.shape
+        if torch.compiler.is_compiling():
+            # No convolution for the compiler to re-lay x out for: the 9 taps' channel sums, then the
+            # shifted maps added, which it fuses with the steps around them.
+            taps = torch.einsum("cij,bgchw->bgijhw", weight, x.unflatten(1, (self.groups, -1)))
+            taps = F.pad(taps, (1, 1, 1, 1))
+            return sum(taps[:, :, i, j, i:i + h, j:j + w] for i in range(3) for j in range(3)) + bias
+        if x.is_contiguous():  # the groups fold into the batch as a view: one plain convolution (CPUs
+            # run it about 3x faster than the grouped one)
+            return F.conv2d(x.view(b * self.groups, -1, h, w), weight[None], bias[None], padding=1).view(b, -1, h, w)
+        return F.conv2d(x, weight.repeat(self.groups, 1, 1, 1), bias.repeat(self.groups), padding=1, groups=self.groups)
+
+
+def window_sums(x: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+    """(B, C, 3, 3): for each tap (di, dj) of a 3x3 convolution with zero padding, each channel's sum
+    over the pixels that tap reads, from x (B, C, H, W) and its row sums (B, C, H). Tap -1 never
+    reads the last row or column, tap +1 never the first: columns first, then rows."""
+    by_column_tap = torch.stack([row_sums - x[..., -1], row_sums, row_sums - x[..., 0]], dim=-1)  # (B, C, H, 3)
+    total = by_column_tap.sum(2)
+    return torch.stack([total - by_column_tap[:, :, -1], total, total - by_column_tap[:, :, 0]], dim=2)
 
 
 class FoldedEMA(EMA):
@@ -111,8 +150,8 @@ class FoldedEMA(EMA):
     adaptive pools, a sigmoid per strip, two matmuls and an add. The reference that EMA is tested
     against and timed beside (it copies a channels_last input in its first reshape). Always PyTorch."""
 
-    def __init__(self, channels: int, factor: int = 32):
-        super().__init__(channels, factor, fused=False)
+    def __init__(self, channels: int, factor: int = 32, *, device=None, dtype=None):
+        super().__init__(channels, factor, fused=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

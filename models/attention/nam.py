@@ -11,11 +11,11 @@ class NAM(nn.Module):
     """BN(C); each channel scaled by |gamma_i| / sum|gamma| (detached, as upstream reads `.data`);
     sigmoid gate on the input: 2C parameters."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, device=None, dtype=None):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"NAM needs a positive number of channels; got channels={channels}")
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = nn.BatchNorm2d(channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gamma = self.bn2.weight.detach().abs()

@@ -12,7 +12,7 @@ class ShuffleAttention(nn.Module):
     """x viewed as (B*G, C/G, H, W); one half of each group gets a channel gate, the other a spatial
     gate; halves concatenated, then a channel shuffle with 2 groups: 3C/G parameters."""
 
-    def __init__(self, channels: int, groups: int | None = None):
+    def __init__(self, channels: int, groups: int | None = None, *, device=None, dtype=None):
         """groups=None: the paper's G = 64 where the width allows it (a multiple of 128: every
         ResNet50/101 block). Not in the paper: elsewhere (ResNet18/34's 64-wide stage, MobileNetV2's
         expanded widths) the largest G below 64 that divides the width into halves, e.g. 32 for 64
@@ -28,11 +28,12 @@ class ShuffleAttention(nn.Module):
                              f"got channels={channels}, groups={groups}")
         self.groups = groups
         half = channels // (2 * groups)
-        self.cweight = nn.Parameter(torch.zeros(1, half, 1, 1))
-        self.cbias = nn.Parameter(torch.ones(1, half, 1, 1))
-        self.sweight = nn.Parameter(torch.zeros(1, half, 1, 1))
-        self.sbias = nn.Parameter(torch.ones(1, half, 1, 1))
-        self.gn = nn.GroupNorm(half, half)
+        factory = dict(device=device, dtype=dtype)
+        self.cweight = nn.Parameter(torch.zeros(1, half, 1, 1, **factory))
+        self.cbias = nn.Parameter(torch.ones(1, half, 1, 1, **factory))
+        self.sweight = nn.Parameter(torch.zeros(1, half, 1, 1, **factory))
+        self.sbias = nn.Parameter(torch.ones(1, half, 1, 1, **factory))
+        self.gn = nn.GroupNorm(half, half, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="time instead the trainer's default configuration for every row reproduce.py trains, "
                         "with the GPU-hours of the whole table")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row for --table-rows' total (default 3)")
+    p.add_argument("--ema-alone", action="store_true",
+                   help="only EMA against the authors' formulation (FoldedEMA), over the network's EMA shapes at "
+                        "batch 16 in fp32, eager and compiled: a minute or two on the CPU")
     p.add_argument("--profile", action="store_true",
                    help="after timing each configuration, print its top operations by device time (3 steps)")
     args = p.parse_args(argv)
@@ -244,19 +247,34 @@ def graph_breaks(model: nn.Module, images: torch.Tensor, speed: training.SpeedSe
     return explanation.graph_count, explanation.graph_break_count, (reasons[0] if reasons else None)
 
 
-def ema_comparison(device, batch: int, repeats: int, memory_format):
-    """Forward + backward of one EMA at ResNet50's first-stage shape: ours against upstream's ops."""
-    x = torch.randn(batch, 256, 32, 32, device=device).contiguous(memory_format=memory_format).requires_grad_()
-    results = {}
-    for name, cls in (("ours", EMA), ("upstream", FoldedEMA)):
+EMA_BATCH = 16  # EMA against the authors': small, so that compiling every shape takes a minute on a CPU
+
+
+def ema_comparison(device, shape, compiled: bool, rounds: int) -> dict:
+    """Milliseconds of one forward + backward of EMA and of FoldedEMA (the authors' formulation) on an
+    fp32 input of `shape`, with the same weights: the two timed in alternation, each round's time the
+    mean of two calls, the fastest round kept (a shared CPU's noise only ever adds time)."""
+    torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    steps = {}
+    for name, cls in (("ours", EMA), ("authors", FoldedEMA)):
         torch.manual_seed(0)
-        module = cls(256).to(device)
-        with OpCounter() as counter:
-            out = module(x)
-        out.sum().backward()
-        _, seconds = timed(lambda: module(x).sum().backward(), device, 2, repeats)
-        results[name] = (seconds * 1e3, counter.count)
-    return results
+        module = cls(shape[1]).to(device)
+        run = torch.compile(module, dynamic=False) if compiled else module
+
+        def step(module=module, run=run):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            run(x).backward(grad)
+
+        timed(step, device, 2, 1)
+        steps[name] = step
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], timed(step, device, 0, 2)[1] * 1e3)
+    return best
 
 
 def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
@@ -365,6 +383,8 @@ def main(argv=None) -> int:
 
 def benchmark(args):
     device = utils.default_device()
+    if args.ema_alone:
+        return print_ema_comparison(args, device)
     if args.table_rows:
         return time_table_rows(args, device)
     if "graphs-deterministic" in args.configs:  # read when cuBLAS starts, before any configuration runs
@@ -382,7 +402,8 @@ def benchmark(args):
              "device": loaders.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
     configs = configurations(device, args)
 
-    mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES))
+    # What runs (EMA's 3x3 branch by algebra), for the utilization; params.py counts the paper's way.
+    mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES), executed=True)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"{args.net} + {args.att}: {mflops:.0f} forward MFLOPs per image; batch {args.b}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; {source}")
@@ -513,13 +534,26 @@ def print_ema_as_trained(args, device, configs, rates):
 
 
 def print_ema_comparison(args, device):
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        ema = ema_comparison(device, args.b, max(args.steps, 3), memory_format)
-        layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
-        print(f"\nEMA alone, eager fp32, forward + backward, input ({args.b}, 256, 32, 32) {layout}:")
-        for name, (ms, ops) in ema.items():
-            print(f"  {name:<9} {ms:8.2f} ms   {ops:3d} ATen ops in the forward")
-        print(f"  upstream / ours: {ema['upstream'][0] / ema['ours'][0]:.2f}x time")
+    """EMA alone against the authors' formulation, summed over the network's EMA modules: what the
+    algebra of docs/reference.md 2.2 saves, eager and compiled."""
+    shapes = ema_shapes(args.net)
+    modules = sum(count for _, count in shapes)
+    # Compiling every shape twice takes minutes on a CPU: there, with --ema-alone only.
+    for compiled in (False, True) if device.type == "cuda" or args.ema_alone else (False,):
+        print(f"\nEMA alone against the authors' formulation (FoldedEMA), {'compiled' if compiled else 'eager'}, "
+              f"fp32, forward + backward, batch {EMA_BATCH}, {args.net}'s {modules} modules:")
+        totals = {"ours": 0.0, "authors": 0.0}
+        for (c, h, w), count in shapes:
+            ms = ema_comparison(device, (EMA_BATCH, c, h, w), compiled, max(args.steps, 3))
+            for name in totals:
+                totals[name] += count * ms[name]
+            print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} {'module ' if count == 1 else 'modules'}  "
+                  f"ours {ms['ours']:8.2f} ms   authors {ms['authors']:8.2f} ms   {ms['authors'] / ms['ours']:5.2f}x")
+        print(f"  all {modules} modules: ours {totals['ours']:.1f} ms, authors {totals['authors']:.1f} ms: "
+              f"{totals['authors'] / totals['ours']:.2f}x")
+        print(f"  result: EMA alone | {'compiled' if compiled else 'eager'} | {args.net} x {modules} | batch "
+              f"{EMA_BATCH} | authors/ours {totals['authors'] / totals['ours']:.2f}x | {device_name(device)} | "
+              f"commit {commit()}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Model registry, ``create_model(net, attention=None, num_classes=100, stages=ALL_STAGES)``,
 ``model_of(recorded arguments)``, and the parameter and FLOP counts of a model."""
+import types
 from typing import Optional
 
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conf import settings
-from models.attention import ATTENTIONS
+from models.attention import ATTENTIONS, EMA
+from models.attention.ema import FoldedEMA
 from models.mobilenetv2 import MobileNetV2
 from models.resnet import RESNETS, ResNet, resnet
 
@@ -86,14 +88,24 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE) -> float:
+def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE, executed: bool = False) -> float:
     """Forward MFLOPs for one image, as torch.utils.flop_counter counts them (convolutions and matrix
-    products, a multiply-add = 2 FLOPs; element-wise work, pooling and normalization not counted)."""
+    products, a multiply-add = 2 FLOPs; element-wise work, pooling and normalization not counted).
+    EMA is counted as the authors' formulation runs it (FoldedEMA: its k -> k 3x3 convolution), as
+    the paper's table counts it; executed=True counts what this repo's EMA runs (docs/reference.md,
+    2.2 EMA: the 3x3 branch by algebra)."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     image = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
-    with FlopCounterMode(display=False) as counter:
-        model(image)
-    model.train(was_training)
+    emas = [] if executed else [m for m in model.modules() if isinstance(m, EMA) and not isinstance(m, FoldedEMA)]
+    for ema in emas:
+        ema.forward = types.MethodType(FoldedEMA.forward, ema)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(image)
+    finally:
+        for ema in emas:
+            del ema.forward
+        model.train(was_training)
     return counter.get_total_flops() / 1e6

@@ -154,6 +154,33 @@ def relative_errors(module, reference, x, grad):
     return [((got.double() - want).norm() / want.norm()).item() for got, want in zip(*results)]
 
 
+@pytest.mark.parametrize("amp, tolerance", [(None, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", RESNET50_EMA_INPUTS)
+def test_compiled_ema_against_the_authors_in_float64(shape, amp, tolerance):
+    """EMA's PyTorch path as the trainer runs it on CUDA (torch.compile, autocast): its 3x3 branch by
+    algebra, nine tap sums compiled by Inductor, against the authors' formulation in float64."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ema = models.attention.EMA(shape[0], fused=False).cuda()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_(0, 0.5)
+    reference = FoldedEMA(shape[0]).cuda().double()
+    reference.load_state_dict(ema.state_dict())
+    x = torch.randn(8, *shape, device="cuda", requires_grad=True)
+    grad = torch.randn_like(x)
+    with torch.autocast("cuda", amp or torch.float32, enabled=amp is not None):
+        out = torch.compile(ema, dynamic=False)(x)
+    out.backward(grad.to(out.dtype))
+    x64 = x.detach().double().requires_grad_()
+    want = reference(x64)
+    want.backward(grad.double())
+    got = [out, x.grad] + [p.grad for p in ema.parameters()]
+    wanted = [want, x64.grad] + [p.grad for p in reference.parameters()]
+    errors = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, wanted)]
+    assert max(errors) <= tolerance, errors
+
+
 @fused_needs_triton
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", RESNET50_EMA_INPUTS)

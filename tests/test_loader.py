@@ -194,9 +194,26 @@ def test_benchmark_prints_every_part(capsys):
                  "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
                  "Self CPU time total", "EMA alone as trained (", "contiguous, eager), forward + backward, batch 4",
                  "input (32, 32, 32)    x  1 module", "input (256, 4, 4)     x  1 module",
-                 "all 4 modules:", "the eager training step above:"):
+                 "all 4 modules:", "the eager training step above:",
+                 "EMA alone against the authors' formulation (FoldedEMA), eager, fp32, forward + backward, batch 16",
+                 f"result: EMA alone | eager | {NET} x 4 | batch 16 | authors/ours "):
         assert line in out, out
+    assert "compiled, fp32" not in out  # on the CPU, with --ema-alone only
     assert f"result: {NET} + ema | classic | batch 4 | " in out and "images/s | " in out and " | commit " in out
+
+
+def test_benchmark_ema_alone_eager_and_compiled(capsys, monkeypatch):
+    """--ema-alone: EMA against the authors' formulation, eager and compiled (here traced with the
+    aot_eager backend: the graphs without Inductor's minutes of C++)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile(module, **{**kw, "backend": "aot_eager"}))
+    assert benchmark.main(["-net", NET, "--ema-alone", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("eager", "compiled"):
+        assert f"EMA alone against the authors' formulation (FoldedEMA), {mode}, fp32" in out, out
+        assert f"result: EMA alone | {mode} | {NET} x 4 | batch 16 | authors/ours " in out, out
+    assert out.count("input (256, 4, 4)     x  1 module   ours ") == 2
+    assert "training (images/s" not in out  # nothing else
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

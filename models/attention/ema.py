@@ -92,7 +92,7 @@ class EMA(nn.Module):
         a2 = (x2_means / (h * w) + b3).softmax(-1)
         # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, summed over
         # a group's k channels. a1ᵀ·x2 is x convolved with the one filter a1ᵀ·W3 (k -> 1), plus a1·b3.
-        a1_x2 = self._filtered(x, torch.einsum("o,ocij->cij", a1, w3), a1 @ b3)
+        a1_x2 = SharedFilter.apply(x.unflatten(1, (g, -1)), torch.einsum("o,ocij->cij", a1, w3)) + a1 @ b3
         weights = a1_x2.to(x1.dtype) + (a2.to(x1.dtype)[..., None, None] * x1.unflatten(1, (g, -1))).sum(2)
         # 7. Gate: each group's k channels times sigmoid of its weights. In x's dtype, so that under
         # autocast the output keeps the input's bf16/fp16 as the authors' does (their matmuls run in it).
@@ -120,20 +120,53 @@ class EMA(nn.Module):
             raise ValueError(f"EMA(fused=True) cannot run on this input: {why}")
         return True
 
-    def _filtered(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(B, G, H, W): each group of x's k channels convolved (zero padding 1) with one k x 3 x 3
-        filter, the same for every group, plus a scalar bias."""
-        b, _, h, w = x.shape
-        if torch.compiler.is_compiling():
-            # No convolution for the compiler to re-lay x out for: the 9 taps' channel sums, then the
-            # shifted maps added, which it fuses with the steps around them.
-            taps = torch.einsum("cij,bgchw->bgijhw", weight, x.unflatten(1, (self.groups, -1)))
-            taps = F.pad(taps, (1, 1, 1, 1))
-            return sum(taps[:, :, i, j, i:i + h, j:j + w] for i in range(3) for j in range(3)) + bias
-        if x.is_contiguous():  # the groups fold into the batch as a view: one plain convolution (CPUs
-            # run it about 3x faster than the grouped one)
-            return F.conv2d(x.view(b * self.groups, -1, h, w), weight[None], bias[None], padding=1).view(b, -1, h, w)
-        return F.conv2d(x, weight.repeat(self.groups, 1, 1, 1), bias.repeat(self.groups), padding=1, groups=self.groups)
+class SharedFilter(torch.autograd.Function):
+    """(B, G, k, H, W), (k, 3, 3) -> (B, G, H, W): each group's k maps convolved (zero padding 1) with
+    one filter, the same for every group, as nine taps: each tap's sum over the k channels (a matrix
+    product in x's layout, no copy of x), shifted by the tap and added. No convolution: a k -> 1 one
+    runs slowly on CPUs, and under torch.compile it makes the compiler re-lay x out. The backward is
+    written out the same way (a shifted sum's gradient is the shifted gradient): autograd's own,
+    through the padding and the slices, compiles to a slow kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        h, w = x.shape[-2:]
+        taps = F.pad(channel_product(weight.flatten(1).T, x), (1, 1, 1, 1))  # (B, G, 9, H + 2, W + 2)
+        return sum(taps[:, :, 3 * i + j, i:i + h, j:j + w] for i in range(3) for j in range(3))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        # In the gradient's dtype: under autocast the forward ran in bf16/fp16, and the backward runs
+        # outside autocast.
+        x_, weight_ = x.to(grad.dtype), weight.to(grad.dtype)
+        h, w = x.shape[-2:]
+        padded = F.pad(grad, (1, 1, 1, 1))
+        # (B, G, 9, H, W): the gradient that each tap's map received, where that tap read x.
+        slices = [padded[..., 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
+        if x.is_contiguous():
+            shifted = torch.stack(slices, 2)
+        else:  # in x's channels_last layout: (B, H, W, G, 9) in memory
+            shifted = torch.stack([s.permute(0, 2, 3, 1) for s in slices], -1).permute(0, 3, 4, 1, 2)
+        grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype)
+        return grad_x, channel_sums(x_, shifted).view_as(weight).to(weight.dtype)
+
+
+def channel_product(matrix: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """(m, n) applied to the channel axis of maps (B, G, n, H, W) -> (B, G, m, H, W), in maps' layout
+    (contiguous, or channels_last's (B, H, W, G, n) in memory) without copying them."""
+    if maps.is_contiguous():
+        return (matrix.expand(*maps.shape[:2], -1, -1) @ maps.flatten(3)).unflatten(3, maps.shape[-2:])
+    return (maps.permute(0, 3, 4, 1, 2) @ matrix.T).permute(0, 3, 4, 1, 2)
+
+
+def channel_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(m, n): Σ a[..., i, h, w]·b[..., j, h, w] over batch, groups and positions, for a (B, G, m, H, W)
+    and b (B, G, n, H, W) in the same layout, without copying them."""
+    if a.is_contiguous():
+        return (a.flatten(3) @ b.flatten(3).mT).sum((0, 1))
+    return a.permute(0, 3, 4, 1, 2).flatten(0, 3).T @ b.permute(0, 3, 4, 1, 2).flatten(0, 3)
 
 
 def window_sums(x: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:

@@ -182,8 +182,8 @@ def test_ema_equals_the_authors_formulation(shape, memory_format):
 @pytest.mark.parametrize("shape", [(2, 64, 5, 9, 32), (2, 64, 1, 1, 32), (1, 64, 6, 1, 8)],
                          ids=["5x9", "1x1", "6x1"])
 def test_ema_as_compiled_equals_the_authors_formulation(shape):
-    """Under torch.compile the k -> 1 convolution runs as nine tap sums (EMA._filtered): traced by
-    dynamo and AOTAutograd (backend aot_eager: the graphs the compiler gets, without its C++ build),
+    """Under torch.compile the k -> 1 filter's tap sums (SharedFilter) are traced by dynamo and
+    AOTAutograd (backend aot_eager: the graphs the compiler gets, without its C++ build),
     in one graph with no break, and exact."""
     torch._dynamo.reset()
     explained = []
@@ -225,15 +225,22 @@ def test_ema_never_makes_the_3x3_branch():
     assert counts["EMA"] < counts["FoldedEMA"], counts
 
 
-def test_ema_py_works_copied_alone(tmp_path):
-    """models/attention/ema.py in a folder of its own (another project): it imports, runs and
-    equals the repo's EMA; the fused kernels are absent, and asking for them says so."""
+@pytest.mark.parametrize("with_kernels", [False, True], ids=["alone", "with-ema_fused"])
+def test_ema_py_works_copied_into_another_project(tmp_path, with_kernels):
+    """models/attention/ema.py in a folder of another project's (which has a `models` package of its
+    own): it imports, runs and equals the repo's EMA; with ema_fused.py beside it, the kernels are
+    found (fused=True then asks for Triton's interpreter on the CPU), without it fused=True says so."""
     import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    shutil.copy(Path(__file__).resolve().parents[1] / "models" / "attention" / "ema.py", tmp_path)
+    attention = Path(__file__).resolve().parents[1] / "models" / "attention"
+    shutil.copy(attention / "ema.py", tmp_path)
+    if with_kernels:
+        shutil.copy(attention / "ema_fused.py", tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the other project models')\n")
     script = (
         "import torch, ema\n"
         "m = ema.EMA(64)\n"
@@ -247,8 +254,41 @@ def test_ema_py_works_copied_alone(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           env={"PATH": "", "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr
-    assert "ema_fused.py" in done.stdout
+    missing = "needs ema_fused.py beside ema.py"
+    assert (missing in done.stdout) != with_kernels, done.stdout
+    if with_kernels:
+        assert "Triton's interpreter" in done.stdout or "Triton is not installed" in done.stdout, done.stdout
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours(x), rtol=0, atol=0)
+
+
+def test_ema_under_torch_func_and_torchscript():
+    """Per-sample gradients (vmap of grad) and second derivatives (a Hessian-vector product by double
+    backward) through EMA equal the authors' formulation's; a traced EMA saves and loads."""
+    import io
+
+    from torch.func import functional_call, grad, vmap
+
+    ours = randomized_ema(64, 32)
+    folded = FoldedEMA(64, 32).double()
+    folded.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 64, 5, 4, dtype=torch.float64)
+
+    def per_sample_grads(module):
+        def loss(params, image):
+            return functional_call(module, params, (image[None],)).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0))(dict(module.named_parameters()), x)
+
+    got, want = per_sample_grads(ours), per_sample_grads(folded)
+    for name in want:
+        assert relative_error(got[name], want[name]) < 1e-12, name
+    vector = torch.randn_like(x)
+    hvps = [torch.autograd.functional.hvp(lambda t: module(t).square().sum(), x, vector)[1] for module in (ours, folded)]
+    assert relative_error(*hvps) < 1e-12
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(ours, x), buffer)
+    buffer.seek(0)
+    assert relative_error(torch.jit.load(buffer)(x), folded(x)) < 1e-12
 
 
 def test_spatial_gate_is_the_authors_gate():

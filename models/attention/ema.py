@@ -22,12 +22,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-try:  # the optional Triton kernels; this file copied alone into another project runs without them
-    import models.attention.ema_fused as ema_fused
-except ModuleNotFoundError as missing:
-    if missing.name not in ("models", "models.attention", "models.attention.ema_fused"):
-        raise
-    ema_fused = None
+try:  # the optional Triton kernels, ema_fused.py beside this file
+    from . import ema_fused
+except ImportError:
+    try:  # this file copied alone, as a top-level module
+        import ema_fused
+    except ModuleNotFoundError as missing:
+        if missing.name != "ema_fused":
+            raise
+        ema_fused = None
 
 
 class EMA(nn.Module):
@@ -92,7 +95,9 @@ class EMA(nn.Module):
         a2 = (x2_means / (h * w) + b3).softmax(-1)
         # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, summed over
         # a group's k channels. a1ᵀ·x2 is x convolved with the one filter a1ᵀ·W3 (k -> 1), plus a1·b3.
-        a1_x2 = SharedFilter.apply(x.unflatten(1, (g, -1)), torch.einsum("o,ocij->cij", a1, w3)) + a1 @ b3
+        # (TorchScript cannot save a Python Function: traced, autograd's own backward of the same sums.)
+        filtered = tap_sums if torch.jit.is_tracing() else SharedFilter.apply
+        a1_x2 = filtered(x.unflatten(1, (g, -1)), torch.einsum("o,ocij->cij", a1, w3)) + a1 @ b3
         weights = a1_x2.to(x1.dtype) + (a2.to(x1.dtype)[..., None, None] * x1.unflatten(1, (g, -1))).sum(2)
         # 7. Gate: each group's k channels times sigmoid of its weights. In x's dtype, so that under
         # autocast the output keeps the input's bf16/fp16 as the authors' does (their matmuls run in it).
@@ -111,7 +116,7 @@ class EMA(nn.Module):
             return False
         if ema_fused is None:
             if self.fused:
-                raise ValueError("EMA(fused=True) needs models/attention/ema_fused.py, which is not here")
+                raise ValueError("EMA(fused=True) needs ema_fused.py beside ema.py, which is not there")
             return False
         if self.fused is None:
             return x.is_cuda and ema_fused.ON_CUDA_BY_DEFAULT and ema_fused.unsupported(x, self.groups) is None
@@ -126,14 +131,18 @@ class SharedFilter(torch.autograd.Function):
     product in x's layout, no copy of x), shifted by the tap and added. No convolution: a k -> 1 one
     runs slowly on CPUs, and under torch.compile it makes the compiler re-lay x out. The backward is
     written out the same way (a shifted sum's gradient is the shifted gradient): autograd's own,
-    through the padding and the slices, compiles to a slow kernel."""
+    through the padding and the slices, compiles to a slow kernel. torch.func's vmap and grad work
+    through it; forward-mode AD (jvp) does not: a custom jvp would break torch.compile's graph."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        h, w = x.shape[-2:]
-        taps = F.pad(channel_product(weight.flatten(1).T, x), (1, 1, 1, 1))  # (B, G, 9, H + 2, W + 2)
-        return sum(taps[:, :, 3 * i + j, i:i + h, j:j + w] for i in range(3) for j in range(3))
+    def forward(x, weight):
+        return tap_sums(x, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -143,14 +152,21 @@ class SharedFilter(torch.autograd.Function):
         x_, weight_ = x.to(grad.dtype), weight.to(grad.dtype)
         h, w = x.shape[-2:]
         padded = F.pad(grad, (1, 1, 1, 1))
-        # (B, G, 9, H, W): the gradient that each tap's map received, where that tap read x.
         slices = [padded[..., 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
-        if x.is_contiguous():
+        if x.is_contiguous():  # (B, G, 9, H, W): the gradient each tap's map received, where it read x
             shifted = torch.stack(slices, 2)
         else:  # in x's channels_last layout: (B, H, W, G, 9) in memory
             shifted = torch.stack([s.permute(0, 2, 3, 1) for s in slices], -1).permute(0, 3, 4, 1, 2)
-        grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype)
-        return grad_x, channel_sums(x_, shifted).view_as(weight).to(weight.dtype)
+        grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = channel_sums(x_, shifted).view_as(weight).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def tap_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SharedFilter's forward: x (B, G, k, H, W) through one (k, 3, 3) filter, zero padding 1."""
+    h, w = x.shape[-2:]
+    taps = F.pad(channel_product(weight.flatten(1).T, x), (1, 1, 1, 1))  # (B, G, 9, H + 2, W + 2)
+    return sum(taps[:, :, 3 * i + j, i:i + h, j:j + w] for i in range(3) for j in range(3))
 
 
 def channel_product(matrix: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

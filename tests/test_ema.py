@@ -261,6 +261,7 @@ def test_ema_py_works_copied_into_another_project(tmp_path, with_kernels):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours(x), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_ema_under_torch_func_and_torchscript():
     """Per-sample gradients (vmap of grad) and second derivatives (a Hessian-vector product by double
     backward) through EMA equal the authors' formulation's; a traced EMA saves and loads."""

@@ -283,7 +283,8 @@ def test_ema_under_torch_func_and_torchscript():
     for name in want:
         assert relative_error(got[name], want[name]) < 1e-12, name
     vector = torch.randn_like(x)
-    hvps = [torch.autograd.functional.hvp(lambda t: module(t).square().sum(), x, vector)[1] for module in (ours, folded)]
+    hvps = [torch.autograd.functional.hvp(lambda t: module(t).square().sum(), x, vector)[1]
+            for module in (ours, folded)]
     assert relative_error(*hvps) < 1e-12
 
     buffer = io.BytesIO()

@@ -125,6 +125,7 @@ class EMA(nn.Module):
             raise ValueError(f"EMA(fused=True) cannot run on this input: {why}")
         return True
 
+
 class SharedFilter(torch.autograd.Function):
     """(B, G, k, H, W), (k, 3, 3) -> (B, G, H, W): each group's k maps convolved (zero padding 1) with
     one filter, the same for every group, as nine taps: each tap's sum over the k channels (a matrix
@@ -157,8 +158,11 @@ class SharedFilter(torch.autograd.Function):
             shifted = torch.stack(slices, 2)
         else:  # in x's channels_last layout: (B, H, W, G, 9) in memory
             shifted = torch.stack([s.permute(0, 2, 3, 1) for s in slices], -1).permute(0, 3, 4, 1, 2)
-        grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = channel_sums(x_, shifted).view_as(weight).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = channel_sums(x_, shifted).view_as(weight).to(weight.dtype)
         return grad_x, grad_weight
 
 
@@ -189,7 +193,8 @@ def window_sums(x: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
     """(B, C, 3, 3): for each tap (di, dj) of a 3x3 convolution with zero padding, each channel's sum
     over the pixels that tap reads, from x (B, C, H, W) and its row sums (B, C, H). Tap -1 never
     reads the last row or column, tap +1 never the first: columns first, then rows."""
-    by_column_tap = torch.stack([row_sums - x[..., -1], row_sums, row_sums - x[..., 0]], dim=-1)  # (B, C, H, 3)
+    # (B, C, H, 3): each row's sum over the columns that tap dj = -1, 0, +1 reads
+    by_column_tap = torch.stack([row_sums - x[..., -1], row_sums, row_sums - x[..., 0]], dim=-1)
     total = by_column_tap.sum(2)
     return torch.stack([total - by_column_tap[:, :, -1], total, total - by_column_tap[:, :, 0]], dim=2)
 

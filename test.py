@@ -57,6 +57,7 @@ def test(args):
     loader = loaders.make_loader("device", dataset, args.b, run_data.recipe_of(saved), speed.device, train=False)
     stats = training.evaluate(model, loader, speed)
     total, no_norm = models.count_parameters(model)
+    mflops = models.count_mflops(model)
 
     n = checkpoint["epoch"]
     epochs = "" if n is None else f", after {n} epoch{'s' if n != 1 else ''}"
@@ -66,15 +67,14 @@ def test(args):
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
           f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")
     print(f"parameters {total:,} (all), {no_norm:,} (without BatchNorm/GroupNorm); "
-          f"{models.count_mflops(model):.1f} MFLOPs per 32x32 image" + executed_note(model))
+          f"{mflops:.1f} MFLOPs per 32x32 image" + executed_note(model, mflops))
     return stats
 
 
-def executed_note(model) -> str:
-    """Beside the MFLOPs counted as the paper counts them (EMA as its authors compute it), once, what
+def executed_note(model, counted: float) -> str:
+    """Beside the MFLOPs `counted` as the paper counts them (EMA as its authors compute it), once, what
     this repo's EMA runs: its 3x3 branch by algebra (docs/reference.md, 2.2 EMA)."""
     executed = models.count_mflops(model, executed=True)
-    counted = models.count_mflops(model)
     return f" (EMA as its authors compute it; this repo's EMA runs {executed:.1f})" if executed != counted else ""
 
 

@@ -98,7 +98,7 @@ def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE, execut
     model.eval()
     param = next(model.parameters())
     image = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
-    emas = [] if executed else [m for m in model.modules() if isinstance(m, EMA) and not isinstance(m, FoldedEMA)]
+    emas = [] if executed else [m for m in model.modules() if isinstance(m, EMA)]
     for ema in emas:
         ema.forward = types.MethodType(FoldedEMA.forward, ema)
     try:

@@ -2,7 +2,7 @@
 
     python benchmark.py -net resnet50 -att ema
 
-Configurations (--configs), each training with the trainer's own step (training.train_step):
+Configurations (--configs), each training with the trainer's own step (engine.train_step):
   classic      torchvision transforms in a DataLoader with --workers, fp32, contiguous, eager
   eager        data on the device with batched augmentation (--loader device), autocast, eager
   compiled     the same, torch.compile'd
@@ -35,21 +35,15 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import cifar
-import cli
-import loaders
 import models
-import training
 import utils
 from conf import settings
-from models.attention import EMA
-from models.attention import ema_fused
+from models.attention import EMA, ema_fused
 from models.attention.ema import FoldedEMA
+from training import cifar, cli, engine, loaders, options, recipes
+from training.speed import HostSyncCounter, OpCounter, SpeedSettings, graph_breaks, native_cpu_bf16
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
 GPU_PEAK_FLOPS = {
@@ -152,10 +146,10 @@ def data_rate(loader, device, batches: int) -> float:
 
 
 class StepRunner:
-    """The trainer's per-step work (training.train_step, the LR schedule, the running totals) for one
+    """The trainer's per-step work (engine.train_step, the LR schedule, the running totals) for one
     configuration, on a fresh model."""
 
-    def __init__(self, args, loader, speed: training.SpeedSettings, fused_ema: bool = False):
+    def __init__(self, args, loader, speed: SpeedSettings, fused_ema: bool = False):
         torch.manual_seed(0)
         torch._dynamo.reset()  # each configuration compiles (and times its warm-up) on its own
         self.speed = speed
@@ -166,16 +160,18 @@ class StepRunner:
         self.model.to(speed.device, memory_format=speed.memory_format)
         speed.enable_fast_kernels()
         self.step_model = speed.compiled(self.model)
-        self.optimizer = training.make_optimizer(self.model, 0.01, speed.device)
+        self.optimizer = recipes.make_optimizer(self.model, 0.01, speed.device)
+        self.loss = recipes.loss_function(self.model, options.NEW_RUN_DEFAULTS)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.scaler = speed.grad_scaler()
-        self.totals = training.RunningTotals(speed.device)
+        self.totals = engine.RunningTotals(speed.device)
         self.stream = endless(loader)
 
     def step(self):
         images, labels = next(self.stream)
         images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
-        loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler, self.speed)
+        loss, hits = engine.train_step(self.step_model, images, labels, self.loss, self.optimizer,
+                                       self.scaler, self.speed)
         self.scheduler.step()
         self.totals.add(loss, hits, len(labels))
 
@@ -195,37 +191,6 @@ class StepRunner:
         return timed(self.step, self.speed.device, warmup, steps)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched (each one kernel launch or more on a GPU)."""
-
-    def __enter__(self):
-        self.count = 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class HostSyncCounter(TorchFunctionMode):
-    """Records the calls that make the host wait for the device: reading a value back (.item(),
-    .tolist(), bool(), ...) or building a tensor from Python values (torch.tensor(...), a copy to
-    the device). While `paused`, nothing is recorded."""
-
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
-    BUILDS = {torch.tensor, torch.as_tensor, torch.scalar_tensor}
-
-    def __enter__(self):
-        self.calls, self.paused = [], False
-        return super().__enter__()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.paused and (func in self.READS or func in self.BUILDS):
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def step_proxies(runner: StepRunner) -> tuple[int, float]:
     """(ATen ops in one eager training step, host synchronisations per step over three steps)."""
     runner.step()  # first-use work (workers, lazy initialisation) is not a step's
@@ -236,15 +201,6 @@ def step_proxies(runner: StepRunner) -> tuple[int, float]:
         for _ in range(steps):
             runner.step()
     return ops.count, len(syncs.calls) / steps
-
-
-def graph_breaks(model: nn.Module, images: torch.Tensor, speed: training.SpeedSettings):
-    """(graphs, graph breaks, first break reason) that torch.compile makes of the training forward."""
-    model.train()
-    with speed.autocast():
-        explanation = torch._dynamo.explain(model)(images)
-    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
-    return explanation.graph_count, explanation.graph_break_count, (reasons[0] if reasons else None)
 
 
 EMA_BATCH = 16  # EMA against the authors': small, so that compiling every shape takes a minute on a CPU
@@ -289,7 +245,7 @@ def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
     return list(shapes.items())
 
 
-def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int, fused: bool = False) -> float:
+def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int, fused: bool = False) -> float:
     """Milliseconds of one EMA's forward + backward on an input of `shape`, run the way the trainer
     runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast as
     a block's last BatchNorm hands it over."""
@@ -304,7 +260,7 @@ def ema_step_ms(shape, speed: training.SpeedSettings, warmup: int, repeats: int,
     grad = torch.randn_like(x)
 
     def forward_backward():
-        # Freed before each forward as in training.train_step: a gradient accumulated across replays
+        # Freed before each forward as in engine.train_step: a gradient accumulated across replays
         # would read a CUDA-graph output that the next replay overwrites.
         module.zero_grad(set_to_none=True)
         x.grad = None
@@ -339,16 +295,16 @@ def copy_bandwidth(device) -> float:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    bf16 = "native bf16 (AVX512-BF16/AMX)" if training.native_cpu_bf16() else "no native bf16"
+    bf16 = "native bf16 (AVX512-BF16/AMX)" if native_cpu_bf16() else "no native bf16"
     return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} threads, {bf16}")
 
 
 def configurations(device, args) -> dict:
-    fast = training.SpeedSettings.resolve(device, args.amp, channels_last=False, compile=False)
+    fast = SpeedSettings.resolve(device, args.amp, channels_last=False, compile=False)
     compiled = replace(fast, compile=True)
     return {
-        "classic": ("workers", training.SpeedSettings(device)),  # fp32, contiguous, eager
+        "classic": ("workers", SpeedSettings(device)),  # fp32, contiguous, eager
         "eager": ("device", fast),
         "compiled": ("device", compiled),
         "compiled-cl": ("device", replace(compiled, channels_last=True)),
@@ -359,7 +315,7 @@ def configurations(device, args) -> dict:
     }
 
 
-def describe(loader: str, speed: training.SpeedSettings) -> str:
+def describe(loader: str, speed: SpeedSettings) -> str:
     return f"{loader} loader, {speed.describe()}"
 
 
@@ -481,7 +437,7 @@ def time_table_rows(args, device, rows=settings.TRAINED_ROWS):
           f"{args.steps} timed steps per row; {source}\n\nthe table's rows, the trainer's defaults (images/s):")
     rates, hours = {}, 0.0
     for net, att in rows:
-        speed = training.SpeedSettings.resolve(device, args.amp, attention=att)
+        speed = SpeedSettings.resolve(device, args.amp, attention=att)
         loader = loaders.make_loader("device", dataset, args.b, recipe, device, True,
                                      generator=torch.Generator(device).manual_seed(0))
         runner = StepRunner(argparse.Namespace(**{**vars(args), "net": net, "att": att}), loader, speed)
@@ -502,7 +458,7 @@ def print_ema_as_trained(args, device, configs, rates):
     """An estimate of EMA's share of the training step: each of the network's EMA input shapes timed
     alone (compiled on its own, so without the fusions and launches it shares with its neighbours in
     the network), in the settings the trainer uses by default on this device."""
-    speed = training.SpeedSettings.resolve(device, args.amp, attention="ema")
+    speed = SpeedSettings.resolve(device, args.amp, attention="ema")
     fused = device.type == "cuda" and ema_fused.available()
     bandwidth = copy_bandwidth(device) if fused else None
     print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}"

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
-import cli
-import run_data
 from models.attention import EMA
+from training import checkpoints, cli, run_data
 from utils import UserError
 
 BATCHES = (1, 7)  # the batch sizes the file is checked at: one image, and an odd batch

@@ -14,12 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-import checkpoints
-import cli
-import loaders
-import pictures
-import run_data
 import utils
+from training import checkpoints, cli, loaders, pictures, run_data
 from utils import UserError
 
 

@@ -10,10 +10,17 @@ Both counts are shown, with the one that reproduces the paper's figure.
 import argparse
 
 from conf import settings
-import cli
-from models import ALL_STAGES, count_mflops, count_parameters, create_model, list_attentions, parse_stages
+from models import (
+    ALL_STAGES,
+    count_mflops,
+    count_parameters,
+    create_model,
+    list_attentions,
+    parse_stages,
+)
 from models.attention import ATTENTIONS, EMA
 from models.mobilenetv2 import MobileNetV2
+from training import cli
 
 NOTES = {
     "nam": "the paper counts the baseline: NAM's own BN (2C per block) is left out, the backbone's BN kept",
@@ -67,8 +74,7 @@ def imagenet_rows():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--att-stages", type=cli.att_stages, default=None, metavar="S,S",
-                   help="ResNet stages (1-4) whose blocks get the module (default all four, the paper's)")
+    cli.add_option(p, "att_stages")
     stages = parse_stages(p.parse_args(argv).att_stages)
     if stages != ALL_STAGES:
         print(f"The modules in the blocks of stage(s) {', '.join(map(str, stages))} only: the paper's figures "

@@ -15,8 +15,6 @@ another run (one of a campaign tried small: other epochs, subset, ...), is skipp
 saying why. Then `python table.py`.
 """
 import argparse
-import contextlib
-import io
 import os
 import queue
 import signal
@@ -26,10 +24,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import cli
-import run_records
-import utils
-from conf import run_options, settings
+from conf import settings
+from training import cli, options, run_records
+from training.stopping import STOP_SIGNALS, handled
 
 ROWS = settings.TRAINED_ROWS
 TRAINER = Path(__file__).resolve().parent / "train_cifar100.py"  # run from any folder
@@ -88,11 +85,11 @@ def run_state(folder: Path, planned: dict) -> str:
 def planned_identity(training: list[str], net: str, att: str, recipe: str) -> dict:
     """The identity values a job's command fixes (with the options passed on), and its --dataset, that a
     run folder's run must have to be this job's; the others the trainer resolves (precision, the files)."""
-    given = vars(cli.train_parser().parse_args(training + ["-net", net, "-att", att, "--recipe", recipe]))
-    given["epochs"] = given["epochs"] or settings.EPOCHS
-    given["warm"] = run_options.recipe_warm(given) if given["warm"] is None else given["warm"]
-    fixed = {key: given[key] for key in run_options.IDENTITY
-             if key in given and run_options.OPTIONS[key].resume in (run_options.KEPT, run_options.EXTENDS)}
+    typed = vars(cli.train_parser().parse_args(training + ["-net", net, "-att", att, "--recipe", recipe]))
+    given = {**options.NEW_RUN_DEFAULTS, **{key: value for key, value in typed.items() if value is not None}}
+    given["warm"] = options.recipe_warm(given) if given["warm"] is None else given["warm"]
+    fixed = {key: given[key] for key in options.IDENTITY
+             if key in given and options.OPTIONS[key].resume in (options.KEPT, options.EXTENDS)}
     return fixed | {"data_format": given["data_format"]}  # which --dataset: kept on resume, as the identity
 
 
@@ -119,7 +116,7 @@ def plan(args) -> list[Job]:
 
 # The exit codes of a job asked to stop: 128 + the signal where it handled it, minus the signal where
 # it was killed by it (a crash, e.g. SIGSEGV, is a failure like any other and the queue goes on).
-STOP_CODES = {code for sig in utils.STOP_SIGNALS for code in (128 + sig, -sig)}
+STOP_CODES = {code for sig in STOP_SIGNALS for code in (128 + sig, -sig)}
 
 
 def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
@@ -155,7 +152,7 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
             if code in STOP_CODES:  # start nothing more
                 stop.set()
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in utils.handled(utils.STOP_SIGNALS[1:])}  # nohup: ignored
+    previous = {sig: signal.signal(sig, pass_on) for sig in handled(STOP_SIGNALS[1:])}  # nohup: ignored
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()
@@ -173,24 +170,13 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
     return len(started), len(failed), (stopped_by or [0])[0]
 
 
-def check_training_options(p, options: list[str]) -> None:
+def check_training_options(p, passed: list[str]) -> None:
     """Options to pass through to every job: the training parser's, minus what each job sets itself;
     otherwise argparse's one line and exit 2."""
-    parser = cli.train_parser()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            given, unknown = parser.parse_known_args(options)
-    except SystemExit:
-        parser.prog = "reproduce.py (passed on to train_cifar100.py)"
-        parser.parse_known_args(options)  # the same error, now printed, and exit 2
-        raise
+    given, unknown = cli.train_parser(prog="reproduce.py (passed on to train_cifar100.py)").parse_known_args(passed)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    present = argparse.Namespace()
-    for action in parser._actions:  # a namespace of only what was given, even a default value
-        action.default = argparse.SUPPRESS
-    parser.parse_known_args(options, present)
-    own = [name for name in SET_PER_JOB if name in vars(present)]
+    own = [name for name in SET_PER_JOB if getattr(given, name) is not None]
     if own:
         p.error(f"reproduce.py sets {', '.join(own)} for each job itself; give -net/-att to pick rows")
 

@@ -5,7 +5,7 @@
     python table.py --delta 0.5     # the seeds line for a 0.5-point difference (default 0.3)
 
 Reads every checkpoint/<net>_<att>/<run>/metrics.csv with the run's args.json (run_records.py). A row holds
-the finished runs of one identity (everything that changes a result: conf/run_options.py), one per seed. Rows with the paper's
+the finished runs of one identity (everything that changes a result: training/options.py), one per seed. Rows with the paper's
 configuration make the table; the others are listed apart, labelled with what differs. Per row: final-epoch
 and best-epoch top-1/top-5 over the seeds (the paper picks the best epoch on the test set; the final one is
 the honest number), and the difference to the same net's baseline and EMA rows with a 95% Welch interval.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf import settings
-from run_records import Identity, Run, in_paper_rows, label, read_runs
+from training.run_records import Identity, Run, in_paper_rows, label, read_runs
 
 PAPER = {(net, att): (params, top1, top5) for net, att, params, top1, top5 in settings.PAPER_TABLE}
 NAMES = {"none": "", "ema": "EMA", "se": "SE", "cbam": "CBAM", "eca": "ECA", "sa": "SA", "nam": "NAM", "ca": "CA"}

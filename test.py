@@ -10,13 +10,10 @@ give both.
 import argparse
 import sys
 
-import checkpoints
-import cli
-import loaders
 import models
-import run_data
-import training
 import utils
+from training import checkpoints, cli, engine, loaders, run_data
+from training.speed import SpeedSettings
 from utils import UserError
 
 
@@ -51,11 +48,11 @@ def test(args):
     saved = checkpoint["args"]
     net, att = saved["net"], saved["att"]
     # One pass over the test set: compiling would cost more time than it saves.
-    speed = training.SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
+    speed = SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
     dataset = run_data.trained_on(saved, args.data)
     loader = loaders.make_loader("device", dataset, args.b, run_data.recipe_of(saved), speed.device, train=False)
-    stats = training.evaluate(model, loader, speed)
+    stats = engine.evaluate(model, loader, speed)
     total, no_norm = models.count_parameters(model)
     mflops = models.count_mflops(model)
 

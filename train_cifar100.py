@@ -7,43 +7,31 @@
 main() turns errors into exit codes, train() sets up a Trainer, Trainer.run() is the epoch loop:
 train_epoch() (a check every CHECK_EVERY steps), end_epoch() (test, log, save), finish() (the way out).
 The run's folder, checkpoint/<net>_<att>/<run>/ and runs/<net>_<att>/<run>/: run_folder.py. The step,
-evaluation and speed settings: training.py. What each option means to a run: conf/run_options.py.
+evaluation and speed settings: engine.py. What each option means to a run: conf/run_options.py.
 """
-import os
-import signal
 import sys
 
 if __name__ == "__main__":
-    # Loading torch takes seconds. A Ctrl-C, SIGTERM or SIGHUP meanwhile ends the script with one line and
-    # 128 + the signal (nothing is written yet), not a traceback or a silent kill; main() takes over.
-    # os._exit, not an exception: one raised inside a native module's initialisation can abort.
-    def stopped_while_loading(signum, frame):
-        print(f"{signal.Signals(signum).name}: stopped while loading; nothing was written", file=sys.stderr,
-              flush=True)
-        os._exit(128 + signum)
+    # torch takes seconds to load: a stop signal meanwhile ends the script with one line.
+    from training.stopping import StopSignals
+    STOPS = StopSignals().install()
 
-    handlers_before_loading = {sig: signal.signal(sig, stopped_while_loading)
-                               for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig
-                               and signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. a job started with &
-
-import cli
+from training import cli
 
 if __name__ == "__main__":
     cli.answer_help(cli.train_parser)  # before the imports below, which take seconds
 
 import math
+import signal
 import time
 
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import loaders
 import models
-import run_data
-import run_folder
-import training
 import utils
+from training import arguments, checkpoints, engine, loaders, recipes, run_data, run_folder
+from training.stopping import StopSignals
 from utils import UserError
 
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
@@ -52,65 +40,64 @@ CHECK_EVERY = 50
 ESTIMATE_AFTER = 6  # steps timed for the CPU's time estimate
 
 
-def main(argv=None) -> int:
-    args = cli.parse_train_args(argv)
+def main(argv=None, stops: StopSignals = None) -> int:
+    given = cli.parse_train_args(argv)
     processes = utils.Distributed.from_environment()
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
-    # Until the loop's StopRequest takes over, SIGTERM and SIGHUP stop as Ctrl-C does (a message,
-    # 128 + the signal), rather than killing the process silently.
-    previous = {sig: signal.signal(sig, run_folder.interrupt) for sig in run_folder.handled(run_folder.STOP_SIGNALS[1:])}
-    try:
-        return train(args, processes)
-    except training.Diverged as e:
-        print(f"\nerror{where}: {e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error{where}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # before training started, or a second stop signal
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"\n{signal.Signals(signum).name}{where}: stopped; the newest last.pth (if any) is from "
-              f"before it", file=sys.stderr)
-        return 128 + signum
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        processes.close()
+    with stops or StopSignals() as stops:
+        try:
+            return train(given, processes, stops)
+        except engine.Diverged as e:
+            print(f"\nerror{where}: {e}", file=sys.stderr)
+            return 1
+        except UserError as e:
+            print(f"error{where}: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # before training started, or a second stop signal
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"\n{signal.Signals(signum).name}{where}: stopped; the newest last.pth (if any) is "
+                  f"from before it", file=sys.stderr)
+            return 128 + signum
+        finally:
+            processes.close()
 
 
-def train(args, processes) -> int:
-    args, checkpoint = run_folder.resolve_resume(args)
-    run_folder.fill_defaults(args)
-    trainer = Trainer(args, processes, checkpoint)
-    if run_folder.finished_already(args, trainer.epoch, trainer.step, len(trainer.train_data), processes.main):
+def train(given, processes, stops: StopSignals) -> int:
+    trainer = Trainer(given, processes)
+    if run_folder.finished_already(trainer.args, trainer.epoch, trainer.step, len(trainer.train_data),
+                                   processes.main):
         return 0
     trainer.open_outputs()
-    with run_folder.StopRequest(announce=processes.main) as stop:
+    with stops.training(announce=processes.main) as stop:
         return trainer.run(stop)
 
 
 class Trainer:
     """One run: set up from the arguments (and the checkpoint being resumed), then epoch after epoch."""
 
-    def __init__(self, args, processes, checkpoint):
-        self.args, self.processes, self.checkpoint, self.out = args, processes, checkpoint, None
+    def __init__(self, given, processes):
+        self.processes, self.out = processes, None
         device = processes.start()
+        run = arguments.settle(given, device, processes.world)
         # The notes are printed once the run folder is open.
-        self.speed, self.notes = training.resolve_device_options(args, device, processes)
+        self.args, self.speed, self.checkpoint, self.notes = run.args, run.speed, run.checkpoint, run.notes
+        args, checkpoint = self.args, self.checkpoint
         self.data = run_data.training_data(args, device, processes, self.notes)
+        arguments.with_data(run, self.data.facts, device.type, processes.world)
         self.train_data, self.test_data, self.recipe = self.data.train, self.data.test, self.data.recipe
-        self.model, self.step_model, self.eval_model, self.penalty = training.build_model(
-            args, self.recipe, self.speed, processes, self.notes)
-        self.optimizer = training.make_optimizer(self.model, args.lr, device)
+        self.model = recipes.build_model(args, self.recipe, device, self.speed.memory_format,
+                                         processes.enabled, self.notes)
+        self.step_model, self.eval_model = self.speed.wrapped(self.model, processes)
+        self.loss = recipes.loss_function(self.model, vars(args))
+        self.optimizer = recipes.make_optimizer(self.model, args.lr, device)
         self.scaler = self.speed.grad_scaler()
-        self.scheduler = training.lr_schedule(self.optimizer, len(self.train_data), args.warm, self.scaler)
+        self.scheduler = recipes.lr_schedule(self.optimizer, len(self.train_data), args.warm, self.scaler)
         self.epoch, self.step, self.best, self.history = 0, 0, {"top1": 0.0, "top5": 0.0, "epoch": 0}, []
-        self.totals = training.RunningTotals(device)
+        self.totals = engine.RunningTotals(device)
         if checkpoint:
             self.epoch, self.step, self.best, self.history, self.totals = run_folder.restore(
-                checkpoint, args, self.model, self.optimizer, self.scheduler, self.scaler, len(self.train_data),
-                device, processes.main)
-            self.notes += run_folder.resume_notes(checkpoint, args, device.type, processes.world)
+                checkpoint, args, self.model, self.optimizer, self.scheduler, self.scaler,
+                len(self.train_data), device, processes.main)
 
     def open_outputs(self):
         """The run folder, once everything given has been validated: nothing is written before."""
@@ -125,7 +112,7 @@ class Trainer:
         else:
             self.out.graph(self.model, self.speed.inputs(next(iter(self.test_data))[0][:2]))
 
-    def run(self, stop: run_folder.StopRequest) -> int:
+    def run(self, stop: StopSignals) -> int:
         """Train until the last epoch or a stop request; the exit code."""
         args = self.args
         self.out.announce(args, models.count_parameters(self.model)[0], len(self.data.train_set), self.speed,
@@ -138,21 +125,21 @@ class Trainer:
                 self.end_epoch()
         return self.finish(stop_signal)
 
-    def train_epoch(self, stop: run_folder.StopRequest) -> int:
+    def train_epoch(self, stop: StopSignals) -> int:
         """Steps from self.step to the epoch's end, or until a stop is agreed; the stop signal or 0.
         Nothing between two checks waits for the device."""
         args, processes, steps = self.args, self.processes, len(self.train_data)
-        training.seed_epoch(args.seed, self.epoch, self.data.generator)
+        recipes.seed_epoch(args.seed, self.epoch, self.data.generator)
         self.step_model.train()
         # Under fp16 the gradient scaler skips overflowing steps: only a whole check's worth is divergence.
-        watch = training.LossWatch(tolerated=CHECK_EVERY - 1 if self.speed.amp == "fp16" else 0)
+        watch = engine.LossWatch(tolerated=CHECK_EVERY - 1 if self.speed.amp == "fp16" else 0)
         bar = tqdm(total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{args.epochs}", unit="batch",
                    leave=False, dynamic_ncols=True, disable=not processes.main)
         self.epoch_start, first_step, stop_signal = time.time(), self.step, 0
         for step, (images, labels) in loaders.batches(self.train_data, self.step, self.epoch):
             images, labels = self.speed.inputs(images), labels.to(self.speed.device, non_blocking=True)
-            loss, hits = training.train_step(self.step_model, images, labels, self.optimizer, self.scaler,
-                                             self.speed, self.penalty)
+            loss, hits = engine.train_step(self.step_model, images, labels, self.loss, self.optimizer,
+                                           self.scaler, self.speed)
             self.scheduler.step()
             self.totals.add(loss, hits, len(labels))
             watch.add(loss, step)
@@ -165,12 +152,12 @@ class Trainer:
             timed = self.step - first_step
             if (timed == ESTIMATE_AFTER or self.step == steps) and not self.estimated:  # once a run, above the bar
                 self.estimated = True
-                tqdm.write(training.cpu_estimate((time.time() - self.epoch_start) / timed * steps,
+                tqdm.write(engine.cpu_estimate((time.time() - self.epoch_start) / timed * steps,
                                                  args.epochs - self.epoch))
         bar.close()
         return stop_signal
 
-    def check(self, watch: training.LossWatch, stop: run_folder.StopRequest, bar, first_step: int) -> int:
+    def check(self, watch: engine.LossWatch, stop: StopSignals, bar, first_step: int) -> int:
         """The periodic check: divergence and stop requests, agreed by every rank; the progress bar's
         numbers. The one place in an epoch that waits for the device."""
         bad_step = watch.diverged_at()
@@ -179,7 +166,7 @@ class Trainer:
         first_bad = self.processes.min(torch.tensor([bad_step or math.inf], dtype=torch.float32,
                                                     device=self.speed.device)).item()
         if math.isfinite(first_bad):
-            training.raise_divergence(self.epoch + 1, int(first_bad), self.out.ckpt_dir)
+            engine.raise_divergence(self.epoch + 1, int(first_bad), self.out.ckpt_dir)
         images_per_s = (self.step - first_step) * self.args.b / (time.time() - self.epoch_start)
         bar.set_postfix(loss=f"{watch.last:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4g}",
                         img_s=f"{images_per_s * self.processes.world:.0f}")
@@ -192,10 +179,10 @@ class Trainer:
         # The last step's gradients are not needed again: freed, they leave evaluation their memory,
         # and no output of a training graph's replay is alive while evaluation's graphs replay.
         self.optimizer.zero_grad(set_to_none=True)
-        test = training.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
-        val = (training.evaluate(self.eval_model, self.data.val, self.speed, self.processes)
+        test = engine.evaluate(self.eval_model, self.test_data, self.speed, self.processes)
+        val = (engine.evaluate(self.eval_model, self.data.val, self.speed, self.processes)
                if self.data.val is not None else None)
-        self.epoch, self.step, self.totals = self.epoch + 1, 0, training.RunningTotals(self.speed.device)
+        self.epoch, self.step, self.totals = self.epoch + 1, 0, engine.RunningTotals(self.speed.device)
         lr = self.optimizer.param_groups[0]["lr"]
         row = {"epoch": self.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * hits / seen,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
@@ -241,6 +228,4 @@ class Trainer:
 
 
 if __name__ == "__main__":
-    for loaded_signal, handler in handlers_before_loading.items():  # loaded: main() handles signals now
-        signal.signal(loaded_signal, handler)
-    sys.exit(main())
+    sys.exit(main(stops=STOPS))

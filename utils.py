@@ -5,7 +5,6 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,16 +19,6 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------- processes
-
-# Ctrl-C, a kill, and a closed terminal or SSH session (SIGHUP; Windows has none).
-STOP_SIGNALS = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig)
-
-
-def handled(signals):
-    """Those of these signals that were not ignored when the process started: under nohup SIGHUP
-    stays ignored (a closed session does not stop the run), as SIGINT in a job started with &."""
-    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
-
 
 @dataclass(frozen=True)
 class Distributed:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.attention import AttentionConstructor, EMA
+from models.attention import EMA, AttentionConstructor
 
 EMA_MIN_WIDTH = 145  # EMA only on expanded widths above 144 (the authors' placement)
 

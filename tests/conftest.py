@@ -50,7 +50,7 @@ def skip_tensorboard_graphs():
     """TensorBoard's graph comes from torch.jit.trace, whose trace check keeps memory for good (about
     30 MB for ResNet18 + EMA, each time, with torch 2.14). The suite's in-process trainings skip the
     graph; tests/test_train.py's reference run restores this, the real one, and checks the graph."""
-    import run_folder
+    from training import run_folder
     real = run_folder.RunFolder.graph
     run_folder.RunFolder.graph = lambda self, model, images: None
     yield real

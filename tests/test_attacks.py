@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from training import arguments, engine, run_records
+
 import reproduce
-import run_records
 import train_cifar100
-import training
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
-from tiny_net import NET
 from test_runs import copy_run, folder, resume, snapshot, tensorboard_steps, train
+from tiny_net import NET
 
 
 def test_sighup_saves_and_stops_like_sigterm(small_data, tmp_path, monkeypatch, capsys):
@@ -141,7 +141,7 @@ def test_gate_images_without_ema_is_refused(small_data, tmp_path, capsys):
 
 def test_a_resume_with_fewer_epochs_than_it_has_begun_is_refused(small_data, tmp_path, monkeypatch, capsys):
     """Stopped in epoch 2 of 3 and resumed with --epochs 1: not 'already finished'."""
-    steps, original = [], training.train_step
+    steps, original = [], engine.train_step
 
     def stopped_in_epoch_2(*args, **kwargs):
         steps.append(1)
@@ -149,7 +149,7 @@ def test_a_resume_with_fewer_epochs_than_it_has_begun_is_refused(small_data, tmp
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", stopped_in_epoch_2)
+    monkeypatch.setattr(engine, "train_step", stopped_in_epoch_2)
     assert train(small_data, tmp_path, "mid", "--epochs", "3", "-b", "8") == 128 + signal.SIGTERM
     monkeypatch.undo()
     assert resume(tmp_path, folder(tmp_path, "mid"), "--epochs", "1") == 2
@@ -197,7 +197,7 @@ def test_the_table_reads_epochs_by_number_and_skips_a_file_it_cannot_trust(epoch
 
 def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(small_data, tmp_path, monkeypatch, capsys):
     """last.pth is written before metrics.csv: a failed save leaves both at the epoch before."""
-    import run_folder
+    from training import run_folder
     original = run_folder.RunFolder.save
 
     def disk_full_in_epoch_2(self, name, state):
@@ -218,10 +218,10 @@ def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(small_data, tmp_path
     monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", estimate_after)
     assert train(small_data, tmp_path, "est", "--epochs", "3") == 0
     assert capsys.readouterr().out.count("warning: no GPU; about") == 1
-    assert training.cpu_estimate(30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
-    assert training.cpu_estimate(600, 200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
+    assert engine.cpu_estimate(30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
+    assert engine.cpu_estimate(600, 200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
                                                "remaining 200 epochs")
-    assert training.cpu_estimate(3600, 200).endswith("1.0 h per epoch, 8.3 days for the remaining 200 epochs")
+    assert engine.cpu_estimate(3600, 200).endswith("1.0 h per epoch, 8.3 days for the remaining 200 epochs")
 
 
 # ---------------------------------------------------------------- reproduce.py
@@ -276,14 +276,12 @@ def test_a_sigterm_to_reproduce_reaches_its_running_job(tmp_path, monkeypatch, c
 def test_two_seeds_started_in_the_same_second_get_two_folders(small_data, tmp_path, monkeypatch):
     import datetime
 
-    import run_folder
-
     class Frozen(datetime.datetime):
         @classmethod
         def now(cls, tz=None):
             return datetime.datetime(2026, 12, 1, 20, 15, 0)
 
-    monkeypatch.setattr(run_folder, "datetime", Frozen)
+    monkeypatch.setattr(arguments, "datetime", Frozen)
     both = SMALL_RUN + ["--data", str(small_data), "--epochs", "1", "--checkpoint-dir", str(tmp_path / "checkpoint"),
                         "--log-dir", str(tmp_path / "runs")]
     assert train_cifar100.main(both + ["--seed", "0"]) == 0

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import gradcam
 import models
-import checkpoints
-import test as test_script
 import utils
+from training import checkpoints
+
+import gradcam
+import test as test_script
 from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]

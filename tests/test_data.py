@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torchvision
 
-import cifar
+from training import cifar
+from utils import UserError
+
 import train_cifar100
 from fake_cifar import make_images, write_fake_cifar100, write_meta, write_split
 from test_train import TINY, out_args
-from utils import UserError
 
 # Long enough for any working test, short enough that a regression fails instead of hanging.
 SERVER_PATIENCE_S = 10

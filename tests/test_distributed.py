@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import test as test_script
-import train_cifar100
 import tiny_net
+import train_cifar100
 from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -64,7 +64,7 @@ def run_test_script(weights, data_root):
 
 
 def test_a_checkpoint_from_before_the_algebra_gives_the_same_logits_and_accuracy(tmp_path):
-    import checkpoints
+    from training import checkpoints
 
     register()
     fixture = torch.load(FIXTURE, weights_only=True)
@@ -106,7 +106,7 @@ def make():
         weights = Path(tmp) / "trimmed.pth"
         torch.save(checkpoint, weights)
 
-        import checkpoints
+        from training import checkpoints
         model, loaded, _ = checkpoints.load_trained_model(weights)
         with torch.no_grad():
             logits = model.eval()(normalized(held_out_images(), loaded["args"]))

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import loaders
 import models
-import train_cifar100
-import training
-from fake_cifar import write_fake_cifar100
 from models.attention import ema_fused
 from models.attention.ema import FoldedEMA
+from training import loaders
+from training.speed import SpeedSettings, native_cuda_bf16
+
+import train_cifar100
+from fake_cifar import write_fake_cifar100
 from test_loader import MEAN, STD, random_batch, torchvision_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -41,10 +42,10 @@ def outputs(base, run):
 
 def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
     device = torch.device("cuda")
-    speed = training.SpeedSettings.resolve(device)
+    speed = SpeedSettings.resolve(device)
     assert speed.compile and speed.channels_last and speed.cuda_graphs
-    assert speed.amp == ("bf16" if training.native_cuda_bf16(device) else "fp16")
-    assert not training.SpeedSettings.resolve(device, attention="ema").channels_last
+    assert speed.amp == ("bf16" if native_cuda_bf16(device) else "fp16")
+    assert not SpeedSettings.resolve(device, attention="ema").channels_last
 
 
 def test_ema_returns_the_input_dtype_under_cuda_autocast():
@@ -55,7 +56,7 @@ def test_ema_returns_the_input_dtype_under_cuda_autocast():
     ours = models.attention.EMA(256).cuda()
     upstream = FoldedEMA(256).cuda()
     upstream.load_state_dict(ours.state_dict())
-    amp = training.SpeedSettings.resolve(torch.device("cuda")).amp_dtype
+    amp = SpeedSettings.resolve(torch.device("cuda")).amp_dtype
     x = torch.randn(4, 256, 16, 16, device="cuda", dtype=amp)
     with torch.autocast("cuda", dtype=amp):
         out, expected = ours(x), upstream(x)
@@ -96,7 +97,7 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
     checkpoint = torch.load(tmp_path / "checkpoint/resnet50_ema/gpu/last.pth", weights_only=True)
     args = checkpoint["args"]
     assert (args["compile"], args["cuda_graphs"], args["channels_last"], args["loader"]) == (True, True, False, "device")
-    assert args["amp"] == ("bf16" if training.native_cuda_bf16(torch.device("cuda")) else "fp16")
+    assert args["amp"] == ("bf16" if native_cuda_bf16(torch.device("cuda")) else "fp16")
     assert all(math.isfinite(row["train_loss"]) for row in checkpoint["history"])
     assert synced == []
 

@@ -8,15 +8,17 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import benchmark
 import models
-import train_cifar100
-import training
-from conftest import SMALL_RUN
-from fake_cifar import write_fake_cifar100
+import training.speed
 from models.attention import ATTENTIONS, EMA
 from models.attention.ema import FoldedEMA
 from models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
+from training import engine
+from training.speed import COMPILE_OPTIONS, HostSyncCounter, SpeedSettings, graph_breaks
+
+import train_cifar100
+from conftest import SMALL_RUN
+from fake_cifar import write_fake_cifar100
 from tiny_net import NET
 
 
@@ -33,7 +35,7 @@ def last_checkpoint(base, run):
 def test_no_host_synchronisation_inside_training_steps(small_data, tmp_path, monkeypatch):
     """Between two checks a step neither reads a device value nor builds a tensor from Python values."""
     calls, checked_at = [], []
-    counter = benchmark.HostSyncCounter()
+    counter = HostSyncCounter()
     original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
 
     def train_epoch(self, stop):
@@ -60,7 +62,7 @@ def test_no_host_synchronisation_inside_training_steps(small_data, tmp_path, mon
 
 
 def test_the_sync_counter_sees_what_it_must():
-    with benchmark.HostSyncCounter() as counter:
+    with HostSyncCounter() as counter:
         x = torch.ones(3)
         x.sum().item()
         bool(x[0] > 0)
@@ -74,7 +76,7 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
     without attention and with EMA, runs the same code as the deep ones, and each other attention
     module is traced in both kinds of block. MobileNetV2 with EMA (its own placement rule) and without."""
     assert {spec.block for spec in RESNETS.values()} == {BasicBlock, Bottleneck}
-    speed = training.SpeedSettings(torch.device("cpu"))
+    speed = SpeedSettings(torch.device("cpu"))
     images, features = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 8, 8)
     traced = {("mobilenetv2", attention): (models.create_model("mobilenetv2", attention), images)
               for attention in (None, "ema")}
@@ -87,7 +89,7 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
     assert len(traced) == 2 + 2 * len(ATTENTIONS) + 2
     for (name, attention), (net, inputs) in traced.items():
         torch._dynamo.reset()
-        graphs, breaks, reason = benchmark.graph_breaks(net, inputs, speed)
+        graphs, breaks, reason = graph_breaks(net, inputs, speed)
         assert (graphs, breaks) == (1, 0), (name, attention, reason)
 
 
@@ -139,7 +141,7 @@ def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
 def test_compiled_training_makes_each_graph_once(small_data, tmp_path, monkeypatch):
     """Full and partial training batches and the test batches: each static graph made in the first
     epoch, none in the second (backend "eager": dynamo's graphs without inductor's minutes)."""
-    monkeypatch.setattr(training, "COMPILE_OPTIONS", {**training.COMPILE_OPTIONS, "backend": "eager"})
+    monkeypatch.setattr(training.speed, "COMPILE_OPTIONS", {**COMPILE_OPTIONS, "backend": "eager"})
     graphs_after = []
     original = train_cifar100.Trainer.end_epoch
 
@@ -218,12 +220,12 @@ def losses(*values):
 
 def test_loss_watch_calls_divergence_only_what_fp16_would_not_skip():
     nan, inf = float("nan"), float("inf")
-    strict = training.LossWatch(tolerated=0)
+    strict = engine.LossWatch(tolerated=0)
     for step, loss in enumerate(losses(1.0, 2.0, nan, 1.0)):
         strict.add(loss, step)
     assert strict.diverged_at() == 3  # 1-based: the third step
 
-    fp16 = training.LossWatch(tolerated=2)  # the scaler may skip up to 2 overflowing steps in a row
+    fp16 = engine.LossWatch(tolerated=2)  # the scaler may skip up to 2 overflowing steps in a row
     for step, loss in enumerate(losses(1.0, inf, inf, 1.0)):
         fp16.add(loss, step)
     assert fp16.diverged_at() is None
@@ -238,10 +240,10 @@ def test_loss_watch_calls_divergence_only_what_fp16_would_not_skip():
 def test_cuda_defaults_follow_the_measurements():
     """Resolved without touching CUDA (amp given): compiled, channels_last except with EMA."""
     cuda = torch.device("cuda")
-    speed = training.SpeedSettings.resolve(cuda, amp="bf16", attention="none")
+    speed = SpeedSettings.resolve(cuda, amp="bf16", attention="none")
     assert speed.compile and speed.channels_last
-    assert not training.SpeedSettings.resolve(cuda, amp="bf16", attention="ema").channels_last
-    cpu = training.SpeedSettings.resolve(torch.device("cpu"), attention="none")
+    assert not SpeedSettings.resolve(cuda, amp="bf16", attention="ema").channels_last
+    cpu = SpeedSettings.resolve(torch.device("cpu"), attention="none")
     assert not cpu.compile and not cpu.channels_last
 
 
@@ -249,13 +251,13 @@ def test_cuda_graphs_only_where_they_apply(monkeypatch):
     """On by default with --compile on one CUDA device; off, even when asked, without compiling, on
     the CPU, or under torchrun. On, the model is compiled in the mode that captures CUDA graphs."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert training.SpeedSettings.resolve(cuda, amp="bf16").cuda_graphs
-    assert not training.SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=False).cuda_graphs
-    assert not training.SpeedSettings.resolve(cuda, amp="bf16", compile=False, cuda_graphs=True).cuda_graphs
-    assert not training.SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=True, processes=2).cuda_graphs
-    assert not training.SpeedSettings.resolve(cpu, compile=True, cuda_graphs=True).cuda_graphs
+    assert SpeedSettings.resolve(cuda, amp="bf16").cuda_graphs
+    assert not SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=False).cuda_graphs
+    assert not SpeedSettings.resolve(cuda, amp="bf16", compile=False, cuda_graphs=True).cuda_graphs
+    assert not SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=True, processes=2).cuda_graphs
+    assert not SpeedSettings.resolve(cpu, compile=True, cuda_graphs=True).cuda_graphs
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, **options: modes.append(mode) or model)
-    training.SpeedSettings(cuda, "bf16", compile=True, cuda_graphs=True).compiled(nn.Identity())
-    training.SpeedSettings(cuda, "bf16", compile=True).compiled(nn.Identity())
+    SpeedSettings(cuda, "bf16", compile=True, cuda_graphs=True).compiled(nn.Identity())
+    SpeedSettings(cuda, "bf16", compile=True).compiled(nn.Identity())
     assert modes == ["reduce-overhead", None]

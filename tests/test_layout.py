@@ -1,5 +1,6 @@
-"""The repo's shape, which a newcomer relies on: a short main script, short files and functions, a short
-README, imports without circles, no script importing another script, and table.py without torch."""
+"""The repo's shape, which a newcomer relies on: scripts at the top and the library in one package, a
+short main script, short files, functions and lines, a short README, imports without circles, no
+script importing another script, no private argparse, and table.py without torch."""
 import ast
 import subprocess
 import sys
@@ -37,6 +38,43 @@ def imported(path: Path) -> set[str]:
             if module:
                 found.add(module)
     return found
+
+
+SCRIPTS = ["train_cifar100.py", "test.py", "table.py", "reproduce.py", "benchmark.py", "params.py",
+           "gradcam.py", "export.py"]
+TOP_LEVEL = {*SCRIPTS, "utils.py", "conf", "models", "training", "docs", "tests", "README.md",
+             "requirements.txt", "requirements-export.txt", "pytest.ini"}
+
+
+def test_the_top_level_holds_the_scripts_and_the_library_one_package():
+    """What git tracks at the top: the scripts, conf/, models/, utils.py, the library (training/),
+    docs/, tests/, the README, the requirements and pytest's settings."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    entries = {line.split("/")[0] for line in tracked.splitlines() if not line.startswith(".")}
+    assert entries == TOP_LEVEL
+    assert len(entries) <= 18
+    top = [p.name for p in ROOT.glob("*.py")]
+    assert sorted(top) == sorted([*SCRIPTS, "utils.py"])
+    assert all(is_script(ROOT / name) for name in SCRIPTS)
+    library = sorted(p.stem for p in (ROOT / "training").glob("*.py"))
+    assert not [name for name in library if is_script(ROOT / "training" / f"{name}.py")]
+
+
+def test_lines_are_at_most_100_characters():
+    long = [f"{p.relative_to(ROOT)}:{number}" for p in SOURCES
+            for number, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 100]
+    assert long == []
+
+
+def test_no_private_argparse_and_no_scraped_error_text():
+    """A resume checks recorded values with each option's own type (training/arguments.py), not by
+    parsing a reconstructed command line and reading argparse's private state or its error text."""
+    found = [f"{p.relative_to(ROOT)}: {word}" for p in SOURCES if "tests" not in p.parts
+             for word in ("._actions", "argparse.SUPPRESS", "redirect_stderr")
+             if word in p.read_text()]
+    assert found == []
 
 
 def test_the_main_script_the_files_and_the_readme_are_short():
@@ -77,7 +115,8 @@ def test_no_script_imports_another_script():
             if imported(MODULES[name]) & scripts] == []
 
 
-@pytest.mark.parametrize("module", ["conf.run_options", "run_records", "table"])
+@pytest.mark.parametrize("module", ["training.options", "training.run_records", "table",
+                                    "training.stopping"])
 def test_the_table_and_its_options_import_without_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -8,14 +8,14 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-import benchmark
-import cifar
-import loaders
-import train_cifar100
-import training
 from conf import settings
-from fake_cifar import write_fake_cifar100
 from models.attention import EMA
+from training import cifar, loaders
+from training.speed import SpeedSettings, native_cpu_bf16
+
+import benchmark
+import train_cifar100
+from fake_cifar import write_fake_cifar100
 from tiny_net import NET
 
 CLASSIC = settings.RECIPES["classic"]
@@ -147,7 +147,7 @@ def test_bf16_and_channels_last_training(small_data, tmp_path):
 
 
 def test_speed_settings_step():
-    speed = training.SpeedSettings(torch.device("cpu"), amp="bf16", channels_last=True)
+    speed = SpeedSettings(torch.device("cpu"), amp="bf16", channels_last=True)
     conv = nn.Conv2d(3, 8, 3).to(memory_format=speed.memory_format)
     images = speed.inputs(torch.randn(2, 3, 8, 8))
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -155,13 +155,13 @@ def test_speed_settings_step():
         out = conv(images)
     assert out.dtype == torch.bfloat16
     assert not speed.grad_scaler().is_enabled()
-    assert training.SpeedSettings(torch.device("cpu"), amp="fp16").grad_scaler().is_enabled()
-    resolved = training.SpeedSettings.resolve(torch.device("cpu"))
-    assert resolved.amp == ("bf16" if training.native_cpu_bf16() else "off") and not resolved.channels_last
+    assert SpeedSettings(torch.device("cpu"), amp="fp16").grad_scaler().is_enabled()
+    resolved = SpeedSettings.resolve(torch.device("cpu"))
+    assert resolved.amp == ("bf16" if native_cpu_bf16() else "off") and not resolved.channels_last
 
 
 def test_compile_matches_eager_within_bf16_tolerance():
-    speed = training.SpeedSettings(torch.device("cpu"), amp="bf16")
+    speed = SpeedSettings(torch.device("cpu"), amp="bf16")
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 
     def losses(compiled):

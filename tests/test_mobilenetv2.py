@@ -5,11 +5,12 @@ import torchvision
 from torch import nn
 
 import models
+from models.attention import ATTENTIONS, EMA
+from models.mobilenetv2 import InvertedResidual, MobileNetV2
+
 import params
 import train_cifar100
 from fake_cifar import write_fake_cifar100
-from models.attention import ATTENTIONS, EMA
-from models.mobilenetv2 import InvertedResidual, MobileNetV2
 
 
 def n_params(model):

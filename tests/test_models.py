@@ -5,12 +5,23 @@ import torch
 from torch import nn
 
 import models
-import train_cifar100
-from fake_cifar import write_fake_cifar100
-from models.attention import (ATTENTIONS, CBAM, ECA, EMA, NAM, SE, CoordAtt, ShuffleAttention,
-                              build_attention, nam_l1_penalty)
+from models.attention import (
+    ATTENTIONS,
+    CBAM,
+    ECA,
+    EMA,
+    NAM,
+    SE,
+    CoordAtt,
+    ShuffleAttention,
+    build_attention,
+    nam_l1_penalty,
+)
 from models.attention.eca import adaptive_kernel_size
 from models.resnet import ResidualBlock
+
+import train_cifar100
+from fake_cifar import write_fake_cifar100
 from tiny_net import NET as TINY_NET
 
 # docs/reference.md, 2.1 Summary and 4 How the paper counted #Params: every parameter, 100 classes.

@@ -2,8 +2,9 @@
 import subprocess
 import sys
 
-import params
 from conf import settings
+
+import params
 
 
 def test_report_matches_the_paper_where_it_can():

@@ -8,14 +8,12 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import gradcam
-import cifar
-import loaders
 import models
-import pictures
-import train_cifar100
-import checkpoints
 from conf import settings
+from training import checkpoints, cifar, loaders, pictures
+
+import gradcam
+import train_cifar100
 from fake_cifar import write_fake_cifar100, write_meta
 from tiny_net import NET
 

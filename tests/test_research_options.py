@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import cifar
+from training import cifar, image_folder, run_data, run_records
+
 import export
-import image_folder
-import run_data
-import run_records
 import table
 import test as test_script
 import train_cifar100
@@ -269,7 +267,7 @@ def test_export_writes_onnx_that_onnxruntime_runs_like_pytorch(tmp_path, att, ca
     import onnx
     import onnxruntime
 
-    import checkpoints
+    from training import checkpoints
     weights = a_checkpoint(tmp_path / "model.pth", att)
     out = tmp_path / f"{att}.onnx"
     assert export.main(["-weights", str(weights), "--out", str(out)]) == 0

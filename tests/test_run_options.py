@@ -1,25 +1,27 @@
-"""conf/run_options.py: every option of the training parser is classified, the lists derived from the
-table are the ones the trainer, the resume and table.py used to write out by hand, and an option the
-table does not know counts as part of a run's identity."""
+"""training/options.py: every option of the training parser is classified, the lists derived from
+the table are the ones the trainer, the resume and table.py used to write out by hand, an option the
+table does not know counts as part of a run's identity, and docs/training.md's options table is the
+table's."""
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
-import cli
-import run_records
-from conf import run_options
-from conf.run_options import OPTIONS, REQUIRED, ROW
+from training import arguments, cli, run_records
+from training import options as run_options
+from training.options import OPTIONS, REQUIRED, ROW
+
 from test_table import cells, fake_run, markdown, paper_run
 
 
 def parser_options(parser: argparse.ArgumentParser) -> list[str]:
-    return [action.dest for action in parser._actions if action.dest != "help"]
+    return list(vars(parser.parse_args([])))
 
 
 def test_every_option_of_the_training_parser_is_classified():
     missing = run_options.unclassified(parser_options(cli.train_parser()))
-    assert missing == [], f"classify {missing} in conf/run_options.py OPTIONS"
+    assert missing == [], f"classify {missing} in training/options.py OPTIONS"
 
 
 def test_the_check_fails_for_an_option_the_table_does_not_know(monkeypatch):
@@ -98,3 +100,39 @@ def test_an_unfinished_run_with_an_unclassified_key_stays_unfinished(tmp_path, c
     fake_run(root, "resnet50", "ema", 0, [1.0], planned=2, new_flag=True)
     out = markdown(root, tmp_path, capsys).out
     assert "1/2 epochs" in out
+
+
+def test_docs_training_md_shows_the_option_table():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    table = run_options.markdown_table()
+    assert table in docs, f"paste this table into docs/training.md's Options section:\n{table}"
+
+
+def test_the_parser_gives_only_what_was_typed():
+    """Nothing is filled in by the parser: a resume can tell what was given from what was not."""
+    assert set(vars(cli.train_parser().parse_args([])).values()) == {None}
+    given = vars(cli.train_parser().parse_args(["-b", "128", "--no-compile", "--sync-bn"]))
+    assert {name: value for name, value in given.items() if value is not None} == {
+        "b": 128, "compile": False, "sync_bn": True}
+
+
+@pytest.mark.parametrize("name", run_options.FLAGS)
+def test_each_default_passes_its_own_check(name):
+    """What a new run records is what a resume accepts back."""
+    default = OPTIONS[name].default
+    if default is not None:
+        assert arguments.checked_value(name, default) == default
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("b", 0, "argument -b/--b/--batch-size: must be positive, got 0"),
+    ("seed", 2 ** 70, "argument --seed: must be between 0 and 2**63 - 1"),
+    ("amp", "fp8", "argument --amp: invalid choice: 'fp8' (choose from 'off', 'bf16', 'fp16')"),
+    ("compile", "yes", "compile is 'yes', not true or false"),
+    ("att_stages", "5", "expected distinct ResNet stages from 1 to 4"),
+    ("net", "vgg16", "argument -net: invalid choice: 'vgg16'"),
+])
+def test_a_recorded_value_is_checked_by_its_options_own_type(name, value, message):
+    with pytest.raises(run_options.BadValue, match=message.replace("*", r"\*").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        arguments.checked_value(name, value)

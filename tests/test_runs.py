@@ -10,12 +10,11 @@ import torch
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
-import cifar
-import run_folder
-import run_records
+import utils
+from training import cifar, run_folder, run_records, stopping
+
 import test as test_script
 import train_cifar100
-import utils
 from conftest import SMALL_RUN
 from fake_cifar import write_fake_cifar100
 from tiny_net import NET
@@ -180,7 +179,7 @@ class SignalledFile(io.RawIOBase):
     def write(self, data):
         self.writes += 1
         if self.writes == 3:
-            raise run_folder.Interrupted(signal.SIGTERM)
+            raise stopping.Interrupted(signal.SIGTERM)
         return self.f.write(data)
 
 

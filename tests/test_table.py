@@ -9,10 +9,11 @@ import sys
 import pytest
 from PIL import Image
 
-import reproduce
-import run_records
-import table
 from conf import settings
+from training import run_records
+
+import reproduce
+import table
 
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds"]
 # Student's t 0.975-quantiles from printed tables, by degrees of freedom.

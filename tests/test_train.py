@@ -14,14 +14,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cifar
-import loaders
-import test as test_script
-import train_cifar100
-import run_folder
-import training
 import utils
 from conf import settings
+from training import cifar, loaders, recipes, run_folder
+
+import test as test_script
+import train_cifar100
 from fake_cifar import write_fake_cifar100
 from tiny_net import NET, command
 
@@ -319,11 +317,11 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
 
 def test_lr_schedule():
     spe = 10
-    paper = [training.lr_factor(s, spe, warm_epochs=0) for s in range(200 * spe)]
+    paper = [recipes.lr_factor(s, spe, warm_epochs=0) for s in range(200 * spe)]
     assert paper[0] == 1 and paper[60 * spe - 1] == 1
     assert paper[60 * spe] == pytest.approx(0.2) and paper[120 * spe] == pytest.approx(0.04)
     assert paper[160 * spe] == pytest.approx(0.008) and paper[-1] == pytest.approx(0.008)
-    classic = [training.lr_factor(s, spe, warm_epochs=1) for s in range(2 * spe)]
+    classic = [recipes.lr_factor(s, spe, warm_epochs=1) for s in range(2 * spe)]
     assert classic[0] == pytest.approx(0.1)  # the first step does not run at LR 0
     assert classic[spe - 1] == 1 and classic[spe] == 1
     assert all(a < b for a, b in zip(classic[:spe - 1], classic[1:spe]))
@@ -342,7 +340,7 @@ def test_recipes_transforms_and_init():
     conv = model.layer4[0].residual[3]
     fan_in = conv.weight[0].numel()
     assert conv.weight.abs().max() <= 1 / fan_in ** 0.5  # PyTorch's default bound
-    training.initialise(model, paper)
+    recipes.initialise(model, paper)
     assert 1.5 / fan_in ** 0.5 < conv.weight.abs().max() <= (6 / fan_in) ** 0.5  # kaiming_uniform_ bound
     ema_conv = model.layer1[0].attention.conv3x3
     assert ema_conv.weight.abs().max() > 1.5 / ema_conv.weight[0].numel() ** 0.5

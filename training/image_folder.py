@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import utils
 from conf import settings
-from loaders import ImageArray
+from training.loaders import ImageArray
 from utils import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's

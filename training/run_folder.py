@@ -1,190 +1,34 @@
-"""What manages a run's folder: resume resolution (which checkpoint, which arguments), the training
-state read back from a checkpoint, the folder itself (the lock, args.json, metrics.csv, last.pth and
-best.pth written atomically, the TensorBoard log: its folder's name and repair are event_log.py's), and
-stop requests (Ctrl-C, SIGTERM, SIGHUP) that save before stopping.
+"""A run's folder: where it is, whether a resumed run is finished already, the training state read
+back from its checkpoint, and the folder itself (the lock, args.json, metrics.csv, last.pth and
+best.pth written atomically, the TensorBoard log: its folder's name and repair are event_log.py's).
+Which checkpoint a resume reads, and with which arguments: training/arguments.py.
 
     checkpoint/<net>_<att>/<run>/{last.pth, best.pth, metrics.csv, args.json, .lock}
     runs/<net>_<att>/<run>/events.out.tfevents.*
 
-Only rank 0 of a torchrun launch writes. What each option means on resume: conf/run_options.py.
+Only rank 0 of a torchrun launch writes.
 """
-import argparse
 import contextlib
 import csv
 import gc
-import io
 import json
 import os
-import signal
-import sys
-import uuid
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from tqdm import tqdm
 
-import checkpoints
-import cli
-import event_log
-import pictures
-import training
 import utils
-from conf import run_options, settings
-from utils import STOP_SIGNALS, UserError, handled
+from conf import settings
+from training import checkpoints, engine, event_log, pictures
+from utils import UserError
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-
-
-# ---------------------------------------------------------------- stop requests
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during start-up (Ctrl-C there is Python's own KeyboardInterrupt), or a second
-    stop signal in the loop: stop at once, with no checkpoint saved first."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def interrupt(signum, frame):
-    raise Interrupted(signum)
-
-
-class StopRequest:
-    """Within `with`, Ctrl-C / SIGTERM / SIGHUP set a flag that the loop checks (after every step in a
-    single process, at the next agreed check under torchrun), so that a checkpoint gets saved; the
-    previous handlers come back on exit."""
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self, announce: bool = True):
-        self.announce = announce
-
-    def __enter__(self):
-        self.signal = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in handled(self.SIGNALS)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop at once
-            raise Interrupted(signum)
-        self.signal = signum
-        if self.announce:
-            tqdm.write(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next check...")
-
-
-# ---------------------------------------------------------------- resuming
-
-def resolve_resume(args):
-    """(args to run with, checkpoint or None). A resumed run takes its arguments from its checkpoint,
-    except the allowed overrides, and writes where it was pointed: into the checkpoint's folder, and
-    TensorBoard into this command's --log-dir, whatever paths the checkpoint recorded."""
-    if args.resume is None:
-        return args, None
-    if args.resume == "newest":
-        runs = Path(args.checkpoint_dir) / f"{args.net}_{args.att}"
-        candidates = list(runs.glob("*/last.pth"))
-        if not candidates:
-            raise UserError(f"nothing to resume: no */last.pth under {runs}")
-        # A copy (cp -r run run.bak) is newer on disk, but its args.json names the original's folder,
-        # which is still there (a renamed run's is not).
-        names = {path.parent.name for path in candidates}
-        copies = [path for path in candidates if recorded_name(path.parent) not in (path.parent.name, None)
-                  and recorded_name(path.parent) in names]
-        path = max([p for p in candidates if p not in copies] or candidates, key=lambda p: p.stat().st_mtime)
-    else:
-        path = checkpoints.checkpoint_file(args.resume)
-    if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
-        raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with --resume {path.parent}")
-    checkpoint = checkpoints.load_checkpoint(path)
-    saved = argparse.Namespace(**checked_saved_args(checkpoint["args"], path))
-    for name in run_options.RESUMABLE_OVERRIDES:
-        if getattr(args, name) is not None:
-            setattr(saved, name, getattr(args, name))
-    for name in run_options.WHERE_OPTIONS:  # where this command reads and writes, not where the run once did
-        setattr(saved, name, getattr(args, name))
-    saved.resume, saved.run = str(path), path.parent.name
-    defaults = vars(cli.parse_train_args([]))
-    kept = set(run_options.GIVEN_ON_RESUME) | ({"net", "att"} if args.resume == "newest" else set())  # -net/-att pick the newest run
-    ignored = [name for name, value in vars(args).items() if name not in kept and value != defaults[name]]
-    if ignored:
-        flags = {action.dest: action.option_strings[-1] for action in cli.train_parser()._actions}
-        print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(flags.get(n, n) for n in ignored)}",
-              file=sys.stderr)
-    return saved, checkpoint
-
-
-def recorded_name(folder: Path):
-    """The run name that a run folder's args.json records, or None."""
-    try:
-        return json.loads((folder / "args.json").read_text()).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def checked_saved_args(saved, path) -> dict:
-    """The arguments a checkpoint recorded, on top of today's defaults (for keys older runs lack),
-    checked by the same parser as a command line: refused with a message when they could not have
-    come from this script."""
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: its recorded arguments are a {type(saved).__name__}, not a dict")
-    missing = [key for key in ("net", "att") if key not in saved]
-    if missing:
-        raise UserError(f"{path}: its recorded arguments lack {', '.join(missing)}")
-    try:
-        with contextlib.redirect_stderr(io.StringIO()) as errors:
-            parsed = vars(cli.parse_train_args(as_command_line(saved)))
-    except (SystemExit, TypeError) as e:
-        reason = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1] if errors.getvalue() else str(e)
-        raise UserError(f"{path}: its recorded arguments cannot be resumed ({reason})") from None
-    checked = {key: parsed[key] for key in saved if key in parsed and saved[key] is not None}
-    return {**vars(cli.parse_train_args([])), **saved, **checked}
-
-
-def as_command_line(saved: dict) -> list[str]:
-    """The command line that gives these arguments (flags must be true or false)."""
-    argv = []
-    for action in cli.train_parser()._actions:
-        value = saved.get(action.dest)
-        if value is None or not action.option_strings or action.dest in run_options.NOT_RESUMED:
-            continue
-        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
-                raise TypeError(f"{action.dest} is {value!r}, not true or false")
-            if value or isinstance(action, argparse.BooleanOptionalAction):
-                argv.append(action.option_strings[0] if value else action.option_strings[-1])
-        else:
-            argv += [action.option_strings[-1], str(value)]
-    return argv
-
-
-def changed_arguments(saved: dict, args, names) -> list[str]:
-    """'name then -> now' for each of `names` whose recorded value is not this run's."""
-    return [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
-            if saved.get(name) != getattr(args, name)]
-
-
-def fill_defaults(args) -> None:
-    """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name and id."""
-    args.epochs = args.epochs or settings.EPOCHS
-    # Recorded as an absolute path: test.py, gradcam.py and a resume find it from any folder.
-    args.data = os.path.abspath(args.data or settings.DATA_DIR)
-    args.warm = settings.RECIPES[args.recipe]["warm"] if args.warm is None else args.warm
-    args.run_id = getattr(args, "run_id", None) or uuid.uuid4().hex  # what its TensorBoard folder knows it by
-    # The start time and the seed: two seeds started in the same second get two folders.
-    args.run = args.run or f"{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}-seed{args.seed}"
 
 
 def folder_of(args) -> Path:
@@ -220,7 +64,7 @@ def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epo
             scaler.load_state_dict(checkpoint["scaler"])
         checkpoints.check_training_state(checkpoint)
         # The saved sums cover every rank of the interrupted epoch: rank 0 carries them on.
-        totals = training.RunningTotals(totals_device, *(checkpoint["running"] if main else ()))
+        totals = engine.RunningTotals(totals_device, *(checkpoint["running"] if main else ()))
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -230,31 +74,6 @@ def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epo
     for group, kernel in zip(optimizer.param_groups, kernels):
         group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
     return checkpoint["epoch"], checkpoint["step"], checkpoint["best"], checkpoint["history"], totals
-
-
-def resume_notes(checkpoint, args, device_type: str, world: int) -> list[str]:
-    """What a resume changed, for the log. One that changes what table.py counts as a run's identity
-    (precision, processes, data) makes a mixed run: args.changed_on_resume says so, and table.py
-    lists it apart. One that changes the arithmetic continues, but not bitwise."""
-    notes, saved = [], checkpoint["args"]
-    names = [name for name in run_options.IDENTITY_CHANGES_ON_RESUME if name in saved]
-    changes = changed_arguments(saved, args, names)
-    if changes:
-        now = f"{', '.join(changes)} at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
-        args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
-        notes.append(f"note: {now}: a mixed run, which table.py lists apart")
-    arithmetic = [name for name in run_options.arithmetic_on_resume(vars(args))
-                  if name != "deterministic" or device_type == "cuda"]  # it picks other kernels on CUDA only
-    changes = changed_arguments(saved, args, arithmetic)
-    if checkpoint["format"] == 1:
-        changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
-    for what, then, now in (("device", checkpoint.get("device"), device_type), ("processes", checkpoint.get("world"), world)):
-        if checkpoint["format"] > 1 and then != now:
-            changes.append(f"{what} {then} -> {now}")
-    if changes:
-        notes.append(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would have "
-                     f"without the interruption")
-    return notes
 
 
 # ---------------------------------------------------------------- the folder
@@ -268,12 +87,30 @@ class RunFolder:
             ("Val/loss", "val_loss"), ("Val/top1", "val_top1"))  # Val: with --val only
 
     def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
+        """Open the run's folders; `resumed_epoch`: the epoch a resumed run's checkpoint holds, None
+        for a new run."""
         self.ckpt_dir = ckpt_dir
         self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / event_log.log_name(ckpt_dir, args)
-        self.active, self.writer, self.lock = active, None, None
+        self.active, self.writer, self.lock, self.log_lock = active, None, None, None
         self.logged = set()  # (tag, epoch) of the scalars in the event files
         if not active:
             return
+        self._make_writable()
+        self._lock()
+        if resumed_epoch is None:
+            self._claim_new_run()
+        else:
+            self.logged = event_log.forget_events_after(self.log_dir, resumed_epoch)
+        self._write_owner(args)
+        for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
+            leftover.unlink()
+        # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
+        utils.write_atomic(self.ckpt_dir / "args.json",
+                           lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"), text=True)
+        self._open_log()
+
+    def _make_writable(self) -> None:
+        """Both folders made, and written to once: a read-only or full disk is said now."""
         made = []
         for folder in (self.ckpt_dir, self.log_dir):
             made += utils.folders_to_make(folder)
@@ -285,28 +122,31 @@ class RunFolder:
             except OSError as e:
                 utils.remove_empty(made)
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
-        self.lock, self.log_lock = RunLock(self.ckpt_dir), None
-        if self.log_dir.resolve() != self.ckpt_dir.resolve():  # --log-dir the same as --checkpoint-dir
-            try:
-                self.log_lock = RunLock(self.log_dir)  # a copied run folder could share it
-            except UserError:
-                self.lock.release()
-                raise
-        if resumed_epoch is None:
-            self._claim_new_run()
-        else:
-            self.logged = event_log.forget_events_after(self.log_dir, resumed_epoch)
-        utils.write_atomic(self.log_dir / event_log.OWNER, lambda f: f.write(json.dumps(
-            {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve()), "logs": str(self.log_dir.resolve())})
-            + "\n"), text=True)
-        for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
-            leftover.unlink()
-        # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
-        utils.write_atomic(self.ckpt_dir / "args.json", lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"),
+
+    def _lock(self) -> None:
+        """The run folder's lock, and the log folder's, which a copied run folder could share."""
+        self.lock = RunLock(self.ckpt_dir)
+        if self.log_dir.resolve() == self.ckpt_dir.resolve():  # --log-dir the same as --checkpoint-dir
+            return
+        try:
+            self.log_lock = RunLock(self.log_dir)
+        except UserError:
+            self.lock.release()
+            raise
+
+    def _write_owner(self, args) -> None:
+        """The log folder's .owner: which run writes there (training/event_log.py)."""
+        owner = {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve()),
+                 "logs": str(self.log_dir.resolve())}
+        utils.write_atomic(self.log_dir / event_log.OWNER, lambda f: f.write(json.dumps(owner) + "\n"),
                            text=True)
+
+    def _open_log(self) -> None:
         event_log.quiet_log_thread_errors()
-        self.writer = True  # for _log, which makes it
-        self._log(lambda _: setattr(self, "writer", SummaryWriter(self.log_dir)))
+        try:
+            self.writer = SummaryWriter(self.log_dir)
+        except OSError as e:  # it closed its file itself
+            self._stop_logging(e)
 
     def _log(self, write) -> None:
         """A TensorBoard write. A log that cannot be written (a full disk) stops the logging with one
@@ -317,13 +157,14 @@ class RunFolder:
             write(self.writer)
         except OSError as e:
             writer, self.writer = self.writer, None
-            if writer is True:  # failed as it was made: it closed its file itself
-                writer = None
-            why = utils.why_not_written(e, self.log_dir / "events", self.log_dir / "events")
-            self.print(f"warning: the TensorBoard log cannot be written: {why}. Training goes on without it "
-                       f"(checkpoints and metrics.csv are written); a resume logs the missing epochs")
+            self._stop_logging(e)
             with contextlib.suppress(OSError, AttributeError):
                 writer.close()
+
+    def _stop_logging(self, error: OSError) -> None:
+        why = utils.why_not_written(error, self.log_dir / "events", self.log_dir / "events")
+        self.print(f"warning: the TensorBoard log cannot be written: {why}. Training goes on without it "
+                   f"(checkpoints and metrics.csv are written); a resume logs the missing epochs")
 
     def _claim_new_run(self):
         """A new run never writes over a run that saved a checkpoint. What an earlier attempt logged

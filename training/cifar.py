@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
-from loaders import ImageArray
+from training.loaders import ImageArray
 from utils import Distributed, UserError, folders_to_make, remove_empty
 
 IMAGE_VALUES = 3 * 32 * 32  # one row of a split's data: the red, then green, then blue 32 x 32 planes

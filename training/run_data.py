@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cifar
-import image_folder
-import run_records
 from conf import settings
-from loaders import ImageArray, make_loader
+from training import cifar, image_folder, run_records
+from training.loaders import ImageArray, make_loader
 from utils import SINGLE_PROCESS, Distributed, UserError
 
 # --dataset (conf.settings.DATASETS): the CIFAR formats; "folder" is image_folder.py's.
@@ -112,45 +110,56 @@ class TrainingData:
     generator: torch.Generator
     gate_images: object  # the first 8 test images (--gate-images), else None
     recipe: dict  # the recipe, with this data's normalization
+    facts: dict  # what the run records of its data: dataset, classes, mean, std, subset
 
 
-def training_data(args, device, processes: Distributed = SINGLE_PROCESS, notes: list = None) -> TrainingData:
+def training_data(args, device, processes: Distributed = SINGLE_PROCESS,
+                  notes: list = None) -> TrainingData:
     """The run's data, downloaded or cached where missing (once per machine; the other ranks wait),
-    what it is recorded in `args` (dataset, classes, mean, std); what the log should say appended to
-    `notes`."""
+    and what the run records of it (`facts`); what the log should say appended to `notes`."""
     notes = [] if notes is None else notes
     kind = args.data_format
-    prepared = prepare(kind, args.data, chosen=not getattr(args, "resume", None)) if processes.local_rank == 0 else None
+    prepared = None
+    if processes.local_rank == 0:
+        prepared = prepare(kind, args.data, chosen=not getattr(args, "resume", None))
     processes.barrier()
-    train_set, test_set = prepared or (open_split(kind, args.data, True), open_split(kind, args.data, False))
+    train_set, test_set = prepared or (open_split(kind, args.data, True),
+                                       open_split(kind, args.data, False))
     classes = checked_classes(kind, train_set, test_set)
     if getattr(args, "classes", None) not in (None, classes):  # a resume on other data
-        raise UserError(f"--data {args.data} has {classes} classes; the run being resumed was trained on {args.classes}")
-    args.dataset, args.classes = identity(kind, train_set.md5, test_set.md5), classes
-    args.mean, args.std = map(list, normalization(kind, args.recipe, train_set))
-    recipe = recipe_of(vars(args))
+        raise UserError(f"--data {args.data} has {classes} classes; the run being resumed was "
+                        f"trained on {args.classes}")
+    mean, std = map(list, normalization(kind, args.recipe, train_set))
+    facts = {"dataset": identity(kind, train_set.md5, test_set.md5), "classes": classes,
+             "mean": mean, "std": std, "subset": args.subset}
+    recipe = recipe_of({"recipe": args.recipe, "mean": mean, "std": std})
     val_set = None
     if args.val:
         if args.val >= len(train_set):
-            raise UserError(f"--val {args.val} holds out every training image (there are {len(train_set):,})")
+            raise UserError(f"--val {args.val} holds out every training image (there are "
+                            f"{len(train_set):,})")
         kept, held = validation_split(train_set.targets, args.val)
         train_set, val_set = select(train_set, kept), select(train_set, held)
     if args.subset and args.subset >= len(train_set):  # the whole set: not a subset run in table.py
-        notes.append(f"note: --subset {args.subset} covers the whole training set ({len(train_set):,} images): "
-                     f"recorded as no subset")
-        args.subset = None
-    if args.subset:
+        notes.append(f"note: --subset {args.subset} covers the whole training set "
+                     f"({len(train_set):,} images): recorded as no subset")
+        facts["subset"] = None
+    if facts["subset"]:
         train_set.truncate(args.subset)
-    # Seeded again at the start of every epoch (training.seed_epoch); every rank draws the same
+    # Seeded again at the start of every epoch (recipe.seed_epoch); every rank draws the same
     # epoch, then takes its shard.
     generator = torch.Generator(device if args.loader == "device" else "cpu")
     generator.manual_seed(args.seed)
-    train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers, generator, processes)
-    evaluation = lambda split: make_loader(args.loader, split, max(args.b, 256), recipe, device, False, args.workers,
-                                           processes=processes)
+    train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers,
+                        generator, processes)
+
+    def evaluation(split):
+        return make_loader(args.loader, split, max(args.b, 256), recipe, device, False,
+                           args.workers, processes=processes)
+
     test, val = evaluation(test_set), evaluation(val_set) if val_set is not None else None
     gate_images = next(iter(test))[0][:8] if args.gate_images else None  # the same every time
-    return TrainingData(train_set, train, test, val, generator, gate_images, recipe)
+    return TrainingData(train_set, train, test, val, generator, gate_images, recipe, facts)
 
 
 def trained_on(saved: dict, data=None) -> ImageArray:

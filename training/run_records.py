@@ -1,7 +1,7 @@
 """A run folder's records read back, torch-free: its arguments (args.json), its metrics.csv, and its
 identity, for table.py (the table) and reproduce.py (what is done).
 
-A run's identity is every value that changes its result: the identity options of conf/run_options.py,
+A run's identity is every value that changes its result: the identity options of training/options.py,
 older runs' missing keys filled in with what they stood for, and any args.json key that the options
 table does not classify (the safe default: such a run is never averaged with one that lacks the key).
 Seeds are averaged only within one identity.
@@ -15,8 +15,9 @@ from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
-from conf import run_options, settings
-from conf.run_options import OPTIONS, REQUIRED
+from conf import settings
+from training import options as run_options
+from training.options import OPTIONS, REQUIRED
 
 # The identity options, then the unclassified keys as sorted (key, value) pairs.
 Identity = namedtuple("Identity", [*run_options.IDENTITY, "unclassified"])
@@ -96,7 +97,7 @@ def run_args(folder: Path) -> dict:
         except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
             raise UnreadableRun(f"args.json is not valid JSON ({e})") from None
     elif (folder / "last.pth").is_file():
-        import checkpoints  # torch is only needed for this fallback
+        from training import checkpoints  # torch is only needed for this fallback
         try:
             args = checkpoints.load_checkpoint(folder / "last.pth")["args"]
         except checkpoints.UserError as e:

@@ -1,0 +1,236 @@
+"""A run's arguments, settled once. settle() takes what the command line gave (training/cli.py: None
+where nothing was given) and, for a resume, what the run recorded, and returns the complete, checked
+arguments that the run trains with and records in args.json, every derived default filled. Once the
+data is open, with_data() adds what the data says (dataset, classes, normalization) and, on a
+resume, what changed. What each option means: training/options.py.
+
+A resume takes the run's recorded values, each checked by its option's own type, then the values
+the command line may change (options.RESUMABLE_OVERRIDES) and where to read and write
+(options.WHERE_OPTIONS); anything else given is ignored, with a note.
+"""
+import json
+import os
+import sys
+import uuid
+from argparse import Namespace
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from conf import settings
+from training import checkpoints, options
+from training.options import OPTIONS, SWITCH, TOGGLE, BadValue
+from training.speed import SpeedSettings, cuda_graphs_obstacle, native_cpu_bf16
+from utils import UserError
+
+
+@dataclass
+class Settled:
+    args: Namespace  # what the run trains with and records in args.json
+    speed: SpeedSettings  # how it runs on this device
+    checkpoint: Optional[dict]  # the checkpoint being resumed, or None
+    notes: list  # for the log, printed once the run folder is open
+
+
+def settle(given: Namespace, device, world: int) -> Settled:
+    """The complete arguments of the run that `given` (a parsed command line) starts or resumes, on
+    `device` with `world` processes."""
+    if given.resume is None:
+        values, checkpoint = {**options.NEW_RUN_DEFAULTS, **typed(given)}, None
+    else:
+        path = checkpoint_to_resume(given)
+        checkpoint = checkpoints.load_checkpoint(path)
+        values = resumed_values(given, checkpoint["args"], path)
+    fill_run_defaults(values)
+    speed, notes = fill_device_defaults(values, device, world)
+    return Settled(Namespace(**values), speed, checkpoint, notes)
+
+
+def typed(given: Namespace) -> dict:
+    """The options given on the command line."""
+    return {name: value for name, value in vars(given).items() if value is not None}
+
+
+# ---------------------------------------------------------------- resuming
+
+def checkpoint_to_resume(given: Namespace) -> Path:
+    """The last.pth that --resume names: a file, a run folder's, or (alone) the newest of -net/-att."""
+    if given.resume == "newest":
+        net = given.net or OPTIONS["net"].default
+        att = given.att or OPTIONS["att"].default
+        runs = Path(given.checkpoint_dir or settings.CHECKPOINT_DIR) / f"{net}_{att}"
+        candidates = list(runs.glob("*/last.pth"))
+        if not candidates:
+            raise UserError(f"nothing to resume: no */last.pth under {runs}")
+        # A copy (cp -r run run.bak) is newer on disk, but its args.json names the original's
+        # folder, which is still there (a renamed run's is not).
+        names = {path.parent.name for path in candidates}
+        copies = [path for path in candidates if recorded_name(path.parent) not in
+                  (path.parent.name, None) and recorded_name(path.parent) in names]
+        originals = [p for p in candidates if p not in copies] or candidates
+        path = max(originals, key=lambda p: p.stat().st_mtime)
+    else:
+        path = checkpoints.checkpoint_file(given.resume)
+    if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
+        raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with "
+                        f"--resume {path.parent}")
+    return path
+
+
+def recorded_name(folder: Path):
+    """The run name that a run folder's args.json records, or None."""
+    try:
+        return json.loads((folder / "args.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resumed_values(given: Namespace, recorded, path: Path) -> dict:
+    """The resumed run's arguments: its recorded ones (today's defaults for keys an older run
+    lacks), what this command may change, and where it reads and writes."""
+    values = {**options.NEW_RUN_DEFAULTS, **checked_recorded(recorded, path)}
+    given_now = typed(given)
+    for name in options.RESUMABLE_OVERRIDES:
+        if name in given_now:
+            values[name] = given_now[name]
+    for name in options.WHERE_OPTIONS:  # where this command reads and writes, not the run once did
+        values[name] = given_now.get(name, options.NEW_RUN_DEFAULTS[name])
+    values["resume"], values["run"] = str(path), path.parent.name
+    kept = set(options.GIVEN_ON_RESUME)
+    if given.resume == "newest":
+        kept |= {"net", "att"}  # they picked the newest run
+    ignored = [options.flag(name) for name in given_now if name not in kept]
+    if ignored:
+        print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(ignored)}",
+              file=sys.stderr)
+    return values
+
+
+def checked_recorded(recorded, path: Path) -> dict:
+    """The arguments a checkpoint recorded, each option's value checked by its own type: refused
+    with a message when it could not have come from this script."""
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: its recorded arguments are a {type(recorded).__name__}, not a dict")
+    missing = [key for key in ("net", "att") if key not in recorded]
+    if missing:
+        raise UserError(f"{path}: its recorded arguments lack {', '.join(missing)}")
+    values = dict(recorded)
+    for name, value in recorded.items():
+        option = OPTIONS.get(name)
+        if value is None or option is None or not option.option or name in options.NOT_RESUMED:
+            continue
+        try:
+            values[name] = checked_value(name, value)
+        except BadValue as e:
+            raise UserError(f"{path}: its recorded arguments cannot be resumed ({e})") from None
+    return values
+
+
+def checked_value(name: str, value):
+    """A recorded value as option `name` takes it from a command line, or BadValue."""
+    option = OPTIONS[name]
+    if option.form in (SWITCH, TOGGLE):
+        if not isinstance(value, bool):
+            raise BadValue(f"{name} is {value!r}, not true or false")
+        return value
+    where = f"argument {'/'.join(option.flags)}"
+    try:
+        parsed = option.type(str(value)) if option.type else str(value)
+    except BadValue as e:
+        raise BadValue(f"{where}: {e}") from None
+    allowed = option.allowed()
+    if allowed and parsed not in allowed:
+        choices = ", ".join(map(repr, allowed))
+        raise BadValue(f"{where}: invalid choice: {parsed!r} (choose from {choices})")
+    return parsed
+
+
+# ---------------------------------------------------------------- derived defaults
+
+def fill_run_defaults(values: dict) -> None:
+    """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name
+    and id."""
+    values["epochs"] = values["epochs"] or settings.EPOCHS
+    # Recorded as an absolute path: test.py, gradcam.py and a resume find it from any folder.
+    values["data"] = os.path.abspath(values["data"] or settings.DATA_DIR)
+    if values["warm"] is None:
+        values["warm"] = options.recipe_warm(values)
+    values["run_id"] = values.get("run_id") or uuid.uuid4().hex  # its TensorBoard folder's name
+    # The start time and the seed: two seeds started in the same second get two folders.
+    started = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    values["run"] = values["run"] or f"{started}-seed{values['seed']}"
+
+
+def fill_device_defaults(values: dict, device, world: int) -> tuple[SpeedSettings, list[str]]:
+    """The run's SpeedSettings and the other values whose defaults depend on the device, filled in
+    `values` (with the number of processes); the notes for the log."""
+    cuda = device.type == "cuda"
+    if values["sync_bn"] and world > 1 and not cuda:
+        raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+    # None: not given (off for a new run, as it was for an old one).
+    values["deterministic"] = bool(values["deterministic"])
+    speed = SpeedSettings.resolve(device, values["amp"], values["channels_last"], values["compile"],
+                                  values["att"], values["cuda_graphs"], world,
+                                  values["deterministic"] and cuda)
+    notes = []
+    if values["deterministic"] and not cuda:
+        notes.append("note: --deterministic changes nothing here: runs on the CPU are deterministic "
+                     "already")
+    emulated = speed.amp == "fp16" or speed.amp == "bf16" and not native_cpu_bf16()
+    if device.type == "cpu" and emulated:
+        notes.append(f"warning: this CPU emulates --amp {speed.amp}, much slower than --amp off")
+    if values["cuda_graphs"] and not speed.cuda_graphs:
+        why = cuda_graphs_obstacle(device, speed.compile, world)
+        notes.append(f"note: CUDA graphs off: {why}")
+    # cuda_graphs stays as asked (None: wherever they apply): a run that passes through the CPU or
+    # torchrun gets them back on one GPU.
+    values.update(amp=speed.amp, channels_last=speed.channels_last, compile=speed.compile)
+    values["loader"] = values["loader"] or "device"
+    if values["workers"] is None:
+        values["workers"] = 4 if cuda else 0
+    values["world"] = world
+    return speed, notes
+
+
+# ---------------------------------------------------------------- what the data says
+
+def with_data(settled: Settled, facts: dict, device_type: str, world: int) -> None:
+    """Record the data's facts (dataset, classes, normalization, subset) in the arguments; on a
+    resume, what changed, in the notes (and in changed_on_resume when it makes a mixed run)."""
+    vars(settled.args).update(facts)
+    if settled.checkpoint:
+        settled.notes += resume_notes(settled.checkpoint, settled.args, device_type, world)
+
+
+def changed_arguments(saved: dict, args, names) -> list[str]:
+    """'name then -> now' for each of `names` whose recorded value is not this run's."""
+    return [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
+            if saved.get(name) != getattr(args, name)]
+
+
+def resume_notes(checkpoint, args, device_type: str, world: int) -> list[str]:
+    """What a resume changed, for the log. One that changes what table.py counts as a run's
+    identity (precision, processes, data) makes a mixed run: args.changed_on_resume says so, and
+    table.py lists it apart. One that changes the arithmetic continues, but not bitwise."""
+    notes, saved = [], checkpoint["args"]
+    names = [name for name in options.IDENTITY_CHANGES_ON_RESUME if name in saved]
+    changes = changed_arguments(saved, args, names)
+    if changes:
+        now = f"{', '.join(changes)} at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
+        args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
+        notes.append(f"note: {now}: a mixed run, which table.py lists apart")
+    # --deterministic picks other kernels on CUDA only.
+    arithmetic = [name for name in options.arithmetic_on_resume(vars(args))
+                  if name != "deterministic" or device_type == "cuda"]
+    changes = changed_arguments(saved, args, arithmetic)
+    if checkpoint["format"] == 1:
+        changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
+    for what, then, now in (("device", checkpoint.get("device"), device_type),
+                            ("processes", checkpoint.get("world"), world)):
+        if checkpoint["format"] > 1 and then != now:
+            changes.append(f"{what} {then} -> {now}")
+    if changes:
+        notes.append(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would "
+                     f"have without the interruption")
+    return notes

@@ -15,14 +15,14 @@ Configurations (--configs), each training with the trainer's own step (engine.tr
 eager on the CPU, where compiling takes minutes). Each configuration ends with a line
 `result: <net> + <att> | <config> | batch <b> | <N> images/s | <device> | commit <hash>`.
 With --table-rows, instead: the trainer's default configuration for every row reproduce.py trains,
-and the device-hours of the whole table. With --profile, each configuration's top operations by device time. Also the data paths alone, EMA
-alone as the trainer runs it (each of the network's EMA shapes: its share of the step; on a GPU with
-Triton, the PyTorch and the fused path, beside the memory floor and the card's copy rate) and against
-the authors' operations, the model FLOPs utilization on a GPU, and proxies of GPU
-speed that any device can measure: host synchronisations and ATen operations per training step,
-graphs and graph breaks under torch.compile. Warm-up steps (which
-include compiling) are not timed; the device is synchronized before every clock read. Speed is
-measured here, never in tests.
+and the device-hours of the whole table. With --profile, each configuration's top operations by
+device time. Also the data paths alone, EMA alone as the trainer runs it (each of the network's EMA
+shapes: its share of the step; on a GPU with Triton, the PyTorch and the fused path, beside the
+memory floor and the card's copy rate) and against the authors' operations, the model FLOPs
+utilization on a GPU, and proxies of GPU speed that any device can measure: host synchronisations
+and ATen operations per training step, graphs and graph breaks under torch.compile. Warm-up steps
+(which include compiling) are not timed; the device is synchronized before every clock read. Speed
+is measured here, never in tests.
 """
 import argparse
 import collections
@@ -56,7 +56,8 @@ CONFIGS = ("classic", "eager", "compiled", "compiled-cl", "graphs", "graphs-cl",
 GPU_CONFIGS = ("classic", "eager", "compiled", "graphs", "graphs-cl") + (
     ("graphs-fused",) if ema_fused.available() else ())
 CUDA_GRAPHS_CONFIGS = {"graphs", "graphs-cl", "graphs-fused", "graphs-deterministic"}
-FUSED_CONFIGS = {"graphs-fused"}  # EMA's fused Triton kernels (EMA(fused=True)) instead of its PyTorch path
+# EMA's fused Triton kernels (EMA(fused=True)) instead of its PyTorch path
+FUSED_CONFIGS = {"graphs-fused"}
 EPOCH_IMAGES = 50_000
 
 
@@ -66,32 +67,44 @@ def parse_args(argv=None):
     cli.add_model(p, net="resnet50", att="ema")
     p.add_argument("-b", "--b", "--batch-size", dest="b", type=int, default=128 if cuda else 32,
                    help="batch size (default 128 on a GPU, 32 on the CPU)")
-    p.add_argument("--steps", type=int, default=50 if cuda else 5, help="timed steps per configuration (default 50 on a GPU, 5 on the CPU)")
-    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first, compiling included (default 10 on a GPU, 2 on the CPU)")
-    p.add_argument("--workers", type=int, default=4 if cuda else 0, help="classic loader processes (default 4 on a GPU, 0 on the CPU)")
+    p.add_argument("--steps", type=int, default=50 if cuda else 5,
+                   help="timed steps per configuration (default 50 on a GPU, 5 on the CPU)")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 2,
+                   help="untimed steps first, compiling included (default 10 on a GPU, 2 on the "
+                        "CPU)")
+    p.add_argument("--workers", type=int, default=4 if cuda else 0,
+                   help="classic loader processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--recipe", default="classic", choices=list(settings.RECIPES),
-                   help="whose augmentations both paths run (default classic, which has the rotation)")
+                   help="whose augmentations both paths run (default classic, which has the "
+                        "rotation)")
     cli.add_data(p)
     cli.add_amp(p)
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(GPU_CONFIGS if cuda else CONFIGS[:2]),
-                   help="configurations to time (default: all but compiled-cl on a GPU, classic and eager on the CPU)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS,
+                   default=list(GPU_CONFIGS if cuda else CONFIGS[:2]),
+                   help="configurations to time (default: all but compiled-cl on a GPU, classic "
+                        "and eager on the CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--table-rows", action="store_true",
-                   help="time instead the trainer's default configuration for every row reproduce.py trains, "
-                        "with the GPU-hours of the whole table")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row for --table-rows' total (default 3)")
+                   help="time instead the trainer's default configuration for every row "
+                        "reproduce.py trains, with the GPU-hours of the whole table")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds per row for --table-rows' total (default 3)")
     p.add_argument("--ema-alone", action="store_true",
-                   help="only EMA against the authors' formulation (FoldedEMA), over the network's EMA shapes at "
-                        "batch 16 in fp32, eager and compiled: a minute or two on the CPU")
+                   help="only EMA against the authors' formulation (FoldedEMA), over the network's "
+                        "EMA shapes at batch 16 in fp32, eager and compiled: a minute or two on "
+                        "the CPU")
     p.add_argument("--profile", action="store_true",
-                   help="after timing each configuration, print its top operations by device time (3 steps)")
+                   help="after timing each configuration, print its top operations by device time "
+                        "(3 steps)")
     args = p.parse_args(argv)
     for name in ("b", "steps", "warmup", "workers"):
         if getattr(args, name) < (1 if name in ("b", "steps") else 0):
             p.error(f"--{name} is out of range: {getattr(args, name)}")
     if args.warmup < 2 and CUDA_GRAPHS_CONFIGS & set(args.configs):
         p.error("--warmup must be 2 or more with the graphs configurations: their first call runs "
-                "eagerly and their second records the graphs, neither of which a timed step should include")
+                "eagerly and their second records the graphs, neither of which a timed step should "
+                "include")
     return args
 
 
@@ -101,8 +114,8 @@ def synchronize(device):
 
 
 def timed(step, device, warmup: int, repeats: int) -> tuple[float, float]:
-    """step() `warmup` times, then `repeats` times on the clock: (seconds of the warm-up, seconds per
-    timed call)."""
+    """step() `warmup` times, then `repeats` times on the clock: (seconds of the warm-up, seconds
+    per timed call)."""
     start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -123,7 +136,8 @@ def training_images(args) -> tuple[loaders.ImageArray, str]:
         return dataset, f"CIFAR-100 from {folder}"
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return loaders.ImageArray(data, rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
+    return loaders.ImageArray(data,
+                              rng.integers(0, 100, n).tolist()), "random images of CIFAR's shape"
 
 
 def endless(loader):
@@ -203,13 +217,14 @@ def step_proxies(runner: StepRunner) -> tuple[int, float]:
     return ops.count, len(syncs.calls) / steps
 
 
-EMA_BATCH = 16  # EMA against the authors': small, so that compiling every shape takes a minute on a CPU
+# EMA against the authors': small, so that compiling every shape takes a minute on a CPU
+EMA_BATCH = 16
 
 
 def ema_comparison(device, shape, compiled: bool, rounds: int) -> dict:
-    """Milliseconds of one forward + backward of EMA and of FoldedEMA (the authors' formulation) on an
-    fp32 input of `shape`, with the same weights: the two timed in alternation, each round's time the
-    mean of two calls, the fastest round kept (a shared CPU's noise only ever adds time)."""
+    """Milliseconds of one forward + backward of EMA and of FoldedEMA (the authors' formulation) on
+    an fp32 input of `shape`, with the same weights: the two timed in alternation, each round's time
+    the mean of two calls, the fastest round kept (a shared CPU's noise only ever adds time)."""
     torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn_like(x)
@@ -234,21 +249,24 @@ def ema_comparison(device, shape, compiled: bool, rounds: int) -> dict:
 
 
 def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
-    """Each distinct (C, H, W) that an EMA of `net` sees on CIFAR's 32x32 images, and how many do."""
+    """Each distinct (C, H, W) that an EMA of `net` sees on CIFAR's 32x32 images, and how many
+    do."""
     model = models.create_model(net, "ema", settings.NUM_CLASSES).eval()
     shapes = collections.Counter()
     for module in model.modules():
         if isinstance(module, EMA):
-            module.register_forward_hook(lambda _, inputs, __: shapes.update([tuple(inputs[0].shape[1:])]))
+            module.register_forward_hook(
+                lambda _, inputs, __: shapes.update([tuple(inputs[0].shape[1:])]))
     with torch.no_grad():
         model(torch.zeros(1, 3, 32, 32))
     return list(shapes.items())
 
 
-def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int, fused: bool = False) -> float:
+def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int,
+                fused: bool = False) -> float:
     """Milliseconds of one EMA's forward + backward on an input of `shape`, run the way the trainer
-    runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast as
-    a block's last BatchNorm hands it over."""
+    runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast
+    as a block's last BatchNorm hands it over."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
     module = EMA(shape[1], fused=fused).to(speed.device)
@@ -275,17 +293,20 @@ def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int, fused: b
 def commit() -> str:
     """This checkout's commit, marked when files differ from it: what a result line measured."""
     def git(*words):
-        return subprocess.run(["git", *words], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+        return subprocess.run(["git", *words], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True,
                               text=True).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD") or "unknown"
-        return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        return head + (" + uncommitted changes" if git("status", "--porcelain",
+                                                       "--untracked-files=no") else "")
     except OSError:  # no git
         return "unknown"
 
 
 def copy_bandwidth(device) -> float:
-    """Bytes/s that one large copy moves on this device (read + write): the memory floor's yardstick."""
+    """Bytes/s that one large copy moves on this device (read + write): the memory floor's
+    yardstick."""
     x = torch.empty(256 * 2 ** 20, dtype=torch.float32, device=device)  # 1 GiB
     y = torch.empty_like(x)
     _, seconds = timed(lambda: y.copy_(x), device, 2, 5)
@@ -324,7 +345,8 @@ def peak_flops(args, device):
         return None
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name(device)), None)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name(device)),
+                None)
 
 
 def main(argv=None) -> int:
@@ -343,50 +365,63 @@ def benchmark(args):
         return print_ema_comparison(args, device)
     if args.table_rows:
         return time_table_rows(args, device)
-    if "graphs-deterministic" in args.configs:  # read when cuBLAS starts, before any configuration runs
+    # read when cuBLAS starts, before any configuration runs
+    if "graphs-deterministic" in args.configs:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type != "cuda" and CUDA_GRAPHS_CONFIGS & set(args.configs):
-        raise utils.UserError(f"--configs {', '.join(sorted(CUDA_GRAPHS_CONFIGS))} need a CUDA device; this "
-                              f"machine has {device.type} only: leave them out")
+        raise utils.UserError(
+            f"--configs {', '.join(sorted(CUDA_GRAPHS_CONFIGS))} need a CUDA device; this "
+            f"machine has {device.type} only: leave them out")
     if FUSED_CONFIGS & set(args.configs) and not ema_fused.available():
-        raise utils.UserError("--configs graphs-fused needs Triton, which this torch does not have: leave it out")
+        raise utils.UserError(
+            "--configs graphs-fused needs Triton, which this torch does not have: leave it out")
     recipe = settings.RECIPES[args.recipe]
     dataset, source = training_images(args)
     generator = torch.Generator(device).manual_seed(0)
-    paths = {"workers": loaders.make_loader("workers", dataset, args.b, recipe, device, True, args.workers,
+    paths = {"workers": loaders.make_loader("workers", dataset, args.b, recipe, device, True,
+                                            args.workers,
                                             torch.Generator().manual_seed(0)),
-             "device": loaders.make_loader("device", dataset, args.b, recipe, device, True, generator=generator)}
+             "device": loaders.make_loader("device", dataset, args.b, recipe, device, True,
+                                           generator=generator)}
     configs = configurations(device, args)
 
-    # What runs (EMA's 3x3 branch by algebra), for the utilization; params.py counts the paper's way.
-    mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES), executed=True)
+    # What runs (EMA's 3x3 branch by algebra), for the utilization; params.py counts the paper's
+    # way.
+    mflops = models.count_mflops(models.create_model(args.net, args.att, settings.NUM_CLASSES),
+                                 executed=True)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"{args.net} + {args.att}: {mflops:.0f} forward MFLOPs per image; batch {args.b}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; {source}")
+          f"{args.warmup} warm-up + {args.steps} timed steps; {args.recipe} augmentations; "
+          f"{source}")
 
     print_data_paths(args, paths, device)
     print_proxies(args, paths["device"], configs["eager"][1])
 
     peak = peak_flops(args, device)
-    print(f"\ntraining (images/s; 200 epochs = {200 * EPOCH_IMAGES:,} images, training steps only):")
+    print(
+        f"\ntraining (images/s; 200 epochs = {200 * EPOCH_IMAGES:,} images, training steps only):")
     rates = {}
     for name in args.configs:
         loader, speed = configs[name]
-        runner = None  # the last configuration's model, gradients and graphs freed before the next is built
+        # the last configuration's model, gradients and graphs freed before the next is built
+        runner = None
         runner = StepRunner(args, paths[loader], speed, fused_ema=name in FUSED_CONFIGS)
         warm_s, step_s = runner.timed(args.warmup, args.steps)
         rates[name] = args.b / step_s
         mfu = f"   MFU {3 * mflops * 1e6 * rates[name] / peak:5.1%}" if peak else ""
         ratio = f"   {rates[name] / rates['classic']:5.2f}x classic" if "classic" in rates else ""
         print(f"  {name:<12} {describe(loader, speed):<60} {rates[name]:9.1f}{ratio}{mfu}   "
-              f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up {warm_s:.0f} s)")
-        print(f"  result: {args.net} + {args.att} | {name} | batch {args.b} | {rates[name]:.0f} images/s | "
-              f"{device_name(device)} | commit {commit()}")
+              f"200 epochs {200 * EPOCH_IMAGES / rates[name] / 3600:6.2f} h   (warm-up "
+              f"{warm_s:.0f} s)")
+        print(
+            f"  result: {args.net} + {args.att} | {name} | batch {args.b} | {rates[name]:.0f} "
+            f"images/s | {device_name(device)} | commit {commit()}")
         if args.profile:
             print(runner.profile_table())
     if device.type == "cuda":
         print("  MFU: 3 x forward FLOPs x images/s / " +
-              (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass --peak-tflops"))
+              (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass "
+                                                                         "--peak-tflops"))
 
     if args.att == "ema":
         runner = None  # the last configuration's model and graphs freed before EMA's own
@@ -397,16 +432,21 @@ def benchmark(args):
 def print_data_paths(args, paths, device):
     data_batches = max(args.steps, 10)
     workers_rate = data_rate(paths["workers"], device, data_batches)
-    workers_per_core = workers_rate / max(args.workers, 1)  # each worker (or the main process) is one core
+    # each worker (or the main process) is one core
+    workers_per_core = workers_rate / max(args.workers, 1)
     device_rate = data_rate(paths["device"], device, data_batches)
     print("\ndata path alone (images/s):")
-    print(f"  workers loader ({args.workers} workers): {workers_rate:10.0f}   per core {workers_per_core:9.0f}")
+    print(
+        f"  workers loader ({args.workers} workers): {workers_rate:10.0f}   per core "
+        f"{workers_per_core:9.0f}")
     if device.type == "cpu":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core, measured, rather than the all-threads rate divided
         device_per_core = data_rate(paths["device"], device, data_batches)
         torch.set_num_threads(threads)
-        print(f"  device loader ({threads} threads):   {device_rate:10.0f}   per core {device_per_core:9.0f} (1 thread)")
+        print(
+            f"  device loader ({threads} threads):   {device_rate:10.0f}   per core "
+            f"{device_per_core:9.0f} (1 thread)")
         print(f"  device / workers per core:  {device_per_core / workers_per_core:.1f}x")
     else:
         print(f"  device loader (on the GPU): {device_rate:10.0f}")
@@ -427,29 +467,37 @@ def print_proxies(args, loader, speed):
 
 
 def time_table_rows(args, device, rows=settings.TRAINED_ROWS):
-    """--table-rows: each row of the paper's table that reproduce.py trains, in the trainer's default
-    configuration on this device (the paper recipe's data path), its images/s and the hours of a
-    200-epoch run (training steps only); then the table's total for --seeds seeds, and the rows far
-    below their network's baseline."""
+    """--table-rows: each row of the paper's table that reproduce.py trains, in the trainer's
+    default configuration on this device (the paper recipe's data path), its images/s and the hours
+    of a 200-epoch run (training steps only); then the table's total for --seeds seeds, and the rows
+    far below their network's baseline."""
     recipe = settings.RECIPES["paper"]
     dataset, source = training_images(args)
-    print(f"device: {device_name(device)}; torch {torch.__version__}; batch {args.b}; {args.warmup} warm-up + "
-          f"{args.steps} timed steps per row; {source}\n\nthe table's rows, the trainer's defaults (images/s):")
+    print(
+        f"device: {device_name(device)}; torch {torch.__version__}; batch {args.b}; {args.warmup} "
+        f"warm-up + {args.steps} timed steps per row; {source}\n\nthe table's rows, the trainer's "
+        "defaults (images/s):")
     rates, hours = {}, 0.0
     for net, att in rows:
         speed = SpeedSettings.resolve(device, args.amp, attention=att)
         loader = loaders.make_loader("device", dataset, args.b, recipe, device, True,
                                      generator=torch.Generator(device).manual_seed(0))
-        runner = StepRunner(argparse.Namespace(**{**vars(args), "net": net, "att": att}), loader, speed)
+        runner = StepRunner(argparse.Namespace(**{**vars(args), "net": net, "att": att}), loader,
+                            speed)
         rates[net, att] = args.b / runner.timed(args.warmup, args.steps)[1]
         runner = None  # freed before the next row's model is built
         hours += 200 * EPOCH_IMAGES / rates[net, att] / 3600 * args.seeds
-        print(f"  {net + ' + ' + att:<18} {speed.describe():<40} {rates[net, att]:9.1f}   200 epochs "
-              f"{200 * EPOCH_IMAGES / rates[net, att] / 3600:6.2f} h")
-        print(f"  result: {net} + {att} | default | batch {args.b} | {rates[net, att]:.0f} images/s | "
-              f"{device_name(device)} | commit {commit()}")
-    print(f"the table: {len(rows)} rows x {args.seeds} seeds = {hours:.1f} device-hours of training steps")
-    slow = [f"{net} + {att} ({rate / rates[net, 'none']:.2f}x its baseline)" for (net, att), rate in rates.items()
+        print(
+            f"  {net + ' + ' + att:<18} {speed.describe():<40} {rates[net, att]:9.1f}   200 epochs "
+            f"{200 * EPOCH_IMAGES / rates[net, att] / 3600:6.2f} h")
+        print(
+            f"  result: {net} + {att} | default | batch {args.b} | {rates[net, att]:.0f} images/s "
+            f"| {device_name(device)} | commit {commit()}")
+    print(
+        f"the table: {len(rows)} rows x {args.seeds} seeds = {hours:.1f} device-hours of training "
+        "steps")
+    slow = [f"{net} + {att} ({rate / rates[net, 'none']:.2f}x its baseline)" for (net, att),
+            rate in rates.items()
             if (net, "none") in rates and rate < 0.5 * rates[net, "none"]]
     print(f"below half their network's baseline rate: {', '.join(slow) or 'none'}")
 
@@ -469,7 +517,8 @@ def print_ema_as_trained(args, device, configs, rates):
         modules += count
         # The floor: a forward reads x and writes the output, a backward reads x and the output's
         # gradient and writes the input's: 5 tensors of x's size.
-        floor = 5 * args.b * c * h * w * (torch.finfo(speed.amp_dtype).bits // 8 if speed.amp_dtype else 4)
+        floor = 5 * args.b * c * h * w * (
+            torch.finfo(speed.amp_dtype).bits // 8 if speed.amp_dtype else 4)
         cells = []
         for path in paths:
             ms = ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3), max(args.steps, 3),
@@ -477,15 +526,19 @@ def print_ema_as_trained(args, device, configs, rates):
             totals[path] += count * ms
             cells.append(f"{path} {ms:8.3f} ms")
         if fused:
-            cells.append(f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused at "
-                         f"{floor / (ms / 1e3) / bandwidth:5.1%} of the copy rate")
-        print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} {'module ' if count == 1 else 'modules'}  "
-              + "   ".join(cells))
+            cells.append(
+                f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused at "
+                f"{floor / (ms / 1e3) / bandwidth:5.1%} of the copy rate")
+        print(
+            f"  input {f'({c}, {h}, {w})':<15} x {count:2d} "
+            f"{'module ' if count == 1 else 'modules'}  "
+            + "   ".join(cells))
     for path in paths:
         trained = next((name for name, (loader, config_speed) in configs.items()
                         if loader == "device" and config_speed == speed and name in rates
                         and (name in FUSED_CONFIGS) == (path == "fused")), None)
-        step = f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms" if trained else ""
+        step = (f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms"
+                if trained else "")
         print(f"  {path} path, all {modules} modules: {totals[path]:.2f} ms a step{step}")
 
 
@@ -496,20 +549,26 @@ def print_ema_comparison(args, device):
     modules = sum(count for _, count in shapes)
     # Compiling every shape twice takes minutes on a CPU: there, with --ema-alone only.
     for compiled in (False, True) if device.type == "cuda" or args.ema_alone else (False,):
-        print(f"\nEMA alone against the authors' formulation (FoldedEMA), {'compiled' if compiled else 'eager'}, "
-              f"fp32, forward + backward, batch {EMA_BATCH}, {args.net}'s {modules} modules:")
+        print(
+            "\nEMA alone against the authors' formulation (FoldedEMA), "
+            f"{'compiled' if compiled else 'eager'}, fp32, forward + backward, batch {EMA_BATCH}, "
+            f"{args.net}'s {modules} modules:")
         totals = {"ours": 0.0, "authors": 0.0}
         for (c, h, w), count in shapes:
             ms = ema_comparison(device, (EMA_BATCH, c, h, w), compiled, max(args.steps, 3))
             for name in totals:
                 totals[name] += count * ms[name]
-            print(f"  input {f'({c}, {h}, {w})':<15} x {count:2d} {'module ' if count == 1 else 'modules'}  "
-                  f"ours {ms['ours']:8.2f} ms   authors {ms['authors']:8.2f} ms   {ms['authors'] / ms['ours']:5.2f}x")
-        print(f"  all {modules} modules: ours {totals['ours']:.1f} ms, authors {totals['authors']:.1f} ms: "
-              f"{totals['authors'] / totals['ours']:.2f}x")
-        print(f"  result: EMA alone | {'compiled' if compiled else 'eager'} | {args.net} x {modules} | batch "
-              f"{EMA_BATCH} | authors/ours {totals['authors'] / totals['ours']:.2f}x | {device_name(device)} | "
-              f"commit {commit()}")
+            print(
+                f"  input {f'({c}, {h}, {w})':<15} x {count:2d} "
+                f"{'module ' if count == 1 else 'modules'}  ours {ms['ours']:8.2f} ms   authors "
+                f"{ms['authors']:8.2f} ms   {ms['authors'] / ms['ours']:5.2f}x")
+        print(
+            f"  all {modules} modules: ours {totals['ours']:.1f} ms, authors "
+            f"{totals['authors']:.1f} ms: {totals['authors'] / totals['ours']:.2f}x")
+        print(
+            f"  result: EMA alone | {'compiled' if compiled else 'eager'} | {args.net} x {modules} "
+            f"| batch {EMA_BATCH} | authors/ours {totals['authors'] / totals['ours']:.2f}x | "
+            f"{device_name(device)} | commit {commit()}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Export a trained network as ONNX, for deployment: eval mode, a dynamic batch dimension.
 
-    pip install -r requirements-export.txt        # onnx, onnxscript, onnxruntime: not needed to train
+    pip install -r requirements-export.txt    # onnx, onnxscript, onnxruntime: not needed to train
     python export.py -weights checkpoint/resnet50_ema/<run>/best.pth --out resnet50_ema.onnx
 
 The file's input "images" is (batch, 3, 32, 32) float32, normalized as the run was (its mean and std
 are in the file's metadata, with the network, the module and the epoch); its output "logits" is
 (batch, classes). Before the file is written, onnxruntime runs it on batches of 1 and 7 images and
-its outputs must equal PyTorch's within --tolerance, relative to the logits' scale; where onnxruntime
-is not installed, that check is skipped, and said. EMA exports through its PyTorch path (the fused kernels are CUDA training kernels).
+its outputs must equal PyTorch's within --tolerance, relative to the logits' scale; where
+onnxruntime is not installed, that check is skipped, and said. EMA exports through its PyTorch path
+(the fused kernels are CUDA training kernels).
 """
 import argparse
 import contextlib
@@ -32,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
     cli.add_model(p)
     cli.add_weights(p)
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=cli.positive(int), default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=cli.positive(int), default=None,
+                   help="ONNX opset (default: the exporter's)")
     p.add_argument("--tolerance", type=cli.positive(float), default=1e-3,
-                   help="largest |onnxruntime - PyTorch| accepted, over max(1, largest |logit|) (default 1e-3)")
+                   help="largest |onnxruntime - PyTorch| accepted, over max(1, largest |logit|) "
+                        "(default 1e-3)")
     return p
 
 
@@ -81,27 +84,33 @@ def export(args) -> None:
     try:
         write_onnx(model, tmp, args.opset)
         proto = onnx.load(str(tmp))
-        metadata = {"net": saved["net"], "att": saved["att"], "att_stages": saved.get("att_stages"),  # None: all
-                    "classes": model_classes(model), "dataset": saved.get("dataset"), "recipe": saved["recipe"],
+        metadata = {"net": saved["net"], "att": saved["att"], "att_stages": saved.get("att_stages"),
+                    # None: all
+                    "classes": model_classes(model), "dataset": saved.get("dataset"),
+                    "recipe": saved["recipe"],
                     "epoch": checkpoint.get("epoch"), "mean": list(mean), "std": list(std),
                     "checkpoint": str(path.resolve())}
-        onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
+        onnx.helper.set_model_props(proto,
+                                    {key: json.dumps(value) for key, value in metadata.items()})
         onnx.save(proto, str(tmp))
         difference = check_with_onnxruntime(model, tmp)
         if difference is not None and difference > args.tolerance:
-            raise ExportMismatch(f"onnxruntime's logits differ from PyTorch's by up to {difference:.3g} of their scale "
-                                 f"(more than --tolerance {args.tolerance:g}); {out} not written")
+            raise ExportMismatch(
+                f"onnxruntime's logits differ from PyTorch's by up to {difference:.3g} of their "
+                f"scale (more than --tolerance {args.tolerance:g}); {out} not written")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {out}: {saved['net']} + {saved['att']} from {path} (input images: (batch, 3, 32, 32) "
-          f"normalized with mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}; "
-          f"output logits: (batch, {model_classes(model)}))")
+    print(
+        f"wrote {out}: {saved['net']} + {saved['att']} from {path} (input images: (batch, 3, 32, "
+        f"32) normalized with mean {tuple(round(m, 4) for m in mean)}, std "
+        f"{tuple(round(s, 4) for s in std)}; output logits: (batch, {model_classes(model)}))")
     if difference is None:
         print("not checked: onnxruntime is not installed (pip install onnxruntime)")
     else:
-        print(f"checked with onnxruntime at batches {' and '.join(map(str, BATCHES))}: largest |difference| in "
-              f"the logits {difference:.2g} of their scale")
+        print(
+            f"checked with onnxruntime at batches {' and '.join(map(str, BATCHES))}: largest "
+            f"|difference| in the logits {difference:.2g} of their scale")
 
 
 def model_classes(model) -> int:
@@ -116,8 +125,10 @@ def write_onnx(model, path: Path, opset) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+            torch.onnx.export(model, (example,), str(path), input_names=["images"],
+                              output_names=["logits"],
+                              dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
+                              verbose=False,
                               external_data=False)  # one file, weights inside
         except Exception as e:
             raise UserError(f"torch.onnx could not export the model: {type(e).__name__}: "
@@ -140,9 +151,11 @@ def check_with_onnxruntime(model, path: Path):
             expected = model(images)
         logits = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
         if logits.shape != expected.shape:
-            raise ExportMismatch(f"onnxruntime's logits have shape {tuple(logits.shape)} at batch {batch}, "
-                                 f"not {tuple(expected.shape)}")
-        largest = max(largest, ((logits - expected).abs().max() / expected.abs().max().clamp(min=1)).item())
+            raise ExportMismatch(
+                f"onnxruntime's logits have shape {tuple(logits.shape)} at batch {batch}, "
+                f"not {tuple(expected.shape)}")
+        largest = max(largest,
+                      ((logits - expected).abs().max() / expected.abs().max().clamp(min=1)).item())
     return largest
 
 

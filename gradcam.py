@@ -1,11 +1,13 @@
 """Grad-CAM of a trained checkpoint on its dataset's test images, as one PNG grid.
 
-    python gradcam.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth --images 16
+    python gradcam.py -net resnet50 -att ema -weights checkpoint/resnet50_ema/<run>/best.pth \
+        --images 16
 
-Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization",
-ICCV 2017: the last stage's feature maps, weighted by the spatial mean of the predicted class's
-gradient with respect to them, summed, ReLU, upsampled to the image. Our own hooks; no extra package.
-Each cell of the grid: the image, its heat-map overlay, the true and the predicted class.
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization", ICCV 2017: the last stage's feature maps, weighted by the spatial mean of the
+predicted class's gradient with respect to them, summed, ReLU, upsampled to the image. Our own
+hooks; no extra package. Each cell of the grid: the image, its heat-map overlay, the true and the
+predicted class.
 """
 import argparse
 import os
@@ -20,9 +22,11 @@ from utils import UserError
 
 
 def check_out(out: Path) -> None:
-    """Refuse, before any work, a file name PIL has no writer for or a folder we cannot write into."""
+    """Refuse, before any work, a file name PIL has no writer for or a folder we cannot write
+    into."""
     if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
-        raise UserError(f"cannot write {out}: PIL writes no image format with that extension (use .png)")
+        raise UserError(
+            f"cannot write {out}: PIL writes no image format with that extension (use .png)")
     folder = out.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise UserError(f"cannot write {out}: {folder} is not a folder we can write into")
@@ -53,7 +57,8 @@ def main(argv=None):
     images, labels = next(iter(loader))
     cams, predicted = pictures.grad_cam(model, images)
     names = dataset.classes
-    captions = [f"true: {names[t]}\npred: {names[p]}" for t, p in zip(labels.tolist(), predicted.tolist())]
+    captions = [f"true: {names[t]}\npred: {names[p]}" for t,
+                p in zip(labels.tolist(), predicted.tolist())]
     grid = pictures.draw_grid(pictures.unnormalize(images, recipe).cpu(), cams.cpu(), captions,
                               min(args.columns, len(captions)))
     try:

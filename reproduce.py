@@ -3,16 +3,16 @@
     python reproduce.py --seeds 3                        # print them (nothing runs)
     python reproduce.py --seeds 3 --run                  # run them one after another
     python reproduce.py --seeds 3 --gpus 0,1,2,3 --run   # one run per GPU at a time
-    python reproduce.py --seeds 1 -net resnet101 --run --epochs 1 --subset 256   # a campaign tried small
+    python reproduce.py --seeds 1 -net resnet101 --run --epochs 1 --subset 256   # tried small
 
-Options reproduce.py does not know are passed on to every job (checked by the training parser first);
--net and -att pick rows of the table. A SIGTERM or SIGHUP to reproduce.py is passed on to the running
-jobs, which save and stop, and nothing more starts.
+Options reproduce.py does not know are passed on to every job (checked by the training parser
+first); -net and -att pick rows of the table. A SIGTERM or SIGHUP to reproduce.py is passed on to
+the running jobs, which save and stop, and nothing more starts.
 
 Rerunning it is safe: finished runs are skipped and interrupted ones resumed, because each run has
-a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read, or that holds
-another run (one of a campaign tried small: other epochs, subset, ...), is skipped with one line
-saying why. Then `python table.py`.
+a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read, or that
+holds another run (one of a campaign tried small: other epochs, subset, ...), is skipped with one
+line saying why. Then `python table.py`.
 """
 import argparse
 import os
@@ -51,8 +51,8 @@ class Job:
 
 def run_state(folder: Path, planned: dict) -> str:
     """"new", "interrupted", "done" or "skipped": a folder that cannot be read, or that holds a run
-    other than the one planned (a campaign tried small, say), is skipped with one line, never resumed
-    or counted as done."""
+    other than the one planned (a campaign tried small, say), is skipped with one line, never
+    resumed or counted as done."""
     checkpoint, metrics = (folder / "last.pth").is_file(), (folder / "metrics.csv").is_file()
     if not metrics and (folder / "best.pth").is_file() and not checkpoint:
         print(f"skipped {folder}: best.pth without last.pth or metrics.csv", file=sys.stderr)
@@ -61,52 +61,63 @@ def run_state(folder: Path, planned: dict) -> str:
         return "new"  # never started
     try:
         args = run_records.run_args(folder)
-        run = run_records.read_run(folder, args) if metrics else None  # None: stopped within its first epoch
+        # None: stopped within its first epoch
+        run = run_records.read_run(folder, args) if metrics else None
         values = {**(run.identity if run else run_records.run_identity(args))._asdict(),
                   "data_format": run_records.data_format(args)}
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
-    other = [f"{key}={values[key]} (planned: {value})" for key, value in planned.items() if values[key] != value]
+    other = [f"{key}={values[key]} (planned: {value})" for key,
+             value in planned.items() if values[key] != value]
     if other:
-        print(f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give this campaign "
-              f"another --checkpoint-dir", file=sys.stderr)
+        print(
+            f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give "
+            f"this campaign another --checkpoint-dir", file=sys.stderr)
         return "skipped"
     if run is None or not run.finished and checkpoint:
         return "interrupted"
     if run.finished:
         return "done"
     # Its results kept, its last.pth gone: nothing to resume, nothing to overwrite.
-    print(f"skipped {folder}: unfinished ({len(run.rows)}/{run.identity.epochs} epochs) and no last.pth to "
-          f"resume", file=sys.stderr)
+    print(
+        f"skipped {folder}: unfinished ({len(run.rows)}/{run.identity.epochs} epochs) and no "
+        f"last.pth to resume", file=sys.stderr)
     return "skipped"
 
 
 def planned_identity(training: list[str], net: str, att: str, recipe: str) -> dict:
-    """The identity values a job's command fixes (with the options passed on), and its --dataset, that a
-    run folder's run must have to be this job's; the others the trainer resolves (precision, the files)."""
-    typed = vars(cli.train_parser().parse_args(training + ["-net", net, "-att", att, "--recipe", recipe]))
-    given = {**options.NEW_RUN_DEFAULTS, **{key: value for key, value in typed.items() if value is not None}}
+    """The identity values a job's command fixes (with the options passed on), and its --dataset,
+    that a run folder's run must have to be this job's; the others the trainer resolves (precision,
+    the files)."""
+    typed = vars(cli.train_parser().parse_args(training
+                                               + ["-net", net, "-att", att, "--recipe", recipe]))
+    given = {**options.NEW_RUN_DEFAULTS,
+             **{key: value for key, value in typed.items() if value is not None}}
     given["warm"] = options.recipe_warm(given) if given["warm"] is None else given["warm"]
     fixed = {key: given[key] for key in options.IDENTITY
              if key in given and options.OPTIONS[key].resume in (options.KEPT, options.EXTENDS)}
-    return fixed | {"data_format": given["data_format"]}  # which --dataset: kept on resume, as the identity
+    # which --dataset: kept on resume, as the identity
+    return fixed | {"data_format": given["data_format"]}
 
 
 def plan(args) -> list[Job]:
     jobs = []
-    rows = [(net, att) for net, att in ROWS if net in (args.net or [net]) and att in (args.att or [att])]
+    rows = [(net, att) for net, att in ROWS if net in (args.net or [net])
+            and att in (args.att or [att])]
     for recipe in args.recipe:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for net, att in rows:
                 name = f"{recipe}-seed{seed}"
                 folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
                 state = run_state(folder, planned_identity(args.training, net, att, recipe))
-                command = [sys.executable, str(TRAINER)] if args.run else ["python", "train_cifar100.py"]
+                command = [sys.executable,
+                           str(TRAINER)] if args.run else ["python", "train_cifar100.py"]
                 if state == "interrupted":
                     command += ["--resume", str(folder)]
                 else:
-                    command += ["-net", net, "-att", att, "--recipe", recipe, "--seed", str(seed), "--run-name", name,
+                    command += ["-net", net, "-att", att, "--recipe", recipe, "--seed", str(seed),
+                                "--run-name", name,
                                 "--checkpoint-dir", args.checkpoint_dir]
                     if args.data:
                         command += ["--data", args.data]
@@ -114,8 +125,9 @@ def plan(args) -> list[Job]:
     return jobs
 
 
-# The exit codes of a job asked to stop: 128 + the signal where it handled it, minus the signal where
-# it was killed by it (a crash, e.g. SIGSEGV, is a failure like any other and the queue goes on).
+# The exit codes of a job asked to stop: 128 + the signal where it handled it, minus the signal
+# where it was killed by it (a crash, e.g. SIGSEGV, is a failure like any other and the queue goes
+# on).
 STOP_CODES = {code for sig in STOP_SIGNALS for code in (128 + sig, -sig)}
 
 
@@ -127,7 +139,8 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
         todo.put(job)
     started, failed, stop, running, stopped_by = [], [], threading.Event(), set(), []
 
-    def pass_on(signum, frame):  # to reproduce.py alone (a kill, a closed session): the jobs save and stop
+    # to reproduce.py alone (a kill, a closed session): the jobs save and stop
+    def pass_on(signum, frame):
         stop.set()
         stopped_by.append(signum)
         for proc in list(running):
@@ -152,7 +165,8 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
             if code in STOP_CODES:  # start nothing more
                 stop.set()
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in handled(STOP_SIGNALS[1:])}  # nohup: ignored
+    # nohup: ignored
+    previous = {sig: signal.signal(sig, pass_on) for sig in handled(STOP_SIGNALS[1:])}
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
     for t in threads:
         t.start()
@@ -173,12 +187,14 @@ def run_all(jobs: list[Job], gpus: list) -> tuple[int, int, int]:
 def check_training_options(p, passed: list[str]) -> None:
     """Options to pass through to every job: the training parser's, minus what each job sets itself;
     otherwise argparse's one line and exit 2."""
-    given, unknown = cli.train_parser(prog="reproduce.py (passed on to train_cifar100.py)").parse_known_args(passed)
+    given, unknown = cli.train_parser(
+        prog="reproduce.py (passed on to train_cifar100.py)").parse_known_args(passed)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     own = [name for name in SET_PER_JOB if getattr(given, name) is not None]
     if own:
-        p.error(f"reproduce.py sets {', '.join(own)} for each job itself; give -net/-att to pick rows")
+        p.error(
+            f"reproduce.py sets {', '.join(own)} for each job itself; give -net/-att to pick rows")
 
 
 def gpu_ids(text):
@@ -194,12 +210,15 @@ def main(argv=None):
     p.add_argument("--seeds", type=cli.positive(int), default=3, help="seeds per row")
     p.add_argument("--first-seed", type=cli.seed, default=0)
     p.add_argument("--recipe", nargs="+", default=["paper"], choices=list(settings.RECIPES))
-    p.add_argument("--gpus", type=gpu_ids, default=[], help="comma-separated GPU ids, one run on each at a time")
+    p.add_argument("--gpus", type=gpu_ids, default=[],
+                   help="comma-separated GPU ids, one run on each at a time")
     p.add_argument("--data", default=None, help="passed on to train_cifar100.py")
     p.add_argument("--checkpoint-dir", default=settings.CHECKPOINT_DIR)
     p.add_argument("--run", action="store_true", help="run the commands instead of printing them")
-    p.add_argument("-net", nargs="+", choices=sorted({net for net, _ in ROWS}), help="only these networks' rows")
-    p.add_argument("-att", nargs="+", choices=sorted({att for _, att in ROWS}), help="only these modules' rows")
+    p.add_argument("-net", nargs="+", choices=sorted({net for net, _ in ROWS}),
+                   help="only these networks' rows")
+    p.add_argument("-att", nargs="+", choices=sorted({att for _, att in ROWS}),
+                   help="only these modules' rows")
     args, args.training = p.parse_known_args(argv)
     check_training_options(p, args.training)
 
@@ -207,18 +226,21 @@ def main(argv=None):
     pending = [job for job in jobs if job.state in ("new", "interrupted")]
     if not args.run:
         for job in jobs:
-            gpu = args.gpus[pending.index(job) % len(args.gpus)] if args.gpus and job in pending else None
+            gpu = args.gpus[
+                pending.index(job) % len(args.gpus)] if args.gpus and job in pending else None
             if job.state == "done":
                 print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done")
             elif job.state != "skipped":  # its warning is above
                 print(job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else ""))
         count = lambda state: sum(job.state == state for job in jobs)
         skipped = f", {count('skipped')} skipped" if count("skipped") else ""
-        print(f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, {count('new')} to start"
-              f"{skipped}", file=sys.stderr)
+        print(
+            f"# {len(jobs)} runs: {count('done')} done, {count('interrupted')} to resume, "
+            f"{count('new')} to start{skipped}", file=sys.stderr)
         return 0
     started, failed, stopped_by = run_all(pending, args.gpus)
-    unstarted = f"; {len(pending) - started} not started (rerun this command to continue)" if started < len(pending) else ""
+    unstarted = (f"; {len(pending) - started} not started (rerun this command to continue)"
+                 if started < len(pending) else "")
     print(f"{started - failed} of {len(pending)} runs ended well{unstarted}; then: python table.py")
     return 128 + stopped_by if stopped_by else 1 if failed else 0
 

@@ -51,7 +51,8 @@ def test(args):
     speed = SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)
     dataset = run_data.trained_on(saved, args.data)
-    loader = loaders.make_loader("device", dataset, args.b, run_data.recipe_of(saved), speed.device, train=False)
+    loader = loaders.make_loader("device", dataset, args.b, run_data.recipe_of(saved), speed.device,
+                                 train=False)
     stats = engine.evaluate(model, loader, speed)
     total, no_norm = models.count_parameters(model)
     mflops = models.count_mflops(model)
@@ -59,7 +60,9 @@ def test(args):
     n = checkpoint["epoch"]
     epochs = "" if n is None else f", after {n} epoch{'s' if n != 1 else ''}"
     stages = f" in stages {saved['att_stages']}" if saved.get("att_stages") else ""
-    print(f"{path}: {net} + {att}{stages}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} test images")
+    print(
+        f"{path}: {net} + {att}{stages}, recipe {saved['recipe']}{epochs}, {len(loader.dataset):,} "
+        "test images")
     print(f"checkpoint layout: {checkpoint['layout']}")
     print(f"top-1 error {100 - stats['top1']:.2f}%  top-5 error {100 - stats['top5']:.2f}%  "
           f"(top-1 {stats['top1']:.2f}%, top-5 {stats['top5']:.2f}%, loss {stats['loss']:.4f})")
@@ -69,10 +72,12 @@ def test(args):
 
 
 def executed_note(model, counted: float) -> str:
-    """Beside the MFLOPs `counted` as the paper counts them (EMA as its authors compute it), once, what
-    this repo's EMA runs: its 3x3 branch by algebra (docs/reference.md, 2.2 EMA)."""
+    """Beside the MFLOPs `counted` as the paper counts them (EMA as its authors compute it), once,
+    what this repo's EMA runs: its 3x3 branch by algebra (docs/reference.md, 2.2 EMA)."""
     executed = models.count_mflops(model, executed=True)
-    return f" (EMA as its authors compute it; this repo's EMA runs {executed:.1f})" if executed != counted else ""
+    if executed == counted:
+        return ""
+    return f" (EMA as its authors compute it; this repo's EMA runs {executed:.1f})"
 
 
 if __name__ == "__main__":

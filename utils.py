@@ -31,7 +31,8 @@ class Distributed:
     def from_environment(cls) -> "Distributed":
         if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                   int(os.environ.get("LOCAL_RANK", 0)))
 
     @property
     def enabled(self) -> bool:
@@ -50,7 +51,8 @@ class Distributed:
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         # device_id binds NCCL's communicator to this GPU now, not at the first collective.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10),
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
         return device
 
@@ -81,7 +83,8 @@ class Distributed:
             dist.barrier()
 
     def broadcast_buffers(self, model: nn.Module) -> None:
-        """Rank 0's BatchNorm statistics everywhere, so every rank evaluates the weights it saves."""
+        """Rank 0's BatchNorm statistics everywhere, so every rank evaluates the weights it
+        saves."""
         if self.enabled:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
@@ -97,8 +100,8 @@ def default_device() -> torch.device:
 # ---------------------------------------------------------------- files
 
 def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> None:
-    """write(file) into a temporary file beside `path` (`tmp`, or path.tmp), then rename: a crash never
-    leaves half a file, and a failed write (a full disk) leaves no temporary file behind."""
+    """write(file) into a temporary file beside `path` (`tmp`, or path.tmp), then rename: a crash
+    never leaves half a file, and a failed write (a full disk) leaves no temporary file behind."""
     tmp = tmp or path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
@@ -110,28 +113,32 @@ def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> Non
         # Measured while the temporary file still fills the disk.
         why = why_not_written(e, path, tmp) if isinstance(e, (OSError, RuntimeError)) else None
         tmp.unlink(missing_ok=True)
-        if isinstance(e.__context__, KeyboardInterrupt):  # torch.save wraps a Ctrl-C inside its writes
+        # torch.save wraps a Ctrl-C inside its writes
+        if isinstance(e.__context__, KeyboardInterrupt):
             raise e.__context__ from None
         if why:  # torch.save reports a failed write as RuntimeError
-            raise UserError(f"cannot write {path}: {why}; the previous {path.name}, if any, is unchanged") from None
+            raise UserError(f"cannot write {path}: {why}; the previous {path.name}, if any, is "
+                            f"unchanged") from None
         raise
 
 
 def why_not_written(error: Exception, path: Path, tmp: Path) -> str:
-    """A failed write in words: a full disk as such (torch.save says "unexpected pos"), with how much
-    was needed where that is known (the previous file of that name) and how much is free."""
+    """A failed write in words: a full disk as such (torch.save says "unexpected pos"), with how
+    much was needed where that is known (the previous file of that name) and how much is free."""
     written = tmp.stat().st_size if tmp.exists() else 0
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    full = getattr(error, "errno", None) == errno.ENOSPC or free is not None and free < max(written, 2 ** 20)
+    full = getattr(error, "errno",
+                   None) == errno.ENOSPC or free is not None and free < max(written, 2 ** 20)
     if not full:
         return getattr(error, "strerror", None) or str(error).splitlines()[0]
     needed = path.stat().st_size if path.is_file() else written
     megabytes = lambda n: f"{n / 2 ** 20:.1f} MB"
-    return (f"no space left on device ({'about ' + megabytes(needed) + ' needed, ' if needed else ''}"
-            f"{megabytes(free) if free is not None else 'unknown'} free in {path.parent})")
+    return (
+        f"no space left on device ({'about ' + megabytes(needed) + ' needed, ' if needed else ''}"
+        f"{megabytes(free) if free is not None else 'unknown'} free in {path.parent})")
 
 
 def folders_to_make(path: Path) -> list[Path]:

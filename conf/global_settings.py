@@ -1,4 +1,5 @@
-"""Constants shared by training, testing and reports. What they reproduce: docs/reference.md sections 3-5."""
+"""Constants shared by training, testing and reports. What they reproduce: docs/reference.md
+sections 3-5."""
 
 NUM_CLASSES = 100
 IMAGE_SIZE = 32
@@ -6,8 +7,8 @@ IMAGE_SIZE = 32
 # CIFAR-100's own statistics (the classic recipe).
 CIFAR100_MEAN = (0.5070751592371323, 0.48654887331495095, 0.4409178433670343)
 CIFAR100_STD = (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)
-# CIFAR-10's statistics, to the digits of the NAM authors' script (the paper recipe), which normalizes
-# CIFAR-100 with them by an upstream slip; the paper recipe reproduces it on purpose.
+# CIFAR-10's statistics, to the digits of the NAM authors' script (the paper recipe), which
+# normalizes CIFAR-100 with them by an upstream slip; the paper recipe reproduces it on purpose.
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
 
@@ -52,8 +53,8 @@ RECIPES = {
     "classic": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, rotation=15, warm=1, init="pytorch"),
 }
 
-# The paper's ImageNet rows for MobileNetV2: (net, attention, #Params in millions, MFLOPs as the paper
-# gives them, i.e. multiply-adds, for one 224x224 image).
+# The paper's ImageNet rows for MobileNetV2: (net, attention, #Params in millions, MFLOPs as the
+# paper gives them, i.e. multiply-adds, for one 224x224 image).
 PAPER_IMAGENET = (
     ("mobilenetv2", "none", 3.50, 300),
     ("mobilenetv2", "ema", 3.55, 306),

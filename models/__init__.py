@@ -30,11 +30,13 @@ ALL_STAGES = (1, 2, 3, 4)  # a ResNet's stages, layer1 to layer4
 
 
 def parse_stages(text: Optional[str]) -> tuple[int, ...]:
-    """"3,4" -> (3, 4); None -> all four (the paper's placement). A ValueError says what is wrong."""
+    """"3,4" -> (3, 4); None -> all four (the paper's placement). A ValueError says what is
+    wrong."""
     if text is None:
         return ALL_STAGES
     parts = [part.strip() for part in str(text).split(",")]
-    if not all(part in {str(s) for s in ALL_STAGES} for part in parts) or len(set(parts)) != len(parts):
+    known = {str(s) for s in ALL_STAGES}
+    if not all(part in known for part in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"expected distinct ResNet stages from 1 to 4 such as 3,4, got {text!r}")
     return tuple(sorted(map(int, parts)))
 
@@ -49,7 +51,8 @@ def create_model(net: str, attention: Optional[str] = None, num_classes: int = 1
     if attention == NO_ATTENTION:
         attention = None
     if attention is not None and attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; choose from: {', '.join(list_attentions())}")
+        raise ValueError(
+            f"unknown attention {attention!r}; choose from: {', '.join(list_attentions())}")
     constructor = ATTENTIONS[attention] if attention else None
     if net == "mobilenetv2":
         if tuple(stages) != ALL_STAGES:
@@ -60,8 +63,9 @@ def create_model(net: str, attention: Optional[str] = None, num_classes: int = 1
 
 
 def model_of(args: dict) -> nn.Module:
-    """The model a run's recorded arguments describe (args.json, a checkpoint's "args"): its network,
-    attention, stages (att_stages; absent in older runs: all four) and classes (absent: CIFAR-100's)."""
+    """The model a run's recorded arguments describe (args.json, a checkpoint's "args"): its
+    network, attention, stages (att_stages; absent in older runs: all four) and classes (absent:
+    CIFAR-100's)."""
     return create_model(args["net"], args["att"], args.get("classes") or settings.NUM_CLASSES,
                         parse_stages(args.get("att_stages")))
 
@@ -88,12 +92,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE, executed: bool = False) -> float:
-    """Forward MFLOPs for one image, as torch.utils.flop_counter counts them (convolutions and matrix
-    products, a multiply-add = 2 FLOPs; element-wise work, pooling and normalization not counted).
-    EMA is counted as the authors' formulation runs it (FoldedEMA: its k -> k 3x3 convolution), as
-    the paper's table counts it; executed=True counts what this repo's EMA runs (docs/reference.md,
-    2.2 EMA: the 3x3 branch by algebra)."""
+def count_mflops(model: nn.Module, image_size: int = settings.IMAGE_SIZE,
+                 executed: bool = False) -> float:
+    """Forward MFLOPs for one image, as torch.utils.flop_counter counts them (convolutions and
+    matrix products, a multiply-add = 2 FLOPs; element-wise work, pooling and normalization not
+    counted). EMA is counted as the authors' formulation runs it (FoldedEMA: its k -> k 3x3
+    convolution), as the paper's table counts it; executed=True counts what this repo's EMA runs
+    (docs/reference.md, 2.2 EMA: the 3x3 branch by algebra)."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())

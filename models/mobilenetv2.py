@@ -22,13 +22,16 @@ from models.attention import EMA, AttentionConstructor
 
 EMA_MIN_WIDTH = 145  # EMA only on expanded widths above 144 (the authors' placement)
 
-# (expansion t, output channels c, blocks n, stride of the first block s), as in the paper's Table 2.
-STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+# (expansion t, output channels c, blocks n, stride of the first block s), as in the paper's Table
+# 2.
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+          (6, 320, 1, 1))
 
 
 def conv_bn_relu6(in_channels, out_channels, kernel_size, stride=1, groups=1):
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
+                  groups=groups, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU6(inplace=True),
     )

@@ -1,11 +1,11 @@
-"""CIFAR-style ResNets (3x3 stem, no max-pool) with an optional attention module in every block (or in
-the blocks of some stages only: `att_stages`, a placement ablation; all four in the paper).
+"""CIFAR-style ResNets (3x3 stem, no max-pool) with an optional attention module in every block (or
+in the blocks of some stages only: `att_stages`, a placement ablation; all four in the paper).
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; the CIFAR variant follows the
 classic CIFAR-100 training repos. The attention module sits on the block's output width, after the
 residual branch's last BN, before the shortcut add and the final ReLU (docs/reference.md, 1.2 Where
-the attention module sits). `attention` is a constructor from models.attention.ATTENTIONS (called with
-each block's output width), or None for the baseline.
+the attention module sits). `attention` is a constructor from models.attention.ATTENTIONS (called
+with each block's output width), or None for the baseline.
 """
 from typing import NamedTuple, Optional
 
@@ -16,7 +16,8 @@ from models.attention import AttentionConstructor
 
 
 class ResidualBlock(nn.Module):
-    """relu(attention(residual(x)) + shortcut(x)): the attention sits on the residual branch's output."""
+    """relu(attention(residual(x)) + shortcut(x)): the attention sits on the residual branch's
+    output."""
 
     def __init__(self, residual: nn.Module, in_planes: int, out_planes: int, stride: int,
                  attention: Optional[AttentionConstructor]):
@@ -33,7 +34,8 @@ class ResidualBlock(nn.Module):
 class BasicBlock(ResidualBlock):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, attention: Optional[AttentionConstructor]):
+    def __init__(self, in_planes: int, planes: int, stride: int,
+                 attention: Optional[AttentionConstructor]):
         out = planes * self.expansion
         super().__init__(nn.Sequential(
             nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
@@ -47,7 +49,8 @@ class BasicBlock(ResidualBlock):
 class Bottleneck(ResidualBlock):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, attention: Optional[AttentionConstructor]):
+    def __init__(self, in_planes: int, planes: int, stride: int,
+                 attention: Optional[AttentionConstructor]):
         out = planes * self.expansion
         super().__init__(nn.Sequential(
             nn.Conv2d(in_planes, planes, 1, bias=False),
@@ -68,7 +71,8 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
                          nn.BatchNorm2d(out_planes))
 
 
-WIDTHS = (64, 128, 256, 512)  # the four stages' planes in every network of the paper; the stem has the first
+# the four stages' planes in every network of the paper; the stem has the first
+WIDTHS = (64, 128, 256, 512)
 
 
 class ResNet(nn.Module):
@@ -77,7 +81,8 @@ class ResNet(nn.Module):
     narrower for a small ResNet that checks a setup quickly (the test suite trains one)."""
 
     def __init__(self, block, num_blocks, num_classes: int = 100,
-                 attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4), widths=WIDTHS):
+                 attention: Optional[AttentionConstructor] = None, att_stages=(1, 2, 3, 4),
+                 widths=WIDTHS):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, padding=1, bias=False),

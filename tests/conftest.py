@@ -37,19 +37,23 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_small_run(small_data, tmp_path_factory):
     """A one-epoch SMALL_RUN, trained once, in <base>/checkpoint/resnet_tiny_ema/run and
-    <base>/runs/resnet_tiny_ema/run: tests continue copies of it (a copied run folder continues as itself)."""
+    <base>/runs/resnet_tiny_ema/run: tests continue copies of it (a copied run folder continues as
+    itself)."""
     import train_cifar100
     base = tmp_path_factory.mktemp("finished")
-    outputs = ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", "run"]
-    assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--epochs", "1"] + outputs) == 0
+    outputs = ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"),
+               "--run-name", "run"]
+    assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--epochs", "1"]
+                               + outputs) == 0
     return base
 
 
 @pytest.fixture(autouse=True, scope="session")
 def skip_tensorboard_graphs():
-    """TensorBoard's graph comes from torch.jit.trace, whose trace check keeps memory for good (about
-    30 MB for ResNet18 + EMA, each time, with torch 2.14). The suite's in-process trainings skip the
-    graph; tests/test_train.py's reference run restores this, the real one, and checks the graph."""
+    """TensorBoard's graph comes from torch.jit.trace, whose trace check keeps memory for good
+    (about 30 MB for ResNet18 + EMA, each time, with torch 2.14). The suite's in-process trainings
+    skip the graph; tests/test_train.py's reference run restores this, the real one, and checks the
+    graph."""
     from training import run_folder
     real = run_folder.RunFolder.graph
     run_folder.RunFolder.graph = lambda self, model, images: None

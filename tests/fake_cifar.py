@@ -30,7 +30,8 @@ def _dump(obj, path):
 
 
 def make_images(n, num_classes, seed):
-    """n images whose class is visible (a class-specific colour and stripe), labels 0..num_classes-1."""
+    """n images whose class is visible (a class-specific colour and stripe), labels
+    0..num_classes-1."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
     palette = rng.integers(30, 226, (num_classes, 3))
@@ -81,19 +82,23 @@ def write_fake_cifar10(root, n_train=50, n_test=20, seed=0):
     for batch, part in enumerate(np.array_split(np.arange(n_train), 5), 1):
         _dump({b"data": data[part], b"labels": [int(x) for x in labels[part]],
                b"batch_label": f"training batch {batch} of 5".encode(),
-               b"filenames": [f"img_{i}.png".encode() for i in part]}, folder / f"data_batch_{batch}")
+               b"filenames": [f"img_{i}.png".encode() for i in part]},
+               folder / f"data_batch_{batch}")
     data, labels = make_images(n_test, 10, seed + 1)
-    _dump({b"data": data, b"labels": [int(x) for x in labels], b"batch_label": b"testing batch 1 of 1"},
+    _dump({b"data": data, b"labels": [int(x) for x in labels],
+           b"batch_label": b"testing batch 1 of 1"},
           folder / "test_batch")
-    _dump({b"label_names": [f"class_{i}".encode() for i in range(10)], b"num_cases_per_batch": n_train // 5,
+    _dump({b"label_names": [f"class_{i}".encode() for i in range(10)],
+           b"num_cases_per_batch": n_train // 5,
            b"num_vis": 3072}, folder / "batches.meta")
     return Path(root)
 
 
-def write_image_folder(root, n_train=24, n_test=12, classes=("cat", "dog", "emu"), seed=0, test_name="test",
+def write_image_folder(root, n_train=24, n_test=12, classes=("cat", "dog", "emu"), seed=0,
+                       test_name="test",
                        size=(40, 28)):
-    """Write root/train/<class>/*.png and root/<test_name>/<class>/*.png (`size`: not 32 x 32, so that
-    the resize is exercised; some JPEG and greyscale among them); return root."""
+    """Write root/train/<class>/*.png and root/<test_name>/<class>/*.png (`size`: not 32 x 32, so
+    that the resize is exercised; some JPEG and greyscale among them); return root."""
     from PIL import Image
     for split, n, split_seed in (("train", n_train, seed), (test_name, n_test, seed + 1)):
         data, labels = make_images(n, len(classes), split_seed)

@@ -57,14 +57,17 @@ def test_under_nohup_sighup_stays_ignored(small_data, tmp_path, monkeypatch):
 
 
 def test_sighup_during_start_up_stops_with_a_message(small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_cifar100.Trainer, "open_outputs", lambda self: os.kill(os.getpid(), signal.SIGHUP))
+    monkeypatch.setattr(train_cifar100.Trainer, "open_outputs",
+                        lambda self: os.kill(os.getpid(), signal.SIGHUP))
     assert train(small_data, tmp_path, "hup", "--epochs", "1") == 128 + signal.SIGHUP
-    assert "SIGHUP: stopped; the newest last.pth (if any) is from before it" in capsys.readouterr().err
+    assert ("SIGHUP: stopped; the newest last.pth (if any) is from before it"
+            in capsys.readouterr().err)
     assert not (tmp_path / "checkpoint").exists()
 
 
 @pytest.mark.parametrize("kept", [("best.pth", "metrics.csv"), ("metrics.csv",), ("best.pth",)])
-def test_a_new_run_never_replaces_results_without_last_pth(kept, small_data, finished_small_run, tmp_path, capsys):
+def test_a_new_run_never_replaces_results_without_last_pth(
+        kept, small_data, finished_small_run, tmp_path, capsys):
     """last.pth deleted to save disk, the results kept: a new run with the same name is refused."""
     run = copy_run(finished_small_run, tmp_path, "run")
     for name in {"last.pth", "best.pth", "metrics.csv"} - set(kept):
@@ -76,10 +79,13 @@ def test_a_new_run_never_replaces_results_without_last_pth(kept, small_data, fin
     assert snapshot(run) == before and snapshot(folder(tmp_path, "run", "runs")) == logs
 
 
-def test_reproduce_plans_a_folder_without_last_pth_by_its_results(finished_small_run, tmp_path, capsys):
-    """Finished (by metrics.csv): done; unfinished without a checkpoint to resume: skipped, never new."""
+def test_reproduce_plans_a_folder_without_last_pth_by_its_results(
+        finished_small_run, tmp_path, capsys):
+    """Finished (by metrics.csv): done; unfinished without a checkpoint to resume: skipped, never
+    new."""
     def planned(epochs):  # the small run's own options
-        return reproduce.planned_identity(["-b", "16", "-lr", "0.02", "--epochs", str(epochs)], NET, "ema",
+        return reproduce.planned_identity(["-b", "16", "-lr", "0.02", "--epochs", str(epochs)], NET,
+                                          "ema",
                                           "paper")
 
     done = copy_run(finished_small_run, tmp_path, "done")
@@ -90,7 +96,8 @@ def test_reproduce_plans_a_folder_without_last_pth_by_its_results(finished_small
     args = json.loads((stuck / "args.json").read_text())
     (stuck / "args.json").write_text(json.dumps({**args, "epochs": 5}))
     assert reproduce.run_state(stuck, planned(5)) == "skipped"
-    assert f"skipped {stuck}: unfinished (1/5 epochs) and no last.pth to resume" in capsys.readouterr().err
+    assert (f"skipped {stuck}: unfinished (1/5 epochs) and no last.pth to resume"
+            in capsys.readouterr().err)
     (stuck / "metrics.csv").unlink()
     assert reproduce.run_state(stuck, planned(5)) == "skipped"
     assert "best.pth without last.pth or metrics.csv" in capsys.readouterr().err
@@ -106,18 +113,22 @@ def test_a_run_name_too_long_for_the_file_system_is_one_line(small_data, tmp_pat
 
 def test_a_subset_as_large_as_the_data_is_no_subset(small_data, tmp_path, capsys):
     assert train(small_data, tmp_path, "all", "--epochs", "1", "--subset", "500") == 0
-    assert "--subset 500 covers the whole training set (16 images): recorded as no subset" in capsys.readouterr().out
+    assert ("--subset 500 covers the whole training set (16 images): recorded as no subset"
+            in capsys.readouterr().out)
     recorded = json.loads((folder(tmp_path, "all") / "args.json").read_text())
     assert recorded["subset"] is None
 
 
 def test_one_folder_for_checkpoints_and_logs(small_data, tmp_path, capsys):
-    """--checkpoint-dir X --log-dir X: one run folder holds both, and the run does not lock itself out."""
+    """--checkpoint-dir X --log-dir X: one run folder holds both, and the run does not lock itself
+    out."""
     both = ["--checkpoint-dir", str(tmp_path / "x"), "--log-dir", str(tmp_path / "x")]
-    assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", "r", "--epochs", "1"] + both) == 0
+    assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", "r",
+                                            "--epochs", "1"] + both) == 0
     run = tmp_path / "x" / f"{NET}_ema" / "r"
     assert (run / "last.pth").is_file() and list(run.glob("events.out.tfevents.*"))
-    assert train_cifar100.main(["--resume", str(run), "--epochs", "2", "--log-dir", str(tmp_path / "x")]) == 0
+    assert train_cifar100.main(["--resume", str(run), "--epochs", "2", "--log-dir",
+                                str(tmp_path / "x")]) == 0
 
 
 def test_data_that_is_a_file_or_the_inner_folder_is_one_line(small_data, tmp_path, capsys):
@@ -127,7 +138,8 @@ def test_data_that_is_a_file_or_the_inner_folder_is_one_line(small_data, tmp_pat
     assert f"--data {a_file} is a file, not a folder" in capsys.readouterr().err
     inner = small_data / "cifar-100-python"
     assert train(inner, tmp_path, "inner", "--epochs", "1") == 2
-    assert f"--data {inner} is the dataset's own folder: point --data at {small_data}" in capsys.readouterr().err
+    assert (f"--data {inner} is the dataset's own folder: point --data at {small_data}"
+            in capsys.readouterr().err)
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -139,7 +151,8 @@ def test_gate_images_without_ema_is_refused(small_data, tmp_path, capsys):
     assert not (tmp_path / "checkpoint").exists()
 
 
-def test_a_resume_with_fewer_epochs_than_it_has_begun_is_refused(small_data, tmp_path, monkeypatch, capsys):
+def test_a_resume_with_fewer_epochs_than_it_has_begun_is_refused(
+        small_data, tmp_path, monkeypatch, capsys):
     """Stopped in epoch 2 of 3 and resumed with --epochs 1: not 'already finished'."""
     steps, original = [], engine.train_step
 
@@ -157,8 +170,9 @@ def test_a_resume_with_fewer_epochs_than_it_has_begun_is_refused(small_data, tmp
 
 
 def test_an_interrupted_event_file_rewrite_is_cleaned_up(small_data, finished_small_run, tmp_path):
-    """kill -9 inside a rewrite leaves a temporary file, and kills at start-up leave event files with
-    nothing but their header: the next resume removes both, and TensorBoard sees each step once."""
+    """kill -9 inside a rewrite leaves a temporary file, and kills at start-up leave event files
+    with nothing but their header: the next resume removes both, and TensorBoard sees each step
+    once."""
     run = copy_run(finished_small_run, tmp_path, "tb")
     logs = folder(tmp_path, "tb", "runs")
     events = next(logs.glob("events.out.tfevents.*"))
@@ -185,7 +199,8 @@ def write_metrics(run, epochs):
     ([1, 1], "metrics.csv lists epochs 1, 1, not 1 to 2 in order"),
     ([1, 3], "metrics.csv lists epochs 1, 3, not 1 to 2 in order"),
 ])
-def test_the_table_reads_epochs_by_number_and_skips_a_file_it_cannot_trust(epochs, why, finished_small_run,
+def test_the_table_reads_epochs_by_number_and_skips_a_file_it_cannot_trust(
+        epochs, why, finished_small_run,
                                                                           tmp_path, capsys):
     run = copy_run(finished_small_run, tmp_path, "odd")
     args = json.loads((run / "args.json").read_text())
@@ -195,7 +210,8 @@ def test_the_table_reads_epochs_by_number_and_skips_a_file_it_cannot_trust(epoch
     assert f"skipped {run}: {why}" in capsys.readouterr().err
 
 
-def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(small_data, tmp_path, monkeypatch, capsys):
+def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(
+        small_data, tmp_path, monkeypatch, capsys):
     """last.pth is written before metrics.csv: a failed save leaves both at the epoch before."""
     from training import run_folder
     original = run_folder.RunFolder.save
@@ -212,23 +228,30 @@ def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(small_data, t
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
 
 
-@pytest.mark.parametrize("estimate_after", [1, 6])  # 6: more steps than an epoch has, timed over the epoch
-def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(small_data, tmp_path, monkeypatch, capsys,
-                                                            estimate_after):
+# 6: more steps than an epoch has, timed over the epoch
+@pytest.mark.parametrize("estimate_after", [1, 6])
+def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(
+        small_data, tmp_path, monkeypatch, capsys,
+        estimate_after):
     monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", estimate_after)
     assert train(small_data, tmp_path, "est", "--epochs", "3") == 0
     assert capsys.readouterr().out.count("warning: no GPU; about") == 1
-    assert engine.cpu_estimate(30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
-    assert engine.cpu_estimate(600, 200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
+    assert engine.cpu_estimate(
+        30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
+    assert engine.cpu_estimate(600,
+                               200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
                                                "remaining 200 epochs")
-    assert engine.cpu_estimate(3600, 200).endswith("1.0 h per epoch, 8.3 days for the remaining 200 epochs")
+    assert engine.cpu_estimate(3600, 200).endswith(
+        "1.0 h per epoch, 8.3 days for the remaining 200 epochs")
 
 
 # ---------------------------------------------------------------- reproduce.py
 
-def test_reproduce_passes_training_options_through_and_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+def test_reproduce_passes_training_options_through_and_runs_from_any_folder(
+        tmp_path, monkeypatch, capsys):
     jobs = []
-    monkeypatch.setattr(reproduce, "run_all", lambda planned, gpus: jobs.extend(planned) or (0, 0, 0))
+    monkeypatch.setattr(reproduce, "run_all", lambda planned, gpus: jobs.extend(planned)
+                        or (0, 0, 0))
     monkeypatch.chdir(tmp_path)  # not the repo
     flags = ["--seeds", "1", "-net", "resnet101", "-att", "none", "--epochs", "1", "--subset", "32"]
     assert reproduce.main(flags + ["--run"]) == 0
@@ -241,7 +264,8 @@ def test_reproduce_passes_training_options_through_and_runs_from_any_folder(tmp_
 
 @pytest.mark.parametrize("flags, message", [
     (["--seed", "3"], "reproduce.py sets seed for each job itself"),
-    (["--seed", "0"], "reproduce.py sets seed for each job itself"),  # the training parser's default value too
+    # the training parser's default value too
+    (["--seed", "0"], "reproduce.py sets seed for each job itself"),
     (["--run-name", "x"], "reproduce.py sets run for each job itself"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--epochs", "x"], "argument --epochs: expected a whole number, got 'x'"),
@@ -255,11 +279,12 @@ def test_reproduce_refuses_what_it_cannot_pass_through(flags, message, tmp_path,
 def test_a_sigterm_to_reproduce_reaches_its_running_job(tmp_path, monkeypatch, capsys):
     ready, got = tmp_path / "ready", tmp_path / "got"
     job = (f"import pathlib, signal, sys, time\n"
-           f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('saved'), sys.exit(143)))\n"
-           f"pathlib.Path({str(ready)!r}).write_text('')\n"
-           f"time.sleep(120)\n")
+           "signal.signal(signal.SIGTERM, lambda *a: "
+           f"(pathlib.Path({str(got)!r}).write_text('saved'), "
+           f"sys.exit(143)))\npathlib.Path({str(ready)!r}).write_text('')\ntime.sleep(120)\n")
     monkeypatch.setattr(reproduce, "plan", lambda args: [
-        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", [sys.executable, "-c", job])
+        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
+                      [sys.executable, "-c", job])
         for seed in range(2)])
 
     def kill_when_ready():
@@ -282,7 +307,8 @@ def test_two_seeds_started_in_the_same_second_get_two_folders(small_data, tmp_pa
             return datetime.datetime(2026, 12, 1, 20, 15, 0)
 
     monkeypatch.setattr(arguments, "datetime", Frozen)
-    both = SMALL_RUN + ["--data", str(small_data), "--epochs", "1", "--checkpoint-dir", str(tmp_path / "checkpoint"),
+    both = SMALL_RUN + ["--data", str(small_data), "--epochs", "1", "--checkpoint-dir",
+                        str(tmp_path / "checkpoint"),
                         "--log-dir", str(tmp_path / "runs")]
     assert train_cifar100.main(both + ["--seed", "0"]) == 0
     assert train_cifar100.main(both + ["--seed", "1"]) == 0
@@ -290,11 +316,14 @@ def test_two_seeds_started_in_the_same_second_get_two_folders(small_data, tmp_pa
         "2026-12-01T20-15-00-seed0", "2026-12-01T20-15-00-seed1"]
 
 
-def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(small_data, tmp_path):
+def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(
+        small_data, tmp_path):
     """Two campaigns in two --checkpoint-dirs with the same run names and one --log-dir."""
     logs = ["--log-dir", str(tmp_path / "runs")]
-    first, second = (SMALL_RUN + ["--data", str(small_data), "--run-name", "paper-seed0", "--epochs", "1",
-                                  "--checkpoint-dir", str(tmp_path / name)] + logs for name in ("a", "b"))
+    first, second = (SMALL_RUN
+                     + ["--data", str(small_data), "--run-name", "paper-seed0", "--epochs", "1",
+                                  "--checkpoint-dir", str(tmp_path / name)]
+                                  + logs for name in ("a", "b"))
     assert train_cifar100.main(first) == 0
     shared = tmp_path / "runs" / f"{NET}_ema" / "paper-seed0"
     before = snapshot(shared)
@@ -302,7 +331,8 @@ def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(s
     assert snapshot(shared) == before  # the first campaign's log untouched
     others = [p for p in shared.parent.iterdir() if p.name.startswith("paper-seed0-")]
     assert len(others) == 1 and tensorboard_steps(others[0]) == [1]
-    assert train_cifar100.main(["--resume", str(tmp_path / "a" / f"{NET}_ema" / "paper-seed0"), "--epochs", "2"]
+    assert train_cifar100.main(["--resume", str(tmp_path / "a" / f"{NET}_ema" / "paper-seed0"),
+                                "--epochs", "2"]
                                + logs) == 0
     assert tensorboard_steps(shared) == [1, 2] and tensorboard_steps(others[0]) == [1]
 
@@ -314,15 +344,18 @@ def test_resume_newest_takes_a_renamed_run(small_data, finished_small_run, tmp_p
     renamed = run.parent / "renamed"
     run.rename(renamed)
     assert train_cifar100.main(["-net", NET, "-att", "ema", "-resume", "--epochs", "2",
-                                "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs")]) == 0
+                                "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir",
+                                str(tmp_path / "runs")]) == 0
     assert f"resuming {renamed / 'last.pth'}" in capsys.readouterr().out
 
 
-def test_resume_newest_prefers_the_run_to_its_backup_copy(small_data, finished_small_run, tmp_path, capsys):
+def test_resume_newest_prefers_the_run_to_its_backup_copy(
+        small_data, finished_small_run, tmp_path, capsys):
     run = copy_run(finished_small_run, tmp_path, "run")
     shutil.copytree(run, run.parent / "run.bak")  # newer on disk
     assert train_cifar100.main(["-net", NET, "-att", "ema", "-resume", "--epochs", "2",
-                                "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir", str(tmp_path / "runs")]) == 0
+                                "--checkpoint-dir", str(tmp_path / "checkpoint"), "--log-dir",
+                                str(tmp_path / "runs")]) == 0
     assert f"resuming {run / 'last.pth'}" in capsys.readouterr().out
     assert torch.load(run.parent / "run.bak" / "last.pth", weights_only=True)["epoch"] == 1
 
@@ -336,16 +369,20 @@ def test_a_full_disk_is_said_in_words(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 0")
 
     monkeypatch.setattr(utils.torch, "save", fills_the_disk)
-    monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
+    monkeypatch.setattr(utils.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
     (tmp_path / "last.pth").write_bytes(b"y" * 3 * 2 ** 20)
     with pytest.raises(utils.UserError) as error:
         utils.save_atomic({}, tmp_path / "last.pth")
-    assert str(error.value) == (f"cannot write {tmp_path / 'last.pth'}: no space left on device (about 3.0 MB "
-                                f"needed, 0.0 MB free in {tmp_path}); the previous last.pth, if any, is unchanged")
-    assert (tmp_path / "last.pth").read_bytes() == b"y" * 3 * 2 ** 20 and not list(tmp_path.glob("*.tmp"))
+    assert str(error.value) == (
+        f"cannot write {tmp_path / 'last.pth'}: no space left on device (about 3.0 MB "
+        f"needed, 0.0 MB free in {tmp_path}); the previous last.pth, if any, is unchanged")
+    assert (tmp_path / "last.pth").read_bytes() == b"y" * 3 * 2 ** 20 and not list(
+        tmp_path.glob("*.tmp"))
 
 
-def test_test_py_evaluates_on_the_data_it_was_trained_on(small_data, finished_small_run, tmp_path, monkeypatch,
+def test_test_py_evaluates_on_the_data_it_was_trained_on(
+        small_data, finished_small_run, tmp_path, monkeypatch,
                                                         capsys):
     import test as test_script
     run = copy_run(finished_small_run, tmp_path, "run")
@@ -359,11 +396,12 @@ def test_test_py_evaluates_on_the_data_it_was_trained_on(small_data, finished_sm
 
 
 @pytest.mark.parametrize("writes_left", [0, 2])  # full from the start; full within the first epoch
-def test_a_full_log_disk_stops_the_logging_not_the_run_and_a_resume_logs_what_is_missing(small_data, tmp_path,
-                                                                                         monkeypatch, capsys,
-                                                                                         writes_left):
-    """TensorBoard's writer thread dies on a full disk and its next write raises: one warning, the run
-    goes on, and the resume (with space again) logs the epochs the log lacks."""
+def test_a_full_log_disk_stops_the_logging_not_the_run_and_a_resume_logs_what_is_missing(
+        small_data, tmp_path,
+        monkeypatch, capsys,
+        writes_left):
+    """TensorBoard's writer thread dies on a full disk and its next write raises: one warning, the
+    run goes on, and the resume (with space again) logs the epochs the log lacks."""
     import errno
 
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -378,7 +416,8 @@ def test_a_full_log_disk_stops_the_logging_not_the_run_and_a_resume_logs_what_is
     monkeypatch.setattr(RecordWriter, "write", write)
     assert train(small_data, tmp_path, "logs", "--epochs", "2") == 0
     captured = capsys.readouterr()
-    assert captured.out.count("warning: the TensorBoard log cannot be written: no space left on device") == 1
+    assert captured.out.count(
+        "warning: the TensorBoard log cannot be written: no space left on device") == 1
     assert "Traceback" not in captured.err + captured.out
     run = folder(tmp_path, "logs")
     assert [row["epoch"] for row in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]

@@ -21,8 +21,9 @@ from fake_cifar import write_fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Our key -> the NAM authors' ResNet (MODELS/model_resnet.py): (pattern, replacement), all applied in order.
-# The attention slot's name is a parameter ({slot}): the EMA authors' copy of the script is not public.
+# Our key -> the NAM authors' ResNet (MODELS/model_resnet.py): (pattern, replacement), all applied
+# in order. The attention slot's name is a parameter ({slot}): the EMA authors' copy of the script
+# is not public.
 TO_NAM_SCRIPT = [
     (r"^stem\.0\.", "conv1."), (r"^stem\.1\.", "bn1."),
     (r"\.residual\.0\.", ".conv1."), (r"\.residual\.1\.", ".bn1."), (r"\.residual\.3\.", ".conv2."),
@@ -38,13 +39,15 @@ TO_NAM_SCRIPT = [
 # Our key -> weiaicunzai/pytorch-cifar100's models/resnet.py.
 TO_CLASSIC = [
     (r"^stem\.0\.", "conv1.0."), (r"^stem\.1\.", "conv1.1."),
-    (r"^layer1\.", "conv2_x."), (r"^layer2\.", "conv3_x."), (r"^layer3\.", "conv4_x."), (r"^layer4\.", "conv5_x."),
+    (r"^layer1\.", "conv2_x."), (r"^layer2\.", "conv3_x."), (r"^layer3\.", "conv4_x."),
+    (r"^layer4\.", "conv5_x."),
     (r"\.residual\.", ".residual_function."),
 ]
 
 
 def renamed(state: dict, rules, slot="att", prefix="") -> dict:
-    """A copy of `state` with each key rewritten by `rules`, the attention slot named `slot`, and `prefix` added."""
+    """A copy of `state` with each key rewritten by `rules`, the attention slot named `slot`, and
+    `prefix` added."""
     out = {}
     for key, value in state.items():
         for pattern, replacement in rules:
@@ -69,7 +72,8 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def assert_same_logits(original, net, att, path) -> str:
-    """Load `path` into a differently initialised model of the same kind; return the detected layout."""
+    """Load `path` into a differently initialised model of the same kind; return the detected
+    layout."""
     fresh = trained_looking(net, att, seed=1)
     assert not torch.equal(fresh(IMAGES), original(IMAGES))
     layout = checkpoints.load_weights_into(fresh, path)
@@ -79,7 +83,8 @@ def assert_same_logits(original, net, att, path) -> str:
 
 def nam_script_file(model, path, slot="att", prefix="module.", wrapped=True):
     state = renamed(model.state_dict(), TO_NAM_SCRIPT, slot, prefix)
-    torch.save({"epoch": 200, "arch": "resnet", "state_dict": state, "best_prec1": 80.7, "optimizer": {}}
+    torch.save({"epoch": 200, "arch": "resnet", "state_dict": state, "best_prec1": 80.7,
+                "optimizer": {}}
                if wrapped else state, path)
     return path
 
@@ -99,7 +104,8 @@ def test_nam_script_checkpoints_give_the_same_logits(tmp_path, net, att, slot, p
     assert ("module." in layout) == bool(prefix) and ("with state_dict" in layout) == wrapped
 
 
-@pytest.mark.parametrize("net, prefix, wrapped", [("resnet18", "", False), ("resnet50", "module.", True)])
+@pytest.mark.parametrize("net, prefix, wrapped",
+                         [("resnet18", "", False), ("resnet50", "module.", True)])
 def test_classic_checkpoints_give_the_same_logits(tmp_path, net, prefix, wrapped):
     original = trained_looking(net, "none")
     state = renamed(original.state_dict(), TO_CLASSIC, prefix=prefix)
@@ -110,7 +116,8 @@ def test_classic_checkpoints_give_the_same_logits(tmp_path, net, prefix, wrapped
 
 def test_our_own_checkpoint_initialises_a_model(tmp_path):
     original = trained_looking("resnet18", "eca")
-    torch.save({"model": original.state_dict(), "args": {"net": "resnet18", "att": "eca"}}, tmp_path / "last.pth")
+    torch.save({"model": original.state_dict(), "args": {"net": "resnet18", "att": "eca"}},
+               tmp_path / "last.pth")
     # A run folder means its last.pth.
     assert assert_same_logits(original, "resnet18", "eca", tmp_path) == "this repo, resnet18 + eca"
 
@@ -135,7 +142,8 @@ def load_error(path, net="resnet18", att="ema") -> str:
 def test_a_missing_key_is_named(tmp_path):
     path = nam_script_ema_file(tmp_path, lambda state: state.pop("layer2.1.bn2.running_var"))
     message = load_error(path)
-    assert message.endswith("does not fit the model: no weights for layer2.1.residual.4.running_var")
+    assert message.endswith(
+        "does not fit the model: no weights for layer2.1.residual.4.running_var")
 
 
 def test_a_reshaped_key_is_named_with_both_shapes(tmp_path):
@@ -143,15 +151,17 @@ def test_a_reshaped_key_is_named_with_both_shapes(tmp_path):
         state["layer3.0.conv1.weight"] = torch.zeros(256, 64, 3, 3)
 
     message = load_error(nam_script_ema_file(tmp_path, narrow))
-    assert message.endswith("does not fit the model: layer3.0.conv1.weight (ours: layer3.0.residual.0.weight) "
-                            "has shape (256, 64, 3, 3), the model needs (256, 128, 3, 3)")
+    assert message.endswith(
+        "does not fit the model: layer3.0.conv1.weight (ours: layer3.0.residual.0.weight) "
+        "has shape (256, 64, 3, 3), the model needs (256, 128, 3, 3)")
 
 
 def test_another_attention_or_network_does_not_fit(tmp_path):
     path = nam_script_ema_file(tmp_path)
     # The EMA slot is not taken for CA's, nor dropped without attention.
     assert "no weights for layer1.0.attention.conv1.weight" in load_error(path, att="ca")
-    assert ": unexpected key layer1.0.ema_att.gn.weight: no place for it in the model (" in load_error(path, att="none")
+    assert (": unexpected key layer1.0.ema_att.gn.weight: no place for it in the model ("
+            in load_error(path, att="none"))
     assert "layer1.0.conv1.weight (ours: layer1.0.residual.0.weight) has shape (64, 64, 3, 3), " \
            "the model needs (64, 64, 1, 1)" in load_error(path, net="resnet50")
     assert "only the CIFAR ResNets" in load_error(path, net="mobilenetv2")
@@ -175,8 +185,10 @@ def test_test_py_evaluates_an_upstream_file(tmp_path):
     data = write_fake_cifar100(tmp_path / "data", n_train=8, n_test=16)
     state = renamed(trained_looking("resnet18", "none").state_dict(), TO_CLASSIC)
     torch.save(state, tmp_path / "resnet18-200-regular.pth")
-    result = subprocess.run([sys.executable, str(ROOT / "test.py"), "-net", "resnet18", "-att", "none",
-                             "-weights", str(tmp_path / "resnet18-200-regular.pth"), "--data", str(data),
+    result = subprocess.run([sys.executable, str(ROOT / "test.py"), "-net", "resnet18", "-att",
+                             "none",
+                             "-weights", str(tmp_path / "resnet18-200-regular.pth"), "--data",
+                             str(data),
                              "--amp", "off"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "resnet18 + none, recipe classic, 16 test images" in result.stdout
@@ -187,7 +199,8 @@ def test_gradcam_py_reads_an_upstream_file(tmp_path, capsys):
     data = write_fake_cifar100(tmp_path / "data", n_train=8, n_test=4)
     path = nam_script_ema_file(tmp_path)
     out = tmp_path / "cam.png"
-    argv = ["-net", "resnet18", "-att", "ema", "-weights", str(path), "--data", str(data), "--images", "2",
+    argv = ["-net", "resnet18", "-att", "ema", "-weights", str(path), "--data", str(data),
+            "--images", "2",
             "--out", str(out)]
     assert gradcam.main(argv) == 0
     printed = capsys.readouterr().out

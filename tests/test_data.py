@@ -47,9 +47,15 @@ def load_error(root, train):
 # ---------------------------------------------------------------- validation when loaded
 
 @pytest.mark.parametrize("labels, problem", [
-    ([0, 1, 150, 3], "fine_labels[2] is 150, outside 0..99 (CIFAR-100 has 100 classes); out-of-range labels: 1 of 4"),
-    ([0, -1, 2, -1], "fine_labels[1] is -1, outside 0..99 (CIFAR-100 has 100 classes); out-of-range labels: 2 of 4"),
-    ([0, 1.5, 2, 3], "fine_labels[1] is 1.5, not a whole number (labels must be integers); non-integer labels: 1 of 4"),
+    ([0, 1, 150, 3],
+     "fine_labels[2] is 150, outside 0..99 (CIFAR-100 has 100 classes); out-of-range labels: "
+     "1 of 4"),
+    ([0, -1, 2, -1],
+     "fine_labels[1] is -1, outside 0..99 (CIFAR-100 has 100 classes); out-of-range labels: "
+     "2 of 4"),
+    ([0, 1.5, 2, 3],
+     "fine_labels[1] is 1.5, not a whole number (labels must be integers); non-integer labels: 1 "
+     "of 4"),
     ([0, 1, float("nan"), 3], "fine_labels[2] is nan, not a whole number"),
     ([b"0", b"1"], "fine_labels must be a list of integers"),
 ])
@@ -61,7 +67,8 @@ def test_bad_train_labels_are_refused(root, labels, problem):
 def test_a_bad_label_only_in_the_test_split_is_refused(root):
     write_labels(root, "test", [3, 150, 4])
     cifar.CIFAR100Folder(root, train=True)
-    assert load_error(root, train=False).startswith(f"{dataset_file(root, 'test')}: fine_labels[1] is 150, outside")
+    assert load_error(root, train=False).startswith(
+        f"{dataset_file(root, 'test')}: fine_labels[1] is 150, outside")
 
 
 @pytest.mark.parametrize("labels", [
@@ -83,18 +90,21 @@ def test_an_empty_split_is_refused(root):
 def test_data_of_partial_images_is_refused(root):
     write_split(root, "train", np.zeros((4, 3000), np.uint8), [0, 1, 2, 3])
     assert load_error(root, train=True).startswith(
-        f"{dataset_file(root, 'train')}: its data holds 12000 values, not a whole number of 3 x 32 x 32 images")
+        f"{dataset_file(root, 'train')}: its data holds 12000 values, not a whole number of 3 x 32 "
+        "x 32 images")
 
 
 def test_meta_without_class_names_is_refused(root):
     write_meta(root, None)
-    assert load_error(root, train=True).startswith(f"{dataset_file(root, 'meta')} has no list fine_label_names")
+    assert load_error(root, train=True).startswith(
+        f"{dataset_file(root, 'meta')} has no list fine_label_names")
 
 
 def test_meta_with_too_few_class_names_is_refused(root):
     write_meta(root, [f"class_{i}".encode() for i in range(50)])
-    assert load_error(root, train=False) == (f"{dataset_file(root, 'meta')} names 50 classes in fine_label_names; "
-                                             f"CIFAR-100 has 100")
+    assert load_error(root, train=False) == (
+        f"{dataset_file(root, 'meta')} names 50 classes in fine_label_names; "
+        f"CIFAR-100 has 100")
 
 
 def test_training_stops_before_its_first_epoch_on_a_bad_test_label(tmp_path, capsys):
@@ -129,7 +139,8 @@ def fake_archive(tmp_path):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         archive.add(source, arcname=cifar.CIFAR_FOLDER)
-    md5 = {name: hashlib.md5((source / name).read_bytes()).hexdigest() for name in ("train", "test", "meta")}
+    md5 = {name: hashlib.md5((source / name).read_bytes()).hexdigest() for name in (
+        "train", "test", "meta")}
     return buffer.getvalue(), md5
 
 
@@ -150,7 +161,8 @@ def silent_server():
 
 @contextlib.contextmanager
 def http_server(body: bytes, stall: bool):
-    """The URL of an HTTP server sending `body`, or with stall only its first half and then nothing."""
+    """The URL of an HTTP server sending `body`, or with stall only its first half and then
+    nothing."""
     release = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -209,9 +221,11 @@ def test_a_stalled_download_times_out_and_leaves_nothing(tmp_path, monkeypatch):
 def test_a_download_puts_the_checked_files_in_place(tmp_path, monkeypatch, capsys):
     archive, md5 = fake_archive(tmp_path)
     # This archive stands in for the official one, and its files for the official files.
-    for name, value in (("tgz_md5", hashlib.md5(archive).hexdigest()), ("train_list", [["train", md5["train"]]]),
+    for name, value in (("tgz_md5", hashlib.md5(archive).hexdigest()),
+                        ("train_list", [["train", md5["train"]]]),
                         ("test_list", [["test", md5["test"]]]),
-                        ("meta", {"filename": "meta", "key": "fine_label_names", "md5": md5["meta"]})):
+                        ("meta",
+                         {"filename": "meta", "key": "fine_label_names", "md5": md5["meta"]})):
         monkeypatch.setattr(torchvision.datasets.CIFAR100, name, value)
     root = tmp_path / "data"
     with http_server(archive, stall=False) as url:

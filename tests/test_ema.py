@@ -1,4 +1,5 @@
-"""EMA against an independent, loop-level computation of the seven steps of docs/reference.md, 2.2 EMA."""
+"""EMA against an independent, loop-level computation of the seven steps of docs/reference.md, 2.2
+EMA."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,16 +105,17 @@ def test_upstream_state_dict_loads_strictly():
     assert sum(p.numel() for p in ema.parameters()) == 10 * k * k + 4 * k
 
 
-@pytest.mark.parametrize("channels,factor", [(48, 32), (16, 32), (0, 32), (64, 0), (64, -8), (100, 8)])
+@pytest.mark.parametrize("channels,factor",
+                         [(48, 32), (16, 32), (0, 32), (64, 0), (64, -8), (100, 8)])
 def test_ema_rejects_bad_channels_at_construction(channels, factor):
     with pytest.raises(ValueError, match="positive multiple of factor"):
         EMA(channels, factor)
 
 
 def test_ema_keeps_the_input_dtype_under_autocast(monkeypatch):
-    """CUDA's autocast runs GroupNorm in float32, and the authors' EMA still returns bf16 (its matmuls
-    run in bf16); ours too, so that the residual stream after it stays bf16 as in the baseline
-    network. CPU autocast leaves GroupNorm in bf16, so CUDA's rule is imitated here."""
+    """CUDA's autocast runs GroupNorm in float32, and the authors' EMA still returns bf16 (its
+    matmuls run in bf16); ours too, so that the residual stream after it stays bf16 as in the
+    baseline network. CPU autocast leaves GroupNorm in bf16, so CUDA's rule is imitated here."""
 
     group_norm = torch.group_norm
     monkeypatch.setattr(torch, "group_norm", lambda x, *args: group_norm(x.float(), *args))
@@ -142,8 +144,10 @@ def test_ema_takes_a_batch_of_one_1x1_map(training):
 # The 3x3 branch by algebra (docs/reference.md, 2.2 EMA) against the authors' formulation, float64.
 # ResNet101's EMA inputs are ResNet50's (the same four stage widths and maps; 23 blocks, not 6, in
 # the third stage), so these shapes cover both.
-RESNET50_AND_101 = [(2, 256, 32, 32, 32), (2, 512, 16, 16, 32), (2, 1024, 8, 8, 32), (2, 2048, 4, 4, 32)]
-ODD = [(2, 64, 5, 9, 32), (3, 96, 7, 3, 32), (2, 64, 1, 1, 32), (2, 64, 1, 7, 32), (2, 64, 6, 1, 32),
+RESNET50_AND_101 = [(2, 256, 32, 32, 32), (2, 512, 16, 16, 32), (2, 1024, 8, 8, 32),
+                    (2, 2048, 4, 4, 32)]
+ODD = [(2, 64, 5, 9, 32), (3, 96, 7, 3, 32), (2, 64, 1, 1, 32), (2, 64, 1, 7, 32),
+       (2, 64, 6, 1, 32),
        (2, 32, 5, 4, 32),  # k = 1
        (1, 64, 4, 6, 8)]   # a batch of one
 
@@ -165,15 +169,19 @@ def compare_with_folded(shape, memory_format, run=lambda module, x: module(x)):
     out, expected = run(ours, x), folded(x)
     got = torch.autograd.grad(out, [x, *ours.parameters()], grad)
     want = torch.autograd.grad(expected, [x, *folded.parameters()], grad)
-    names = ["output", "input gradient"] + [f"{name} gradient" for name, _ in ours.named_parameters()]
-    errors = {name: relative_error(a, b) for name, a, b in zip(names, [out, *got], [expected, *want])}
+    names = ["output", "input gradient"] + [f"{name} gradient" for name,
+                                            _ in ours.named_parameters()]
+    errors = {name: relative_error(a, b) for name, a,
+              b in zip(names, [out, *got], [expected, *want])}
     assert max(errors.values()) < 1e-12, errors
     assert (expected - x).abs().max() > 1e-2  # the module does change its input
     return out
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", RESNET50_AND_101 + ODD, ids=lambda s: "x".join(map(str, s[:4])) + f"-G{s[4]}")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", RESNET50_AND_101 + ODD, ids=lambda s: "x".join(map(str, s[:4]))
+                         + f"-G{s[4]}")
 def test_ema_equals_the_authors_formulation(shape, memory_format):
     out = compare_with_folded(shape, memory_format)
     assert out.is_contiguous(memory_format=memory_format)
@@ -229,7 +237,8 @@ def test_ema_never_makes_the_3x3_branch():
 def test_ema_py_works_copied_into_another_project(tmp_path, with_kernels):
     """models/attention/ema.py in a folder of another project's (which has a `models` package of its
     own): it imports, runs and equals the repo's EMA; with ema_fused.py beside it, the kernels are
-    found (fused=True then asks for Triton's interpreter on the CPU), without it fused=True says so."""
+    found (fused=True then asks for Triton's interpreter on the CPU), without it fused=True says
+    so."""
     import shutil
     import subprocess
     import sys
@@ -240,31 +249,35 @@ def test_ema_py_works_copied_into_another_project(tmp_path, with_kernels):
     if with_kernels:
         shutil.copy(attention / "ema_fused.py", tmp_path)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the other project models')\n")
+    (tmp_path / "models" / "__init__.py").write_text(
+        "raise ImportError('the other project models')\n")
     script = (
         "import torch, ema\n"
         "m = ema.EMA(64)\n"
         "m.load_state_dict(torch.load('state.pt'))\n"
         "torch.save(m(torch.load('x.pt')), 'out.pt')\n"
-        "try:\n    ema.EMA(64, fused=True)(torch.load('x.pt'))\nexcept ValueError as e:\n    print(e)\n")
+        "try:\n    ema.EMA(64, fused=True)(torch.load('x.pt'))\nexcept ValueError as e:\n    "
+        "print(e)\n")
     ours = randomized_ema(64, 32).float()
     x = torch.randn(2, 64, 6, 6)
     torch.save(ours.state_dict(), tmp_path / "state.pt")
     torch.save(x, tmp_path / "x.pt")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True,
                           env={"PATH": "", "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr
     missing = "needs ema_fused.py beside ema.py"
     assert (missing in done.stdout) != with_kernels, done.stdout
     if with_kernels:
-        assert "Triton's interpreter" in done.stdout or "Triton is not installed" in done.stdout, done.stdout
+        assert ("Triton's interpreter" in done.stdout
+                or "Triton is not installed" in done.stdout), done.stdout
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours(x), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_ema_under_torch_func_and_torchscript():
-    """Per-sample gradients (vmap of grad) and second derivatives (a Hessian-vector product by double
-    backward) through EMA equal the authors' formulation's; a traced EMA saves and loads."""
+    """Per-sample gradients (vmap of grad) and second derivatives (a Hessian-vector product by
+    double backward) through EMA equal the authors' formulation's; a traced EMA saves and loads."""
     import io
 
     from torch.func import functional_call, grad, vmap
@@ -301,4 +314,5 @@ def test_spatial_gate_is_the_authors_gate():
     x = torch.randn(2, 64, 5, 7, dtype=torch.float64)
     gate = ours.spatial_gate(x)
     assert gate.shape == (2, 8, 5, 7)
-    torch.testing.assert_close(gate, (folded(x) / x).unflatten(1, (8, 8))[:, :, 0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(gate, (folded(x) / x).unflatten(1, (8, 8))[:, :, 0], rtol=1e-10,
+                               atol=0)

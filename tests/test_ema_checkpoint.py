@@ -4,11 +4,11 @@ gives the same logits and the same test accuracy with today's code.
 The fixture, tests/fixtures/ema_before_algebra.pt, was written by this file run as a script,
 `python tests/test_ema_checkpoint.py`, at commit c0b0556 (EMA's 3x3 branch a k -> k grouped
 convolution): three epochs of train_cifar100.py, fp32 on the CPU, on a fake CIFAR-100 of 512
-training and 128 test images of the same 50 classes (tests/fake_cifar.py's images, seed 0) with a small ResNet
-+ EMA (one BasicBlock per stage, 64 channels each: k = 2 at every stage), so that the file stays
-near 1 MB. It holds the run's last.pth without its optimizer state, the logits of the 128 test
-images, and test.py's top-1/top-5 on them. Rerunning the script now would record today's code, not
-the old: it is the record of how the file was made.
+training and 128 test images of the same 50 classes (tests/fake_cifar.py's images, seed 0) with a
+small ResNet + EMA (one BasicBlock per stage, 64 channels each: k = 2 at every stage), so that the
+file stays near 1 MB. It holds the run's last.pth without its optimizer state, the logits of the 128
+test images, and test.py's top-1/top-5 on them. Rerunning the script now would record today's code,
+not the old: it is the record of how the file was made.
 """
 import contextlib
 import io
@@ -59,7 +59,8 @@ def run_test_script(weights, data_root):
     import test as test_script
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert test_script.main(["-weights", str(weights), "--data", str(data_root), "--amp", "off"]) == 0
+        assert test_script.main(["-weights", str(weights), "--data", str(data_root), "--amp",
+                                 "off"]) == 0
     return next(line for line in out.getvalue().splitlines() if line.startswith("top-1 error"))
 
 
@@ -86,7 +87,8 @@ def test_a_checkpoint_from_before_the_algebra_gives_the_same_logits_and_accuracy
 
 
 def make():
-    """Train the fixture's run with this checkout's code and write tests/fixtures/ema_before_algebra.pt."""
+    """Train the fixture's run with this checkout's code and write
+    tests/fixtures/ema_before_algebra.pt."""
     import subprocess
 
     sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
@@ -98,7 +100,8 @@ def make():
         assert train_cifar100.main([
             "-net", NET, "-att", "ema", "-b", "32", "-lr", "0.05", "--epochs", "3", "-warm", "0",
             "--seed", "0", "--amp", "off", "--data", str(data_root), "--run-name", "fixture",
-            "--checkpoint-dir", str(Path(tmp) / "checkpoint"), "--log-dir", str(Path(tmp) / "runs")]) == 0
+            "--checkpoint-dir", str(Path(tmp) / "checkpoint"), "--log-dir",
+            str(Path(tmp) / "runs")]) == 0
         last = Path(tmp) / "checkpoint" / f"{NET}_ema" / "fixture" / "last.pth"
         checkpoint = torch.load(last, weights_only=True)
         checkpoint.pop("optimizer", None)

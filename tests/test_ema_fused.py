@@ -1,6 +1,6 @@
-"""models/attention/ema_fused.py: the fused EMA kernels, run on the CPU under Triton's interpreter in
-float64, against the PyTorch module on random inputs and random weights: outputs, input gradients and
-every parameter gradient within 1e-9, every output element written (outputs poisoned with NaN
+"""models/attention/ema_fused.py: the fused EMA kernels, run on the CPU under Triton's interpreter
+in float64, against the PyTorch module on random inputs and random weights: outputs, input gradients
+and every parameter gradient within 1e-9, every output element written (outputs poisoned with NaN
 first). Skipped where Triton is absent; on a GPU, tests/test_gpu.py runs the compiled kernels."""
 import math
 
@@ -11,8 +11,10 @@ from models.attention import ema_fused
 from models.attention.ema import EMA
 
 pytestmark = [
-    pytest.mark.skipif(not ema_fused.available(), reason="Triton is not installed (the CPU build of torch)"),
-    pytest.mark.skipif(not ema_fused.interpreted(), reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
+    pytest.mark.skipif(not ema_fused.available(),
+                       reason="Triton is not installed (the CPU build of torch)"),
+    pytest.mark.skipif(not ema_fused.interpreted(),
+                       reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
                                                            "unless EMA_TEST_GPU=1)"),
 ]
 TOLERANCE = 1e-9
@@ -20,14 +22,15 @@ TOLERANCE = 1e-9
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN: an element they leave unwritten fails the test."""
+    """Every buffer the kernels write starts as NaN: an element they leave unwritten fails the
+    test."""
     monkeypatch.setattr(ema_fused, "_new_like", lambda t: torch.full_like(t, math.nan))
     monkeypatch.setattr(ema_fused, "_new", lambda size, **kw: torch.full(size, math.nan, **kw))
 
 
 def random_pair(channels: int, groups: int, seed: int = 0):
-    """The same EMA with random weights (not the initial ones: a zero bias or a unit scale would hide
-    a misplaced term), PyTorch and fused, in float64."""
+    """The same EMA with random weights (not the initial ones: a zero bias or a unit scale would
+    hide a misplaced term), PyTorch and fused, in float64."""
     torch.manual_seed(seed)
     plain = EMA(channels, groups, fused=False).double()
     with torch.no_grad():
@@ -39,14 +42,15 @@ def random_pair(channels: int, groups: int, seed: int = 0):
 
 
 def outputs_and_gradients(module, x, grad, parameters=None):
-    """The output and the gradients of the input and of every parameter (of `parameters`, the module's
-    own by default, e.g. a compiled wrapper's original module)."""
+    """The output and the gradients of the input and of every parameter (of `parameters`, the
+    module's own by default, e.g. a compiled wrapper's original module)."""
     parameters = parameters or module
     parameters.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     out = module(x)
     out.backward(grad)
-    return {"output": out.detach(), "input": x.grad, **{name: p.grad.clone() for name, p in parameters.named_parameters()}}
+    return {"output": out.detach(), "input": x.grad,
+            **{name: p.grad.clone() for name, p in parameters.named_parameters()}}
 
 
 def assert_fused_equals_pytorch(b, c, h, w, groups, channels_last=False):
@@ -96,7 +100,8 @@ def test_a_detector_sized_map_takes_the_pytorch_path_and_fused_true_says_why():
     plain.load_state_dict(default.state_dict())
     assert not default.takes_fused_path(x)
     assert torch.equal(default(x), plain(x))
-    with pytest.raises(ValueError, match=r"EMA\(fused=True\) cannot run on this input: .*8 x 80 x 80"):
+    with pytest.raises(ValueError,
+                       match=r"EMA\(fused=True\) cannot run on this input: .*8 x 80 x 80"):
         EMA(256, fused=True)(x)
 
 
@@ -130,7 +135,8 @@ def test_on_the_cpu_without_the_interpreter_true_says_why(monkeypatch):
 def test_parameter_gradients_repeat_bitwise():
     """The partials are summed by torch in a fixed order: two backward passes agree bit for bit."""
     _, fused = random_pair(16, 2)
-    x, grad = torch.randn(1, 16, 5, 5, dtype=torch.float64), torch.randn(1, 16, 5, 5, dtype=torch.float64)
+    x, grad = torch.randn(1, 16, 5, 5,
+                          dtype=torch.float64), torch.randn(1, 16, 5, 5, dtype=torch.float64)
     first, second = outputs_and_gradients(fused, x, grad), outputs_and_gradients(fused, x, grad)
     for name in first:
         assert torch.equal(first[name], second[name]), name
@@ -140,7 +146,8 @@ def test_the_custom_op_registration():
     """torch.library's own checks: schema, fake (meta) implementation, autograd registration."""
     _, fused = random_pair(8, 2)
     x = torch.randn(1, 8, 3, 3, dtype=torch.float64, requires_grad=True)
-    args = (x, fused.conv1x1.weight, fused.conv1x1.bias, fused.gn.weight, fused.gn.bias, fused.conv3x3.weight,
+    args = (x, fused.conv1x1.weight, fused.conv1x1.bias, fused.gn.weight, fused.gn.bias,
+            fused.conv3x3.weight,
             fused.conv3x3.bias, fused.groups, fused.gn.eps)
     torch.library.opcheck(ema_fused.ema_fused, args)
 
@@ -152,6 +159,7 @@ def test_torch_compile_traces_the_fused_op_without_a_graph_break():
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
     compiled = torch.compile(fused, backend="eager", fullgraph=True)
     grad = torch.randn_like(x)
-    expected, got = outputs_and_gradients(fused, x, grad), outputs_and_gradients(compiled, x, grad, fused)
+    expected, got = outputs_and_gradients(fused, x,
+                                          grad), outputs_and_gradients(compiled, x, grad, fused)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=TOLERANCE)

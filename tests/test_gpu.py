@@ -1,5 +1,5 @@
-"""The default configuration on a GPU, and EMA's fused kernels compiled for it. Skipped without CUDA;
-run on a GPU machine with
+"""The default configuration on a GPU, and EMA's fused kernels compiled for it. Skipped without
+CUDA; run on a GPU machine with
 
     EMA_TEST_GPU=1 python -m pytest -q tests/test_gpu.py
 
@@ -25,7 +25,8 @@ from fake_cifar import write_fake_cifar100
 from test_loader import MEAN, STD, random_batch, torchvision_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs CUDA and EMA_TEST_GPU=1 (docs/speed.md: The GPU check)")
+                                reason="needs CUDA and EMA_TEST_GPU=1 (docs/speed.md: The GPU "
+                                       "check)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +38,8 @@ def data_root(tmp_path_factory):
 
 
 def outputs(base, run):
-    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
+    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"),
+            "--run-name", run]
 
 
 def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
@@ -49,8 +51,8 @@ def test_defaults_resolve_to_compiled_graphs_bf16_and_the_measured_layout():
 
 
 def test_ema_returns_the_input_dtype_under_cuda_autocast():
-    """CUDA's autocast runs GroupNorm and softmax in float32; EMA still hands back the input's dtype,
-    as the authors' does (its matmuls run in it), close to theirs."""
+    """CUDA's autocast runs GroupNorm and softmax in float32; EMA still hands back the input's
+    dtype, as the authors' does (its matmuls run in it), close to theirs."""
 
     torch.manual_seed(0)
     ours = models.attention.EMA(256).cuda()
@@ -69,7 +71,8 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
     captures the CUDA graphs; in the second, which replays them, CUDA's sync debug mode reports any
     step that waits for the GPU (checks excepted)."""
     synced = []
-    original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
+    original_epoch = train_cifar100.Trainer.train_epoch
+    original_check = train_cifar100.Trainer.check
 
     def train_epoch(self, stop):
         if self.epoch == 0:
@@ -81,7 +84,8 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
                 return original_epoch(self, stop)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                synced.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+                synced.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(
+                    w.message))
 
     def check(self, *args):
         mode = torch.cuda.get_sync_debug_mode()
@@ -93,10 +97,12 @@ def test_default_configuration_trains_without_syncs_inside_steps(data_root, tmp_
 
     monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", train_epoch)
     monkeypatch.setattr(train_cifar100.Trainer, "check", check)
-    assert train_cifar100.main(["--b", "128", "--epochs", "2", "--data", str(data_root)] + outputs(tmp_path, "gpu")) == 0
+    assert train_cifar100.main(["--b", "128", "--epochs", "2", "--data", str(data_root)]
+                               + outputs(tmp_path, "gpu")) == 0
     checkpoint = torch.load(tmp_path / "checkpoint/resnet50_ema/gpu/last.pth", weights_only=True)
     args = checkpoint["args"]
-    assert (args["compile"], args["cuda_graphs"], args["channels_last"], args["loader"]) == (True, True, False, "device")
+    assert (args["compile"], args["cuda_graphs"], args["channels_last"],
+            args["loader"]) == (True, True, False, "device")
     assert args["amp"] == ("bf16" if native_cuda_bf16(torch.device("cuda")) else "fp16")
     assert all(math.isfinite(row["train_loss"]) for row in checkpoint["history"])
     assert synced == []
@@ -117,21 +123,25 @@ def test_gpu_checkpoint_resumes_on_the_cpu_and_gate_images_with_workers(data_roo
                                        "--gate-images", "1"] + outputs(tmp_path, "move")) == 0
     folder = tmp_path / "checkpoint/resnet18_ema/move"
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EMA_TEST_GPU": "0"}
-    result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume", str(folder),
-                             "--epochs", "2", "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=cpu_only, cwd=ROOT, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume",
+                             str(folder),
+                             "--epochs", "2", "--log-dir", str(tmp_path / "runs")],
+                             capture_output=True, text=True, env=cpu_only, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "device cuda -> cpu" in result.stdout
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 2
 
 
-# ---------------------------------------------------------------- EMA's fused kernels (ema_fused.py)
+# ---------------------------------------------------------------- EMA's fused kernels
+# (ema_fused.py)
 
 fused_needs_triton = pytest.mark.skipif(not ema_fused.available(), reason="Triton is not installed")
 RESNET50_EMA_INPUTS = [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)]
 
 
 def fused_and_reference(c, seed=0):
-    """EMA with random weights on the fused path, and the same weights on the PyTorch path in float64."""
+    """EMA with random weights on the fused path, and the same weights on the PyTorch path in
+    float64."""
     torch.manual_seed(seed)
     fused = models.attention.EMA(c, fused=True).cuda()
     with torch.no_grad():
@@ -155,11 +165,12 @@ def relative_errors(module, reference, x, grad):
     return [((got.double() - want).norm() / want.norm()).item() for got, want in zip(*results)]
 
 
-@pytest.mark.parametrize("amp, tolerance", [(None, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("amp, tolerance", [(None, 1e-4), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", RESNET50_EMA_INPUTS)
 def test_compiled_ema_against_the_authors_in_float64(shape, amp, tolerance):
-    """EMA's PyTorch path as the trainer runs it on CUDA (torch.compile, autocast): its 3x3 branch by
-    algebra, nine tap sums compiled by Inductor, against the authors' formulation in float64."""
+    """EMA's PyTorch path as the trainer runs it on CUDA (torch.compile, autocast): its 3x3 branch
+    by algebra, nine tap sums compiled by Inductor, against the authors' formulation in float64."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     ema = models.attention.EMA(shape[0], fused=False).cuda()
@@ -212,7 +223,8 @@ def test_fused_ema_under_compile_and_cuda_graphs():
     x = torch.randn(16, 512, 16, 16, device="cuda", dtype=torch.bfloat16)
     eager = fused(x)
     compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # the first call runs eagerly, the second records the graph, the third replays it
+    # the first call runs eagerly, the second records the graph, the third replays it
+    for _ in range(3):
         out = compiled(x)
     torch.testing.assert_close(out.float(), eager.float(), rtol=0, atol=0)
 
@@ -226,7 +238,8 @@ def test_two_epochs_fused_and_unfused_agree(data_root, tmp_path, monkeypatch):
         run = f"fused-{fused}"
         assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-b", "64", "--epochs", "2",
                                     "--data", str(data_root)] + outputs(tmp_path, run)) == 0
-        history = torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth", weights_only=True)["history"]
+        history = torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth",
+                             weights_only=True)["history"]
         losses[fused] = [row["train_loss"] for row in history]
     assert losses[True] == pytest.approx(losses[False], rel=0.05), losses
 
@@ -237,9 +250,11 @@ def test_deterministic_runs_agree_bitwise(data_root, tmp_path):
     weights = []
     try:
         for run in ("first", "second"):
-            assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-b", "64", "--epochs", "2", "--deterministic",
+            assert train_cifar100.main(["-net", "resnet18", "-att", "ema", "-b", "64", "--epochs",
+                                        "2", "--deterministic",
                                         "--data", str(data_root)] + outputs(tmp_path, run)) == 0
-            weights.append(torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth", weights_only=True)["model"])
+            weights.append(torch.load(tmp_path / f"checkpoint/resnet18_ema/{run}/last.pth",
+                                      weights_only=True)["model"])
     finally:  # the flags are the process's: the other tests run as the trainer does by default
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False

@@ -1,6 +1,7 @@
-"""What makes the GPU path fast and safe, checked on the CPU: no host synchronisation inside training
-steps, no graph breaks under torch.compile, EMA keeping channels_last, static graphs compiled once
-per run, resumes that change device, loader, precision or layout, fp16 overflow vs divergence."""
+"""What makes the GPU path fast and safe, checked on the CPU: no host synchronisation inside
+training steps, no graph breaks under torch.compile, EMA keeping channels_last, static graphs
+compiled once per run, resumes that change device, loader, precision or layout, fp16 overflow vs
+divergence."""
 import shutil
 
 import pytest
@@ -33,10 +34,12 @@ def last_checkpoint(base, run):
 
 
 def test_no_host_synchronisation_inside_training_steps(small_data, tmp_path, monkeypatch):
-    """Between two checks a step neither reads a device value nor builds a tensor from Python values."""
+    """Between two checks a step neither reads a device value nor builds a tensor from Python
+    values."""
     calls, checked_at = [], []
     counter = HostSyncCounter()
-    original_epoch, original_check = train_cifar100.Trainer.train_epoch, train_cifar100.Trainer.check
+    original_epoch = train_cifar100.Trainer.train_epoch
+    original_check = train_cifar100.Trainer.check
 
     def train_epoch(self, stop):
         with counter:
@@ -72,9 +75,10 @@ def test_the_sync_counter_sees_what_it_must():
 
 
 def test_every_block_and_attention_compiles_without_graph_breaks():
-    """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each kind,
-    without attention and with EMA, runs the same code as the deep ones, and each other attention
-    module is traced in both kinds of block. MobileNetV2 with EMA (its own placement rule) and without."""
+    """Every ResNet is made of BasicBlocks or Bottlenecks: a one-block-per-stage ResNet of each
+    kind, without attention and with EMA, runs the same code as the deep ones, and each other
+    attention module is traced in both kinds of block. MobileNetV2 with EMA (its own placement rule)
+    and without."""
     assert {spec.block for spec in RESNETS.values()} == {BasicBlock, Bottleneck}
     speed = SpeedSettings(torch.device("cpu"))
     images, features = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 8, 8)
@@ -83,9 +87,11 @@ def test_every_block_and_attention_compiles_without_graph_breaks():
     for block in (BasicBlock, Bottleneck):
         for attention in (None, "ema"):
             constructor = ATTENTIONS[attention] if attention else None
-            traced[(block.__name__, attention)] = (ResNet(block, (1, 1, 1, 1), 100, constructor), images)
+            traced[(block.__name__, attention)] = (ResNet(block, (1, 1, 1, 1), 100, constructor),
+                                                   images)
         for attention in set(ATTENTIONS) - {"ema"}:
-            traced[(block.__name__, attention)] = (block(64, 64, 1, ATTENTIONS[attention]), features)
+            traced[(block.__name__, attention)] = (block(64, 64, 1, ATTENTIONS[attention]),
+                                                   features)
     assert len(traced) == 2 + 2 * len(ATTENTIONS) + 2
     for (name, attention), (net, inputs) in traced.items():
         torch._dynamo.reset()
@@ -122,7 +128,8 @@ def test_ema_keeps_the_layout_and_equals_the_folded_computation(memory_format):
             p.copy_(torch.randn_like(p))
     folded = FoldedEMA(64, 8).double()  # the authors' (B*G, k, H, W) formulation
     folded.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 64, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    x = torch.randn(3, 64, 6, 5,
+                    dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     with LayoutCopies(x.numel()) as layout:
         out = ours(x)
     assert layout.copies == [] and out.is_contiguous(memory_format=memory_format)
@@ -160,7 +167,8 @@ def test_compiled_training_makes_each_graph_once(small_data, tmp_path, monkeypat
 
 @pytest.fixture(scope="module")
 def finished_tiny_run(tmp_path_factory):
-    """A one-epoch SMALL_RUN on 4 images in one batch: fp16, emulated on CPUs, costs seconds an image."""
+    """A one-epoch SMALL_RUN on 4 images in one batch: fp16, emulated on CPUs, costs seconds an
+    image."""
     base = tmp_path_factory.mktemp("tiny")
     data = write_fake_cifar100(base / "data", n_train=4, n_test=4)
     assert train(data, base, "run", "--epochs", "1", "-b", "4") == 0
@@ -181,12 +189,14 @@ def test_every_allowed_override_resumes(override, finished_tiny_run, tmp_path, c
     fresh_run(finished_tiny_run, tmp_path)
     capsys.readouterr()
     folder = tmp_path / "checkpoint" / f"{NET}_ema" / "run"
-    assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs"), *override]) == 0
+    assert train_cifar100.main(["--resume", str(folder), "--epochs", "2", "--log-dir",
+                                str(tmp_path / "runs"), *override]) == 0
     out = capsys.readouterr().out
     assert "not bitwise" in out
     checkpoint = last_checkpoint(tmp_path, "run")
     assert checkpoint["epoch"] == 2
-    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
 
 
 def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys):
@@ -198,14 +208,17 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(finished_tiny_run, tmp_path, capsys
     new_format["device"] = "cuda"
     new_format["args"]["cuda_graphs"] = True
     old_format = last_checkpoint(tmp_path, "run")
-    old_format.update(format=1, rng={"torch": torch.get_rng_state(), "loader": torch.zeros(16, dtype=torch.uint8),
+    old_format.update(format=1, rng={"torch": torch.get_rng_state(),
+                                     "loader": torch.zeros(16, dtype=torch.uint8),
                                      "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4})
     del old_format["device"], old_format["world"]
-    for checkpoint, expected in ((new_format, ("device cuda -> cpu", "CUDA graphs off: they need a CUDA device")),
+    for checkpoint, expected in ((new_format, ("device cuda -> cpu",
+                                               "CUDA graphs off: they need a CUDA device")),
                                  (old_format, ("format-1",))):
         torch.save(checkpoint, path)
         capsys.readouterr()
-        assert train_cifar100.main(["--resume", str(path), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 0
+        assert train_cifar100.main(["--resume", str(path), "--epochs", "2", "--log-dir",
+                                    str(tmp_path / "runs")]) == 0
         out = capsys.readouterr().out
         assert all(line in out for line in expected), out
         resumed = last_checkpoint(tmp_path, "run")
@@ -257,7 +270,8 @@ def test_cuda_graphs_only_where_they_apply(monkeypatch):
     assert not SpeedSettings.resolve(cuda, amp="bf16", cuda_graphs=True, processes=2).cuda_graphs
     assert not SpeedSettings.resolve(cpu, compile=True, cuda_graphs=True).cuda_graphs
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **options: modes.append(mode) or model)
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **options: modes.append(mode)
+                        or model)
     SpeedSettings(cuda, "bf16", compile=True, cuda_graphs=True).compiled(nn.Identity())
     SpeedSettings(cuda, "bf16", compile=True).compiled(nn.Identity())
     assert modes == ["reduce-overhead", None]

@@ -1,5 +1,5 @@
-"""The repo's shape, which a newcomer relies on: scripts at the top and the library in one package, a
-short main script, short files, functions and lines, a short README, imports without circles, no
+"""The repo's shape, which a newcomer relies on: scripts at the top and the library in one package,
+a short main script, short files, functions and lines, a short README, imports without circles, no
 script importing another script, no private argparse, and table.py without torch."""
 import ast
 import subprocess
@@ -34,7 +34,8 @@ def imported(path: Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             # A package import stands for its __init__.
-            module = name if name in MODULES else f"{name}.__init__" if f"{name}.__init__" in MODULES else None
+            module = (name if name in MODULES else f"{name}.__init__"
+                      if f"{name}.__init__" in MODULES else None)
             if module:
                 found.add(module)
     return found
@@ -86,7 +87,8 @@ def test_the_main_script_the_files_and_the_readme_are_short():
 def test_no_function_is_longer_than_80_lines():
     long = [f"{p.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for p in SOURCES for node in ast.walk(ast.parse(p.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno >= 80]
     assert long == []
 
 
@@ -110,7 +112,8 @@ def test_no_import_circle():
 
 def test_no_script_imports_another_script():
     scripts = {name for name, path in MODULES.items() if is_script(path)}
-    assert {"train_cifar100", "test", "table", "reproduce", "benchmark", "gradcam", "params"} <= scripts
+    assert {"train_cifar100", "test", "table", "reproduce", "benchmark", "gradcam",
+            "params"} <= scripts
     assert [(name, sorted(imported(MODULES[name]) & scripts)) for name in sorted(scripts)
             if imported(MODULES[name]) & scripts] == []
 

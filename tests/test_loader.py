@@ -32,7 +32,8 @@ def random_batch(n, seed=0):
 
 
 def torchvision_pil(image, top, left, flip, angle):
-    """torchvision's PIL pipeline with these parameters: pad, crop, flip, rotate, ToTensor, Normalize."""
+    """torchvision's PIL pipeline with these parameters: pad, crop, flip, rotate, ToTensor,
+    Normalize."""
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     pil = TF.crop(TF.pad(pil, 4), top, left, 32, 32)
     if flip:
@@ -70,17 +71,20 @@ def test_rotation_equals_torchvision():
         args = (images[i], top, left, bool(flips[i]), float(angles[i]))
         assert torch.equal(out[i], torchvision_tensor(*args)), i
         differing += (out[i] != torchvision_pil(*args)).any(0).sum().item()
-    # PIL's own nearest rotation rounds a few boundary pixels differently from torchvision's tensor one.
+    # PIL's own nearest rotation rounds a few boundary pixels differently from torchvision's tensor
+    # one.
     assert differing / (64 * 32 * 32) < 1e-3
 
 
 def test_random_parameters_have_torchvision_distributions():
     n = 90_000
-    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n), 128, CLASSIC,
+    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n),
+                                  128, CLASSIC,
                                 torch.device("cpu"), torch.Generator().manual_seed(0))
     order, offsets, flips, angles = loader.epoch_parameters()
     assert torch.equal(order.sort().values, torch.arange(n))
-    # torchvision: RandomCrop offsets uniform on 0..8, flip with p = 1/2, angle uniform on (-15, 15).
+    # torchvision: RandomCrop offsets uniform on 0..8, flip with p = 1/2, angle uniform on (-15,
+    # 15).
     crop = transforms.RandomCrop(32, padding=4)
     torchvision_offsets = {crop.get_params(torch.zeros(3, 40, 40), (32, 32))[0] for _ in range(500)}
     assert torchvision_offsets == set(range(9))
@@ -95,8 +99,10 @@ def test_random_parameters_have_torchvision_distributions():
 
 
 def test_paper_recipe_has_no_rotation():
-    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8), 4,
-                                settings.RECIPES["paper"], torch.device("cpu"), torch.Generator().manual_seed(0))
+    loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8),
+                                  4,
+                                settings.RECIPES["paper"], torch.device("cpu"),
+                                torch.Generator().manual_seed(0))
     assert loader.epoch_parameters()[3] is None
 
 
@@ -116,7 +122,8 @@ def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
     first, again, other = epochs(0), epochs(0), epochs(1)
     assert [len(b[0]) for b in first[0]] == [32, 32, 32, 4]
     assert sorted(torch.cat([b[1] for b in first[0]]).tolist()) == sorted(dataset.targets)
-    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x,
+                            y in zip(a, b))
     assert same(first[0], again[0]) and same(first[1], again[1])
     assert not same(first[0], first[1]) and not same(first[0], other[0])
     # Starting an epoch at step 2 gives the same batches as running through steps 0 and 1.
@@ -137,13 +144,16 @@ def test_device_and_workers_test_loaders_agree(data_root):
 
 def test_bf16_and_channels_last_training(small_data, tmp_path):
     argv = ["-net", NET, "-att", "ema", "-b", "8", "--epochs", "1", "--data", str(small_data),
-            "--amp", "bf16", "--channels-last", "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"),
+            "--amp", "bf16", "--channels-last", "--checkpoint-dir", str(tmp_path / "c"),
+            "--log-dir", str(tmp_path / "r"),
             "--run-name", "fast"]
     assert train_cifar100.main(argv) == 0
     checkpoint = torch.load(tmp_path / f"c/{NET}_ema/fast/last.pth", weights_only=True)
     assert checkpoint["args"]["amp"] == "bf16" and checkpoint["args"]["channels_last"] is True
-    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
-    assert checkpoint["model"]["layer1.0.residual.0.weight"].dtype == torch.float32  # autocast keeps fp32 weights
+    assert all(
+        torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    # autocast keeps fp32 weights
+    assert checkpoint["model"]["layer1.0.residual.0.weight"].dtype == torch.float32
 
 
 def test_speed_settings_step():
@@ -166,7 +176,8 @@ def test_compile_matches_eager_within_bf16_tolerance():
 
     def losses(compiled):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), EMA(32, 8),
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                              EMA(32, 8),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
         step_model = torch.compile(model) if compiled else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -189,24 +200,30 @@ def test_benchmark_prints_every_part(capsys):
     assert benchmark.main(["-net", NET, "-att", "ema", "-b", "4", "--steps", "1", "--warmup", "1",
                            "--data", "/nonexistent", "--profile"]) == 0
     out = capsys.readouterr().out
-    for line in ("workers loader (0 workers)", "device / workers per core", "classic      workers loader, fp32",
+    for line in ("workers loader (0 workers)", "device / workers per core",
+                 "classic      workers loader, fp32",
                  "eager        device loader", "x classic", "random images of CIFAR's shape",
-                 "host synchronisations per training step: 0\n", "0 graph break(s)", "ATen ops per training step",
-                 "Self CPU time total", "EMA alone as trained (", "contiguous, eager), forward + backward, batch 4",
+                 "host synchronisations per training step: 0\n", "0 graph break(s)",
+                 "ATen ops per training step",
+                 "Self CPU time total", "EMA alone as trained (",
+                 "contiguous, eager), forward + backward, batch 4",
                  "input (32, 32, 32)    x  1 module", "input (256, 4, 4)     x  1 module",
                  "all 4 modules:", "the eager training step above:",
-                 "EMA alone against the authors' formulation (FoldedEMA), eager, fp32, forward + backward, batch 16",
+                 "EMA alone against the authors' formulation (FoldedEMA), eager, fp32, forward + "
+                 "backward, batch 16",
                  f"result: EMA alone | eager | {NET} x 4 | batch 16 | authors/ours "):
         assert line in out, out
     assert "compiled, fp32" not in out  # on the CPU, with --ema-alone only
-    assert f"result: {NET} + ema | classic | batch 4 | " in out and "images/s | " in out and " | commit " in out
+    assert (f"result: {NET} + ema | classic | batch 4 | " in out and "images/s | " in out
+            and " | commit " in out)
 
 
 def test_benchmark_ema_alone_eager_and_compiled(capsys, monkeypatch):
     """--ema-alone: EMA against the authors' formulation, eager and compiled (here traced with the
     aot_eager backend: the graphs without Inductor's minutes of C++)."""
     compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile(module, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(torch, "compile",
+                        lambda module, **kw: compile(module, **{**kw, "backend": "aot_eager"}))
     assert benchmark.main(["-net", NET, "--ema-alone", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     for mode in ("eager", "compiled"):
@@ -220,14 +237,18 @@ def test_benchmark_ema_alone_eager_and_compiled(capsys, monkeypatch):
 def test_benchmark_refuses_cuda_graphs_without_cuda_or_warm_up(capsys):
     assert benchmark.main(["-net", "resnet18", "--configs", "classic", "graphs"]) == 2
     assert "need a CUDA device; this machine has cpu only" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as refused:  # the graphs' recording would fall inside the timed steps
+    # the graphs' recording would fall inside the timed steps
+    with pytest.raises(SystemExit) as refused:
         benchmark.main(["-net", "resnet18", "--configs", "graphs", "--warmup", "1"])
     assert refused.value.code == 2 and "--warmup must be 2 or more" in capsys.readouterr().err
 
 
 def test_benchmark_times_the_tables_rows_in_the_trainers_defaults(capsys):
-    args = benchmark.parse_args(["-b", "4", "--steps", "1", "--warmup", "1", "--table-rows", "--seeds", "2"])
-    benchmark.time_table_rows(args, torch.device("cpu"), rows=[("resnet18", "none"), ("resnet18", "ema")])
+    args = benchmark.parse_args(["-b", "4", "--steps", "1", "--warmup", "1", "--table-rows",
+                                 "--seeds", "2"])
+    benchmark.time_table_rows(args, torch.device("cpu"),
+                              rows=[("resnet18", "none"), ("resnet18", "ema")])
     out = capsys.readouterr().out
     assert out.count("result: resnet18 + ") == 2 and "| default | batch 4 |" in out
-    assert "the table: 2 rows x 2 seeds = " in out and "below half their network's baseline rate: " in out
+    assert ("the table: 2 rows x 2 seeds = " in out
+            and "below half their network's baseline rate: " in out)

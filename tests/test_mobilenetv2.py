@@ -1,4 +1,5 @@
-"""MobileNetV2: exact parameter counts against torchvision, EMA's placement, both shapes, one epoch."""
+"""MobileNetV2: exact parameter counts against torchvision, EMA's placement, both shapes, one
+epoch."""
 import pytest
 import torch
 import torchvision
@@ -36,11 +37,14 @@ def test_imagenet_ema_parameter_count():
 
 
 def test_ema_skips_the_first_four_blocks():
-    blocks = [m for m in models.create_model("mobilenetv2", "ema").modules() if isinstance(m, InvertedResidual)]
-    assert [any(isinstance(x, EMA) for x in b.modules()) for b in blocks] == [False] * 4 + [True] * 13
+    blocks = [m for m in models.create_model("mobilenetv2",
+                                             "ema").modules() if isinstance(m, InvertedResidual)]
+    assert [any(isinstance(x,
+                           EMA) for x in b.modules()) for b in blocks] == [False] * 4 + [True] * 13
 
 
-@pytest.mark.parametrize("attention", [name for name, make in ATTENTIONS.items() if make is not EMA])
+@pytest.mark.parametrize("attention",
+                         [name for name, make in ATTENTIONS.items() if make is not EMA])
 def test_other_modules_go_in_every_block(attention):
     model = models.create_model("mobilenetv2", attention)
     blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
@@ -73,9 +77,11 @@ def test_report_rows():
 
 
 def test_one_cifar_epoch(tmp_path):
-    data = write_fake_cifar100(tmp_path / "data", n_train=16, n_test=8)  # batch 8: its 32x32 maps take memory
+    # batch 8: its 32x32 maps take memory
+    data = write_fake_cifar100(tmp_path / "data", n_train=16, n_test=8)
     argv = ["-net", "mobilenetv2", "-att", "ema", "-b", "8", "--epochs", "1", "--data", str(data),
-            "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name", "m"]
+            "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name",
+            "m"]
     assert train_cifar100.main(argv) == 0
     checkpoint = torch.load(tmp_path / "c/mobilenetv2_ema/m/last.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["net"] == "mobilenetv2"

@@ -70,9 +70,11 @@ def test_eca_adaptive_kernel_sizes_on_resnet50_widths():
     assert [adaptive_kernel_size(c) for c in (256, 512, 1024, 2048)] == [5, 5, 5, 7]
 
 
-# ResNet50's blocks, only more of them: built and checked, not run (a second each of the suite's time).
+# ResNet50's blocks, only more of them: built and checked, not run (a second each of the suite's
+# time).
 DEEPER_RESNET50S = {"resnet101", "resnet152"}
-PAPER_NETS = [net for net in models.list_models() if net != TINY_NET]  # not the suite's own (tests/tiny_net.py)
+# not the suite's own (tests/tiny_net.py)
+PAPER_NETS = [net for net in models.list_models() if net != TINY_NET]
 
 
 @pytest.mark.parametrize("attention", models.list_attentions())
@@ -90,7 +92,8 @@ def test_every_pair_trains_one_step(net, attention):
     if attention != "none":
         cls = ATTENTIONS[attention]
         assert any(isinstance(m, cls) for m in model.modules())
-        resnet_blocks = [m for m in model.modules() if hasattr(m, "attention")]  # every one carries it
+        # every one carries it
+        resnet_blocks = [m for m in model.modules() if hasattr(m, "attention")]
         assert all(isinstance(b.attention, cls) for b in resnet_blocks)
 
 
@@ -125,10 +128,12 @@ def test_bad_channel_counts_fail_at_construction(make, match):
 
 
 def test_sa_narrow_blocks_use_fewer_groups():
-    # Not in the paper: widths that are not multiples of 2 * 64 take the largest G below 64 that fits.
+    # Not in the paper: widths that are not multiples of 2 * 64 take the largest G below 64 that
+    # fits.
     sa = ATTENTIONS["sa"]
     assert sa(64).groups == 32
-    assert [sa(c).groups for c in (32, 96, 144, 192, 384, 576, 960)] == [16, 48, 36, 48, 64, 48, 60]  # MobileNetV2
+    # MobileNetV2
+    assert [sa(c).groups for c in (32, 96, 144, 192, 384, 576, 960)] == [16, 48, 36, 48, 64, 48, 60]
     assert sa(256).groups == 64
     assert sa(6).groups == 3 and ShuffleAttention(256, groups=8).groups == 8
 
@@ -158,7 +163,8 @@ def test_ema_import_path_and_registry():
     from models.attention import EMA as imported
     assert imported is ATTENTIONS["ema"]
     assert models.list_attentions() == ["none", *ATTENTIONS]
-    assert {"ema", "se", "cbam", "eca", "sa", "nam", "ca"} <= set(ATTENTIONS)  # the paper's table (but SSA)
+    # the paper's table (but SSA)
+    assert {"ema", "se", "cbam", "eca", "sa", "nam", "ca"} <= set(ATTENTIONS)
 
 
 class TinyGate(nn.Module):
@@ -167,7 +173,8 @@ class TinyGate(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         if channels <= 0:
-            raise ValueError(f"TinyGate needs a positive number of channels; got channels={channels}")
+            raise ValueError(
+                f"TinyGate needs a positive number of channels; got channels={channels}")
         self.logit = nn.Parameter(torch.zeros(channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,17 +194,22 @@ def test_a_new_module_is_one_registry_line(monkeypatch, tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     nn.functional.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([1, 7])).backward()
     optimizer.step()
-    assert all(b.attention.logit.abs().sum() > 0 for b in blocks)  # every gate moved off its zero start
-    assert any(isinstance(m, TinyGate) for m in models.create_model("mobilenetv2", "tiny").modules())
+    # every gate moved off its zero start
+    assert all(b.attention.logit.abs().sum() > 0 for b in blocks)
+    assert any(isinstance(m,
+                          TinyGate) for m in models.create_model("mobilenetv2", "tiny").modules())
 
     data = write_fake_cifar100(tmp_path / "data", n_train=32, n_test=16)
-    argv = ["-net", "resnet18", "-att", "tiny", "-b", "32", "-warm", "0", "--epochs", "1", "--data", str(data),
-            "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name", "t"]
+    argv = ["-net", "resnet18", "-att", "tiny", "-b", "32", "-warm", "0", "--epochs", "1", "--data",
+            str(data),
+            "--checkpoint-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "r"), "--run-name",
+            "t"]
     assert train_cifar100.main(argv) == 0
     checkpoint = torch.load(tmp_path / "c/resnet18_tiny/t/last.pth", weights_only=True)
     gates = [w for name, w in checkpoint["model"].items() if name.endswith("attention.logit")]
     assert checkpoint["epoch"] == 1 and len(gates) == 8
-    assert all(w.abs().sum() > 0 for w in gates)  # one optimizer step (32 images, batch 32) trained them
+    # one optimizer step (32 images, batch 32) trained them
+    assert all(w.abs().sum() > 0 for w in gates)
 
 
 def test_nam_l1_penalty():
@@ -234,7 +246,8 @@ def test_att_stages_hold_the_modules_of_those_stages_only(att, stages):
     block, blocks, planes = RESNETS["resnet50"]
     widths = [p * block.expansion for p in planes]
     model = models.create_model("resnet50", att, 100, stages)
-    expected = EXACT_TOTALS[("resnet50", "none")] + sum(blocks[s - 1] * PER_BLOCK[att](widths[s - 1]) for s in stages)
+    expected = EXACT_TOTALS[("resnet50", "none")] + sum(
+        blocks[s - 1] * PER_BLOCK[att](widths[s - 1]) for s in stages)
     assert models.count_parameters(model)[0] == expected
     for stage in models.ALL_STAGES:
         placed = [not isinstance(b.attention, nn.Identity) for b in getattr(model, f"layer{stage}")]

@@ -25,7 +25,8 @@ from tiny_net import NET
 
 
 def train_on(data, base, run, *extra):
-    return train_cifar100.main(SMALL_RUN + ["--data", str(data), "--run-name", run] + roots(base) + list(extra))
+    return train_cifar100.main(SMALL_RUN + ["--data", str(data), "--run-name", run] + roots(base)
+                               + list(extra))
 
 
 def recorded(base, run) -> dict:
@@ -40,10 +41,11 @@ def test_att_stages_are_recorded_and_followed_by_test_py_and_table_py(small_data
     assert recorded(tmp_path, "deep")["att_stages"] == "3,4"
     capsys.readouterr()
     assert test_script.main(["-weights", str(run / "best.pth")]) == 0
-    # The tiny network's baseline of 1,252,100 and EMA's 10 k^2 + 4 k (k = c/32) in its one block of stage 3
-    # (k = 4) and of stage 4 (k = 8): 176 + 672.
+    # The tiny network's baseline of 1,252,100 and EMA's 10 k^2 + 4 k (k = c/32) in its one block of
+    # stage 3 (k = 4) and of stage 4 (k = 8): 176 + 672.
     assert "parameters 1,252,948 (all)" in capsys.readouterr().out
-    assert table.main(["--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "results")]) == 0
+    assert table.main(["--checkpoint-dir", str(tmp_path / "checkpoint"), "--out",
+                       str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     assert "att_stages=3,4" in out and "1.25M" in out
 
@@ -54,7 +56,8 @@ def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tm
     data = write_fake_cifar10(tmp_path / "data")
     assert train_on(data, tmp_path, "ten", "--dataset", "cifar10", "--epochs", "1") == 0
     args = recorded(tmp_path, "ten")
-    assert (args["data_format"], args["classes"]) == ("cifar10", 10) and args["dataset"].startswith("custom-")
+    assert (args["data_format"], args["classes"]) == ("cifar10",
+                                                      10) and args["dataset"].startswith("custom-")
     assert args["mean"] == pytest.approx([0.49139968, 0.48215827, 0.44653124])
     state = torch.load(folder(tmp_path, "ten") / "last.pth", weights_only=True)
     assert state["model"]["fc.weight"].shape[0] == 10
@@ -66,7 +69,8 @@ def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tm
 
 def test_the_other_cifar_in_data_is_named_with_its_flag(small_data, tmp_path, monkeypatch, capsys):
     """--dataset cifar100 (the default) on a folder of CIFAR-10: the refusal says --dataset cifar10
-    where the command chose the dataset; a resume and test.py, which follow the run's, say whose it is."""
+    where the command chose the dataset; a resume and test.py, which follow the run's, say whose it
+    is."""
     data = write_fake_cifar10(tmp_path / "data")
 
     def offline(*args, **kwargs):
@@ -74,7 +78,8 @@ def test_the_other_cifar_in_data_is_named_with_its_flag(small_data, tmp_path, mo
     monkeypatch.setattr(cifar, "_download", offline)
     assert train_on(data, tmp_path, "c100", "--epochs", "1") == 2
     err = capsys.readouterr().err
-    assert "could not be downloaded (OSError: no network). " in err and "holds CIFAR-10: for it, pass --dataset cifar10." in err
+    assert ("could not be downloaded (OSError: no network). " in err
+            and "holds CIFAR-10: for it, pass --dataset cifar10." in err)
     assert len(err.strip().splitlines()) == 1 and not (data / cifar.CIFAR100.folder).exists()
     assert train_on(data / cifar.CIFAR10.folder, tmp_path, "inner", "--epochs", "1") == 2
     assert (f"is CIFAR-10's own folder: point --data at {data} and pass --dataset cifar10"
@@ -93,18 +98,21 @@ def test_the_other_cifar_in_data_is_named_with_its_flag(small_data, tmp_path, mo
     assert "is CIFAR-10's own folder: point --data at" in capsys.readouterr().err
     monkeypatch.setattr(cifar, "_download", lambda root, form: None)  # a download that worked
     cifar.ensure(data, cifar.CIFAR100)
-    assert capsys.readouterr().err == (f"note: CIFAR-100 was not in {data}, so it was downloaded there. {data} holds "
-                                       f"CIFAR-10: for it, pass --dataset cifar10.\n")
+    assert capsys.readouterr().err == (
+        f"note: CIFAR-100 was not in {data}, so it was downloaded there. {data} holds "
+        f"CIFAR-10: for it, pass --dataset cifar10.\n")
 
 
 @pytest.mark.parametrize("test_name", ["test", "val"])
-def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(tmp_path, monkeypatch, capsys, test_name):
+def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(
+        tmp_path, monkeypatch, capsys, test_name):
     data = write_image_folder(tmp_path / "images", test_name=test_name)
     assert train_on(data, tmp_path, "own", "--dataset", "folder", "--epochs", "1") == 0
     args = recorded(tmp_path, "own")
     assert args["classes"] == 3 and args["dataset"].startswith("folder-")
     pixels = np.concatenate([image_folder.ImageFolderSplit(data, True).data]).reshape(-1, 3) / 255
-    assert args["mean"] == pytest.approx(pixels.mean(0).tolist()) and args["std"] == pytest.approx(pixels.std(0).tolist())
+    assert args["mean"] == pytest.approx(pixels.mean(0).tolist()) and args["std"] == pytest.approx(
+        pixels.std(0).tolist())
     assert sorted(p.name for p in data.glob(".cache-*")) == sorted([f".cache-32x32-{test_name}.npz",
                                                                      ".cache-32x32-train.npz"])
 
@@ -122,7 +130,8 @@ def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(tmp_path, 
     assert f"{other} holds 2 classes; the checkpoint was trained on 3" in capsys.readouterr().err
     test_only = write_image_folder(tmp_path / "test-only", test_name=test_name)
     shutil.rmtree(test_only / "train")
-    assert test_script.main(["-weights", str(folder(tmp_path, "own")), "--data", str(test_only)]) == 0
+    assert test_script.main(["-weights", str(folder(tmp_path, "own")), "--data",
+                             str(test_only)]) == 0
 
 
 def test_a_folder_split_equals_its_images_resized_once(tmp_path):
@@ -132,7 +141,8 @@ def test_a_folder_split_equals_its_images_resized_once(tmp_path):
     assert split.classes == ["cat", "dog", "emu"]
     first = sorted((data / "test" / "cat").iterdir())[0]
     expected = np.asarray(Image.open(first).convert("RGB").resize((32, 32), Image.BILINEAR))
-    assert split.data.shape[1:] == (32, 32, 3) and (split.data[0] == expected).all() and split.targets[0] == 0
+    assert split.data.shape[1:] == (32, 32, 3) and (
+        split.data[0] == expected).all() and split.targets[0] == 0
 
 
 def broken_folder(root: Path, how: str) -> Path:
@@ -140,7 +150,8 @@ def broken_folder(root: Path, how: str) -> Path:
     if how == "an empty class folder":
         (root / "train" / "fox").mkdir()
         (root / "test" / "fox").mkdir()
-        (root / "test" / "fox" / "1.png").write_bytes((root / "test" / "cat").glob("*.png").__next__().read_bytes())
+        (root / "test" / "fox" / "1.png").write_bytes(
+            (root / "test" / "cat").glob("*.png").__next__().read_bytes())
     elif how == "a file that is not an image":
         (root / "train" / "cat" / "notes.txt").write_text("not an image")
     elif how == "an unreadable image":
@@ -175,13 +186,16 @@ def test_a_folder_of_odd_images_and_files(tmp_path, monkeypatch, capsys):
     link.unlink()
     monkeypatch.setattr(image_folder.Image, "MAX_IMAGE_PIXELS", 100)
     cache.unlink()
-    with pytest.raises(run_data.UserError, match="is not an image PIL can read .DecompressionBombError"):
+    with pytest.raises(run_data.UserError,
+                       match="is not an image PIL can read .DecompressionBombError"):
         image_folder.ImageFolderSplit(data, True)
 
 
-WHY = {"an empty class folder": "fox holds no images", "a file that is not an image": "notes.txt is not an image",
+WHY = {"an empty class folder": "fox holds no images",
+       "a file that is not an image": "notes.txt is not an image",
        "an unreadable image": "broken.png is not an image PIL can read",
-       "other classes in test": "different classes (dog, wolf)", "no train folder": "has no train/ folder"}
+       "other classes in test": "different classes (dog, wolf)",
+       "no train folder": "has no train/ folder"}
 
 
 @pytest.mark.parametrize("how", WHY)
@@ -202,7 +216,8 @@ def test_the_validation_split_is_stratified_fixed_and_exact():
     assert np.bincount(np.asarray(targets)[held]).tolist() == [5, 3, 2]
     again_kept, again_held = run_data.validation_split(targets, 10)
     assert (again_held == held).all() and (again_kept == kept).all()
-    _, seven = run_data.validation_split(targets, 7)  # shares 3.5, 2.1, 1.4: the largest remainders round up
+    # shares 3.5, 2.1, 1.4: the largest remainders round up
+    _, seven = run_data.validation_split(targets, 7)
     assert len(seven) == 7 and np.bincount(np.asarray(targets)[seven]).tolist() == [4, 2, 1]
 
 
@@ -231,24 +246,27 @@ def test_deterministic_changes_nothing_on_the_cpu_and_says_so(small_data, tmp_pa
     assert train(small_data, tmp_path, "plain", "--epochs", "1") == 0
     assert train(small_data, tmp_path, "det", "--epochs", "1", "--deterministic") == 0
     assert "--deterministic changes nothing here" in capsys.readouterr().out
-    weights = [torch.load(folder(tmp_path, run) / "last.pth", weights_only=True)["model"] for run in ("plain", "det")]
+    weights = [torch.load(folder(tmp_path, run) / "last.pth",
+                          weights_only=True)["model"] for run in ("plain", "det")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert recorded(tmp_path, "det")["deterministic"] is True
     assert resume(tmp_path, folder(tmp_path, "plain"), "--epochs", "2", "--deterministic") == 0
-    assert "not bitwise" not in capsys.readouterr().out  # nothing changes on the CPU, and nothing is said to
+    # nothing changes on the CPU, and nothing is said to
+    assert "not bitwise" not in capsys.readouterr().out
     assert resume(tmp_path, folder(tmp_path, "det"), "--epochs", "2") == 0  # a resume keeps it
     assert recorded(tmp_path, "det")["deterministic"] is True
 
 
 # ---------------------------------------------------------------- export.py
 
-needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
-                                reason="export needs onnx, onnxscript and onnxruntime (requirements-export.txt)")
+needs_onnx = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
+    reason="export needs onnx, onnxscript and onnxruntime (requirements-export.txt)")
 
 
 def a_checkpoint(path: Path, att: str, classes: int = 100) -> Path:
-    """A checkpoint of this repo's format with random weights (export does not need training), of the
-    suite's tiny network."""
+    """A checkpoint of this repo's format with random weights (export does not need training), of
+    the suite's tiny network."""
     import models
     torch.manual_seed(0)
     model = models.create_model(NET, att, classes)
@@ -272,7 +290,8 @@ def test_export_writes_onnx_that_onnxruntime_runs_like_pytorch(tmp_path, att, ca
     out = tmp_path / f"{att}.onnx"
     assert export.main(["-weights", str(weights), "--out", str(out)]) == 0
     assert "checked with onnxruntime at batches 1 and 7" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pth", out.name])  # no temporary files
+    # no temporary files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pth", out.name])
     model = checkpoints.load_trained_model(weights)[0].eval()
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
@@ -286,9 +305,11 @@ def test_export_writes_onnx_that_onnxruntime_runs_like_pytorch(tmp_path, att, ca
 
 
 @needs_onnx
-def test_export_refuses_what_it_cannot_write_and_keeps_nothing_half_written(tmp_path, monkeypatch, capsys):
+def test_export_refuses_what_it_cannot_write_and_keeps_nothing_half_written(
+        tmp_path, monkeypatch, capsys):
     weights = a_checkpoint(tmp_path / "model.pth", "ema", classes=10)
-    assert export.main(["-weights", str(weights), "--out", str(tmp_path / "nowhere" / "m.onnx")]) == 2
+    assert export.main(["-weights", str(weights), "--out",
+                        str(tmp_path / "nowhere" / "m.onnx")]) == 2
     assert export.main(["-weights", str(weights), "--out", str(tmp_path / "m.pt")]) == 2
     (tmp_path / "a.onnx").mkdir()
     assert export.main(["-weights", str(weights), "--out", str(tmp_path / "a.onnx")]) == 2
@@ -310,6 +331,7 @@ def test_export_without_the_onnx_packages_says_what_to_install(tmp_path, monkeyp
 
     monkeypatch.setattr(builtins, "__import__", without_onnx)
     before = snapshot(tmp_path)
-    assert export.main(["-weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert export.main(["-weights", str(tmp_path / "missing.pth"), "--out",
+                        str(tmp_path / "m.onnx")]) == 2
     assert "pip install -r requirements-export.txt" in capsys.readouterr().err
     assert snapshot(tmp_path) == before

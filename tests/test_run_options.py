@@ -38,17 +38,21 @@ def test_the_check_fails_for_an_option_the_table_does_not_know(monkeypatch):
 def test_the_table_holds_only_the_parsers_options_and_what_the_trainer_records():
     parsed = set(parser_options(cli.train_parser()))
     assert {name for name, o in OPTIONS.items() if o.option} == parsed
-    assert {name for name, o in OPTIONS.items() if not o.option} == {"world", "dataset", "changed_on_resume",
-                                                                          "run_id", "classes", "mean", "std"}
+    assert {name for name,
+            o in OPTIONS.items() if not o.option} == {"world", "dataset", "changed_on_resume",
+                                                                          "run_id", "classes",
+                                                                          "mean", "std"}
 
 
 def test_identity_options_say_what_the_paper_and_older_runs_used():
     for name in run_options.IDENTITY:
         option = OPTIONS[name]
         assert option.paper != run_options.ANY, name
-        if option.older == REQUIRED:  # an older run without it cannot be read: only what every run recorded
+        # an older run without it cannot be read: only what every run recorded
+        if option.older == REQUIRED:
             assert name in {"net", "att", "recipe", "epochs"}, name
-    assert [name for name in run_options.IDENTITY if OPTIONS[name].paper == ROW] == ["net", "att", "recipe"]
+    assert [name for name in run_options.IDENTITY if OPTIONS[name].paper == ROW] == [
+        "net", "att", "recipe"]
 
 
 def test_the_derived_lists():
@@ -57,15 +61,20 @@ def test_the_derived_lists():
     assert {"epochs", "data", "workers", "loader", "amp", "channels_last", "compile",
             "cuda_graphs"} <= set(run_options.RESUMABLE_OVERRIDES)
     assert {"amp", "world", "dataset"} <= set(run_options.IDENTITY_CHANGES_ON_RESUME)
-    assert {"resume", "init_from", "run", "checkpoint_dir", "log_dir"} <= set(run_options.NOT_RESUMED)
-    assert set(run_options.GIVEN_ON_RESUME) == set(run_options.RESUMABLE_OVERRIDES) | set(run_options.WHERE_OPTIONS)
+    assert {"resume", "init_from", "run", "checkpoint_dir",
+            "log_dir"} <= set(run_options.NOT_RESUMED)
+    assert set(run_options.GIVEN_ON_RESUME) == set(run_options.RESUMABLE_OVERRIDES) | set(
+        run_options.WHERE_OPTIONS)
     assert {"resume", "checkpoint_dir", "log_dir"} <= set(run_options.WHERE_OPTIONS)
-    old_identity = ["net", "att", "recipe", "lr", "b", "world", "epochs", "warm", "subset", "dataset", "amp",
+    old_identity = ["net", "att", "recipe", "lr", "b", "world", "epochs", "warm", "subset",
+                    "dataset", "amp",
                     "nam_l1", "sync_bn", "init_from", "changed_on_resume"]
-    assert [name for name in run_options.IDENTITY if name in old_identity] == old_identity  # labels keep this order
+    # labels keep this order
+    assert [name for name in run_options.IDENTITY if name in old_identity] == old_identity
     assert {"lr", "b", "world", "epochs", "warm", "nam_l1"} <= set(run_options.NUMBERS)
     assert {"amp", "sync_bn", "b", "world"} <= set(run_options.ARITHMETIC_IDENTITY)
-    assert {"loader", "amp", "channels_last", "compile"} <= set(run_options.arithmetic_on_resume({"loader": "device"}))
+    assert {"loader", "amp", "channels_last",
+            "compile"} <= set(run_options.arithmetic_on_resume({"loader": "device"}))
     assert "workers" not in run_options.arithmetic_on_resume({"loader": "device"})
     assert "workers" in run_options.arithmetic_on_resume({"loader": "workers"})
     assert run_records.paper_configuration("classic")["warm"] == 1
@@ -73,7 +82,8 @@ def test_the_derived_lists():
 
 
 def test_an_unclassified_key_keeps_two_runs_apart_and_out_of_the_paper_rows(tmp_path, capsys):
-    """A key added to args.json but not to the table: the runs with and without it are not one seed."""
+    """A key added to args.json but not to the table: the runs with and without it are not one
+    seed."""
     root = tmp_path / "checkpoint"
     paper_run(root, "ema", 0, 80.0)
     paper_run(root, "ema", 1, 81.0)
@@ -88,7 +98,8 @@ def test_an_unclassified_key_keeps_two_runs_apart_and_out_of_the_paper_rows(tmp_
 @pytest.mark.parametrize("value", [0.1, [1, 2], {"a": 1}, None])
 def test_an_unclassified_key_is_part_of_the_identity(value):
     args = {"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0, "epochs": 200}
-    plain, flagged = run_records.run_identity(args), run_records.run_identity({**args, "new_flag": value})
+    plain, flagged = run_records.run_identity(args), run_records.run_identity(
+        {**args, "new_flag": value})
     assert plain != flagged and hash(flagged) is not None
     assert not run_records.in_paper_rows(flagged)
     shown = value if not isinstance(value, (list, dict)) else json.dumps(value)

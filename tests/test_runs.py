@@ -32,11 +32,13 @@ def roots(base):
 
 
 def train(small_data, base, run, *extra):
-    return train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", run] + roots(base) + list(extra))
+    return train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--run-name", run]
+                               + roots(base) + list(extra))
 
 
 def resume(base, folder, *extra):
-    return train_cifar100.main(["--resume", str(folder), "--log-dir", str(base / "runs")] + list(extra))
+    return train_cifar100.main(["--resume", str(folder), "--log-dir", str(base / "runs")]
+                               + list(extra))
 
 
 def folder(base, run, kind="checkpoint"):
@@ -49,7 +51,8 @@ def snapshot(path):
 
 
 def tensorboard_steps(log_folder, tag="Test/top1"):
-    """Steps of `tag` as `tensorboard --load_fast=false` reads them (its plugin event accumulator)."""
+    """Steps of `tag` as `tensorboard --load_fast=false` reads them (its plugin event
+    accumulator)."""
     acc = plugin_event_accumulator.EventAccumulator(str(log_folder))
     acc.Reload()
     return [event.step for event in acc.Tensors(tag)]
@@ -80,7 +83,8 @@ def test_recorded_paths_cannot_send_writes_elsewhere(finished_small_run, tmp_pat
     assert changed and all(path.parts[0] == "inside" for path in changed), changed
 
 
-def test_nothing_is_written_before_the_checkpoint_is_validated(finished_small_run, tmp_path, capsys):
+def test_nothing_is_written_before_the_checkpoint_is_validated(
+        finished_small_run, tmp_path, capsys):
     run = copy_run(finished_small_run, tmp_path, "run")
     before = snapshot(tmp_path)
     assert resume(tmp_path, run, "--epochs", "1") == 0  # already finished
@@ -88,7 +92,8 @@ def test_nothing_is_written_before_the_checkpoint_is_validated(finished_small_ru
     checkpoint = torch.load(run / "last.pth", weights_only=True)
     bad = tmp_path / "elsewhere" / "last.pth"
     bad.parent.mkdir()
-    for broken in ({**checkpoint, "format": 99}, {**checkpoint, "args": {}}, {**checkpoint, "args": [1, 2]},
+    for broken in ({**checkpoint, "format": 99}, {**checkpoint, "args": {}},
+                   {**checkpoint, "args": [1, 2]},
                    {**checkpoint, "args": {**checkpoint["args"], "net": "resnet7"}}):
         torch.save(broken, bad)
         before[bad.relative_to(tmp_path)] = bad.read_bytes()
@@ -97,7 +102,8 @@ def test_nothing_is_written_before_the_checkpoint_is_validated(finished_small_ru
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("args", [{}, [1, 2], {"net": "resnet18"}, {"net": "resnet7", "att": "ema"}])
+@pytest.mark.parametrize("args",
+                         [{}, [1, 2], {"net": "resnet18"}, {"net": "resnet7", "att": "ema"}])
 def test_test_py_refuses_checkpoints_without_usable_arguments(args, tmp_path, capsys):
     path = tmp_path / "odd.pth"
     torch.save({"model": {}, "args": args, "format": 2}, path)
@@ -127,7 +133,8 @@ def test_a_new_run_never_reuses_a_finished_runs_folder(small_data, tmp_path, cap
 
 
 @pytest.mark.parametrize("argv", [
-    ["--run-name", "../escape"], ["--run-name", "/tmp/abs"], ["--run-name", "."], ["--run-name", "a/b/c"],
+    ["--run-name", "../escape"], ["--run-name", "/tmp/abs"], ["--run-name", "."],
+    ["--run-name", "a/b/c"],
     ["--seed", "1e23"], ["--seed", str(2 ** 64)], ["--seed", "-1"], ["-lr", "1e300"],
     ["--init-from", "x.pth", "--resume", "y"], ["--att-stages", "5"], ["--att-stages", "2,2"],
     ["--att-stages", "3", "-att", "none"], ["--att-stages", "3", "-net", "mobilenetv2"],
@@ -151,14 +158,16 @@ def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished_small_run, 
     assert not list(run.glob("*.tmp"))
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(finished_small_run, tmp_path, monkeypatch,
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(
+        finished_small_run, tmp_path, monkeypatch,
                                                                              capsys):
     run = copy_run(finished_small_run, tmp_path, "full")
     last = (run / "last.pth").read_bytes()
 
     def full_disk(obj, f):
         f.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
 
     monkeypatch.setattr(torch, "save", full_disk)
     assert resume(tmp_path, run, "--epochs", "2") == 2
@@ -168,7 +177,8 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(fini
 
 
 class SignalledFile(io.RawIOBase):
-    """A file whose third write() is interrupted by SIGTERM, as a second signal lands in torch.save."""
+    """A file whose third write() is interrupted by SIGTERM, as a second signal lands in
+    torch.save."""
 
     def __init__(self, f):
         self.f, self.writes = f, 0
@@ -183,7 +193,8 @@ class SignalledFile(io.RawIOBase):
         return self.f.write(data)
 
 
-def test_a_signal_inside_a_checkpoint_write_stops_as_a_signal(finished_small_run, tmp_path, monkeypatch, capsys):
+def test_a_signal_inside_a_checkpoint_write_stops_as_a_signal(
+        finished_small_run, tmp_path, monkeypatch, capsys):
     """torch.save turns a signal inside its writes into a RuntimeError: still an interruption (128 +
     15), not a failed write (exit 2); the previous last.pth kept, no temporary file."""
     run = copy_run(finished_small_run, tmp_path, "signalled")
@@ -196,7 +207,8 @@ def test_a_signal_inside_a_checkpoint_write_stops_as_a_signal(finished_small_run
     assert not list(run.glob("*.tmp"))
 
 
-def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoint(small_data, tmp_path):
+def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoint(
+        small_data, tmp_path):
     logs = folder(tmp_path, "again", "runs")
     with SummaryWriter(logs) as earlier:  # an attempt killed during its first epoch
         earlier.add_scalar("Test/top1", 1.0, 1)
@@ -204,10 +216,12 @@ def test_tensorboard_has_no_duplicates_after_a_restart_before_the_first_checkpoi
     assert tensorboard_steps(logs) == [1]
 
 
-def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(finished_small_run, tmp_path):
+def test_tensorboard_has_no_duplicates_after_a_kill_during_a_checkpoint_write(
+        finished_small_run, tmp_path):
     run = copy_run(finished_small_run, tmp_path, "killed")
     logs = folder(tmp_path, "killed", "runs")
-    with SummaryWriter(logs) as crashed:  # epoch 2 logged, then killed before its last.pth was written
+    # epoch 2 logged, then killed before its last.pth was written
+    with SummaryWriter(logs) as crashed:
         crashed.add_scalar("Test/top1", 1.0, 2)
     assert resume(tmp_path, run, "--epochs", "2") == 0
     assert tensorboard_steps(logs) == [1, 2]
@@ -234,9 +248,11 @@ def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys)
     assert str(source) in capsys.readouterr().out
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
-    assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len("custom-") + 8
+    assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len(
+        "custom-") + 8
     # Weights of another network: the message names both sides.
-    assert train(small_data, tmp_path, "misfit", "--epochs", "1", "--init-from", str(source), "-att", "none") == 2
+    assert train(small_data, tmp_path, "misfit", "--epochs", "1", "--init-from", str(source),
+                 "-att", "none") == 2
     assert f"{NET} + ema) does not fit this run's {NET} + none" in capsys.readouterr().err
 
 
@@ -251,10 +267,12 @@ def test_a_resume_that_changes_the_identity_is_a_mixed_run(finished_small_run, t
     assert "amp off -> bf16 at epoch 2 step 0: a mixed run" in capsys.readouterr().out
     assert resume(tmp_path, run, "--epochs", "3", "--data", str(other_data)) == 0
     recorded = json.loads((run / "args.json").read_text())
-    assert recorded["changed_on_resume"].startswith("amp off -> bf16 at epoch 2 step 0; dataset custom-")
+    assert recorded["changed_on_resume"].startswith(
+        "amp off -> bf16 at epoch 2 step 0; dataset custom-")
     assert recorded["changed_on_resume"].endswith(" at epoch 3 step 0")
     identity = run_records.run_identity(recorded)
-    assert not run_records.in_paper_rows(identity) and "changed_on_resume=amp off -> bf16" in run_records.label(identity)
+    assert not run_records.in_paper_rows(
+        identity) and "changed_on_resume=amp off -> bf16" in run_records.label(identity)
     unchanged = copy_run(finished_small_run, tmp_path, "unchanged")
     assert resume(tmp_path, unchanged, "--epochs", "2") == 0
     assert "changed_on_resume" not in json.loads((unchanged / "args.json").read_text())
@@ -264,7 +282,8 @@ def test_odd_recorded_arguments_and_states_are_refused(finished_small_run, tmp_p
     run = copy_run(finished_small_run, tmp_path, "odd")
     last = run / "last.pth"
     good = torch.load(last, weights_only=True)
-    odd_args = [{"seed": 2 ** 70}, {"subset": "abc"}, {"amp": "fp8"}, {"channels_last": "yes"}, {"lr": 0.0}]
+    odd_args = [{"seed": 2 ** 70}, {"subset": "abc"}, {"amp": "fp8"}, {"channels_last": "yes"},
+                {"lr": 0.0}]
     odd_states = [{"epoch": 1.5}, {"best": None}, {"history": "x"}, {"step": 99}]
     for change in [{"args": {**good["args"], **odd}} for odd in odd_args] + odd_states:
         torch.save({**good, **change}, last)

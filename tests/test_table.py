@@ -15,22 +15,26 @@ from training import run_records
 import reproduce
 import table
 
-FIELDS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds"]
+FIELDS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+          "seconds"]
 # Student's t 0.975-quantiles from printed tables, by degrees of freedom.
 T975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 8: 2.306004, 10: 2.228139, 30: 2.042272}
 
 
 def fake_run(root, net, att, seed, top1s, planned, recipe="paper", run=None, **args):
-    """A run folder as train_cifar100.py leaves it; `args` adds to (or replaces) the arguments in args.json."""
+    """A run folder as train_cifar100.py leaves it; `args` adds to (or replaces) the arguments in
+    args.json."""
     folder = root / f"{net}_{att}" / (run or f"{recipe}-seed{seed}")
     folder.mkdir(parents=True)
-    (folder / "args.json").write_text(json.dumps({"net": net, "att": att, "recipe": recipe, "seed": seed,
+    (folder / "args.json").write_text(json.dumps({"net": net, "att": att, "recipe": recipe,
+                                                  "seed": seed,
                                                   "epochs": planned, **args}))
     with open(folder / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for epoch, top1 in enumerate(top1s, 1):
-            writer.writerow({"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_top1": 50, "test_loss": 1.5,
+            writer.writerow({"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_top1": 50,
+                             "test_loss": 1.5,
                              "test_top1": top1, "test_top5": top1 + 15, "seconds": 3})
     (folder / "last.pth").write_bytes(b"placeholder")
     return folder
@@ -39,7 +43,8 @@ def fake_run(root, net, att, seed, top1s, planned, recipe="paper", run=None, **a
 def paper_run(root, att, seed, final, best=None, net="resnet50", **args):
     """A finished 200-epoch run of the paper's configuration with the given final and best top-1."""
     best = final if best is None else best
-    return fake_run(root, net, att, seed, [best - 10] * 198 + [best, final], planned=settings.EPOCHS, **args)
+    return fake_run(root, net, att, seed, [best - 10] * 198 + [best, final],
+                    planned=settings.EPOCHS, **args)
 
 
 def padded(top1s):
@@ -50,10 +55,12 @@ def padded(top1s):
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "checkpoint"
-    ema = {0: [40.0, 79.0, 78.5], 1: [42.0, 80.5, 80.25], 2: [41.0, 77.0, 81.0]}  # seed: last test top-1s
+    # seed: last test top-1s
+    ema = {0: [40.0, 79.0, 78.5], 1: [42.0, 80.5, 80.25], 2: [41.0, 77.0, 81.0]}
     for seed, top1s in ema.items():
         fake_run(root, "resnet50", "ema", seed, padded(top1s), planned=settings.EPOCHS)
-    fake_run(root, "resnet50", "ema", 3, [45.0], planned=settings.EPOCHS)  # unfinished: must not count
+    # unfinished: must not count
+    fake_run(root, "resnet50", "ema", 3, [45.0], planned=settings.EPOCHS)
     fake_run(root, "resnet50", "none", 0, padded([30.0, 70.0, 77.5]), planned=settings.EPOCHS)
     return root, ema
 
@@ -67,7 +74,8 @@ def cells(out: str, name: str, after: str = "") -> list[str]:
 
 
 def markdown(root, tmp_path, capsys, *flags):
-    assert table.main(["--checkpoint-dir", str(root), "--out", str(tmp_path / "results"), "--markdown", *flags]) == 0
+    assert table.main(["--checkpoint-dir", str(root), "--out", str(tmp_path / "results"),
+                       "--markdown", *flags]) == 0
     return capsys.readouterr()
 
 
@@ -81,16 +89,20 @@ def test_table_means_stds_counts_and_paper(runs, tmp_path, capsys):
     assert row["#Params"] == "23.90M"
     assert row["Top-1 final"] == f"{statistics.fmean(finals):.2f} ± {statistics.stdev(finals):.2f}"
     assert row["Top-1 best"] == f"{statistics.fmean(bests):.2f} ± {statistics.stdev(bests):.2f}"
-    assert row["Top-5 best"] == f"{statistics.fmean(bests) + 15:.2f} ± {statistics.stdev(bests):.2f}"
+    assert row[
+        "Top-5 best"] == f"{statistics.fmean(bests) + 15:.2f} ± {statistics.stdev(bests):.2f}"
     paper_top1 = 80.69
     ema_cells = cells(out, "ResNet50 + EMA")
-    assert ema_cells[9] == f"{paper_top1:.2f}" and ema_cells[10] == f"{statistics.fmean(bests) - paper_top1:+.2f}"
+    assert ema_cells[9] == f"{paper_top1:.2f}" and ema_cells[
+        10] == f"{statistics.fmean(bests) - paper_top1:+.2f}"
     baseline = cells(out, "ResNet50")
-    assert baseline[4] == "1" and baseline[5] == "77.50" and baseline[9] == "77.26"  # one seed: no ± part
+    # one seed: no ± part
+    assert baseline[4] == "1" and baseline[5] == "77.50" and baseline[9] == "77.26"
     # The unfinished run is listed apart with its progress, never averaged in.
     assert "Unfinished (not in the table):" in out and "paper-seed3: 1/200 epochs" in out
     assert out.index("| ResNet50 |") < out.index("| ResNet50 + EMA |")  # the paper's order
-    assert (tmp_path / "results" / "table.md").read_text().startswith("| Name | Recipe | Resolution |")
+    assert (tmp_path / "results" / "table.md").read_text().startswith(
+        "| Name | Recipe | Resolution |")
 
 
 def test_curves_and_deltas_png(runs, tmp_path):
@@ -107,10 +119,12 @@ def test_curves_and_deltas_png(runs, tmp_path):
 
 
 def test_table_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     captured = markdown(runs[0], tmp_path, capsys)
     assert "| ResNet50 + EMA |" in captured.out
-    assert "deltas.png skipped: matplotlib is not installed (pip install matplotlib)" in captured.err
+    assert ("deltas.png skipped: matplotlib is not installed (pip install matplotlib)"
+            in captured.err)
     assert not (tmp_path / "results" / "deltas.png").exists()
 
 
@@ -119,13 +133,15 @@ def test_table_without_checkpoints(tmp_path, capsys):
     assert "no folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--delta", "-1"], ["--delta", "abc"], ["--delta", "nan"], ["--seeds", "3"]])
+@pytest.mark.parametrize("flags", [["--delta", "-1"], ["--delta", "abc"], ["--delta", "nan"],
+                                   ["--seeds", "3"]])
 def test_bad_flags_give_one_message_and_exit_2(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as stop:
         table.main(["--checkpoint-dir", str(tmp_path), *flags])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert "Traceback" not in err and len(
+        [line for line in err.splitlines() if "error:" in line]) == 1
 
 
 def test_unwritable_out_is_one_message(runs, tmp_path, capsys):
@@ -185,16 +201,17 @@ def test_welch_interval_equals_the_hand_computation(tmp_path):
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("margin, excludes", [(1e-3, True), (-1e-3, False)])
 def test_star_on_both_sides_of_the_boundary(tmp_path, capsys, sign, margin, excludes):
-    # Two seeds on each side, each pair 70 -/+ 1 apart from its mean: Welch gives 2 degrees of freedom and a
-    # standard error of sqrt(2), so the interval's half-width is t(0.975, 2) sqrt(2). A difference just
-    # above it excludes zero, just below it does not.
+    # Two seeds on each side, each pair 70 -/+ 1 apart from its mean: Welch gives 2 degrees of
+    # freedom and a standard error of sqrt(2), so the interval's half-width is t(0.975, 2) sqrt(2).
+    # A difference just above it excludes zero, just below it does not.
     root = tmp_path / "checkpoint"
     shift = sign * (T975[2] * math.sqrt(2) + margin)
     for seed, offset in enumerate((-1.0, 1.0)):
         paper_run(root, "none", seed, 70 + offset)
         paper_run(root, "ema", seed, 70 + shift + offset)
     rows = rows_by_name(root)
-    result = table.compare(rows["ResNet50 + EMA", "paper"], rows["ResNet50", "paper"], "final", "baseline")
+    result = table.compare(rows["ResNet50 + EMA", "paper"], rows["ResNet50", "paper"], "final",
+                           "baseline")
     assert result.excludes_zero == excludes
     assert min(abs(result.low), abs(result.high)) < 2e-3  # right at the boundary
     out = markdown(root, tmp_path, capsys).out
@@ -231,17 +248,21 @@ def test_seeds_needed_line(tmp_path, capsys):
     assert T975[10] * s * math.sqrt(2 / 6) <= 0.3 < T975[8] * s * math.sqrt(2 / 5)
     assert T975[4] * s * math.sqrt(2 / 3) <= 0.5 < T975[2] * s * math.sqrt(2 / 2)
     out = markdown(root, tmp_path, capsys).out
-    assert ("Seeds per row to tell a 0.3-point difference at 95% (two-sided, two-sample): 6, the smallest n with "
-            "t(0.975, 2n-2) x s x sqrt(2/n) <= 0.3, s = 0.22: the pooled sample std of final top-1 over the 1 row(s)"
-            in out)
-    assert "0.5-point difference at 95% (two-sided, two-sample): 3," in markdown(root, tmp_path, capsys,
-                                                                                 "--delta", "0.5").out
+    assert (
+        "Seeds per row to tell a 0.3-point difference at 95% (two-sided, two-sample): 6, the "
+        "smallest n with t(0.975, 2n-2) x s x sqrt(2/n) <= 0.3, s = 0.22: the pooled sample std of "
+        "final top-1 over the 1 row(s)"
+        in out)
+    assert "0.5-point difference at 95% (two-sided, two-sample): 3," in markdown(
+        root, tmp_path, capsys,
+        "--delta", "0.5").out
 
 
 def test_seeds_needed_unknown_without_two_seeds(tmp_path, capsys):
     root = tmp_path / "checkpoint"
     paper_run(root, "ema", 0, 80.0)
-    assert "unknown until a row of the table has >= 2 finished seeds" in markdown(root, tmp_path, capsys).out
+    assert "unknown until a row of the table has >= 2 finished seeds" in markdown(
+        root, tmp_path, capsys).out
 
 
 # ---------------------------------------------------------------- run identity
@@ -250,17 +271,21 @@ def test_trials_of_different_identity_are_never_mixed(tmp_path, capsys):
     root = tmp_path / "checkpoint"
     paper_run(root, "ema", 0, 80.0)
     paper_run(root, "ema", 1, 81.0)
-    # Two unrelated quick trials, both seed 0: they were once averaged into the paper row as 2 seeds.
+    # Two unrelated quick trials, both seed 0: they were once averaged into the paper row as 2
+    # seeds.
     fake_run(root, "resnet50", "ema", 0, [2.0], planned=1, run="trial-a", subset=32)
     fake_run(root, "resnet50", "ema", 0, [1.0], planned=1, run="trial-b", subset=32, lr=0.001)
     out = markdown(root, tmp_path, capsys).out
     paper = cells(out, "ResNet50 + EMA")
     assert paper[1] == "paper" and paper[4] == "2" and paper[5] == "80.50 ± 0.71"
     other = out[out.index("Other configurations"):]
-    assert cells(other, "ResNet50 + EMA")[1:6] == ["paper; epochs=1, subset=32", "32x32", "23.90M", "1", "2.00"]
+    assert cells(other, "ResNet50 + EMA")[1:6] == ["paper; epochs=1, subset=32", "32x32", "23.90M",
+                                                   "1", "2.00"]
     lr_trial = next(line for line in other.splitlines() if "lr=0.001" in line)
-    assert lr_trial.startswith("| ResNet50 + EMA | paper; lr=0.001, epochs=1, subset=32 | 32x32 | 23.90M | 1 | 1.00 |")
-    assert out.count("| ResNet50 + EMA |") == 2 + 2 * 2  # paper: table + differences; each trial: both too
+    assert lr_trial.startswith(
+        "| ResNet50 + EMA | paper; lr=0.001, epochs=1, subset=32 | 32x32 | 23.90M | 1 | 1.00 |")
+    # paper: table + differences; each trial: both too
+    assert out.count("| ResNet50 + EMA |") == 2 + 2 * 2
 
 
 def test_same_seed_twice_counts_once_the_newest(tmp_path, capsys):
@@ -268,15 +293,19 @@ def test_same_seed_twice_counts_once_the_newest(tmp_path, capsys):
     older = paper_run(root, "ema", 0, 79.0, run="first-try")
     newer = paper_run(root, "ema", 0, 80.0, run="second-try")
     paper_run(root, "ema", 1, 81.0)
-    os.utime(older / "metrics.csv", (1e9, 1e9))  # older by metrics.csv's mtime, whatever the names say
+    # older by metrics.csv's mtime, whatever the names say
+    os.utime(older / "metrics.csv", (1e9, 1e9))
     out = markdown(root, tmp_path, capsys).out
     assert cells(out, "ResNet50 + EMA")[4:6] == ["2", "80.50 ± 0.71"]
-    assert "Duplicates (the same configuration and seed as a newer run, which counts instead):" in out
+    assert ("Duplicates (the same configuration and seed as a newer run, which counts instead):"
+            in out)
     assert f"- {older}: seed 0, as {newer}" in out
 
 
-# The rest of the args.json that `python train_cifar100.py --subset 5000 --epochs 5` writes on a GPU.
-QUICK_TRIAL = {"b": 128, "lr": 0.1, "warm": 0, "data": "./data", "amp": "bf16", "subset": 5000, "nam_l1": 0.0,
+# The rest of the args.json that `python train_cifar100.py --subset 5000 --epochs 5` writes on a
+# GPU.
+QUICK_TRIAL = {"b": 128, "lr": 0.1, "warm": 0, "data": "./data", "amp": "bf16", "subset": 5000,
+               "nam_l1": 0.0,
                "sync_bn": False, "world": 1, "dataset": "cifar-100"}
 
 
@@ -310,7 +339,8 @@ def test_quick_trial_stays_out_of_the_paper_rows(tmp_path, capsys):
      "changed_on_resume=amp off -> bf16 at epoch 3 step 0"),  # a mixed run
 ])
 def test_paper_rows_admit_only_the_papers_configuration(args, in_paper, label):
-    identity = run_records.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper", "seed": 0,
+    identity = run_records.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper",
+                                         "seed": 0,
                                    "epochs": settings.EPOCHS, **args})
     assert run_records.in_paper_rows(identity) == in_paper and run_records.label(identity) == label
 
@@ -334,17 +364,22 @@ def break_folder(folder, how):
     elif how == "empty metrics.csv":
         metrics.write_text("")
     elif how == "a list as a value":
-        (folder / "args.json").write_text(json.dumps({**json.loads((folder / "args.json").read_text()),
+        (folder / "args.json").write_text(
+            json.dumps({**json.loads((folder / "args.json").read_text()),
                                                       "subset": [1, 2]}))
     elif how == "missing seed":
-        (folder / "args.json").write_text(json.dumps({"net": "resnet50", "att": "none", "recipe": "paper",
+        (folder / "args.json").write_text(json.dumps({"net": "resnet50", "att": "none",
+                                                      "recipe": "paper",
                                                       "epochs": 200}))
 
 
-WHY = {"corrupt args.json": "args.json is not valid JSON", "args.json a list": "are a list, not a JSON object",
+WHY = {"corrupt args.json": "args.json is not valid JSON",
+       "args.json a list": "are a list, not a JSON object",
        "half-written metrics.csv": "does not have 8 values (half-written?)",
-       "non-numeric value": "test_top1 is 'n/a', not a number", "missing column": "has no test_top5 column",
-       "empty metrics.csv": "metrics.csv is empty", "no epoch column": "has no epoch column", "missing seed": "lack 'seed'",
+       "non-numeric value": "test_top1 is 'n/a', not a number",
+       "missing column": "has no test_top5 column",
+       "empty metrics.csv": "metrics.csv is empty", "no epoch column": "has no epoch column",
+       "missing seed": "lack 'seed'",
        "a list as a value": "'subset' is [1, 2], not a single value"}
 
 
@@ -356,7 +391,8 @@ def test_unreadable_folders_are_skipped_with_one_line_each(runs, tmp_path, capsy
         break_folder(folder, how)
         broken[folder] = WHY[how]
     captured = markdown(root, tmp_path, capsys)
-    assert cells(captured.out, "ResNet50 + EMA")[4] == "3" and cells(captured.out, "ResNet50")[4] == "1"
+    assert cells(captured.out,
+                 "ResNet50 + EMA")[4] == "3" and cells(captured.out, "ResNet50")[4] == "1"
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == len(broken)
     for folder, why in broken.items():
@@ -379,7 +415,8 @@ def test_reproduce_prints_every_row(tmp_path, capsys):
         value = lambda flag: words[words.index(flag) + 1]
         seen.add((value("-net"), value("-att"), value("--recipe"), value("--seed")))
         assert value("--run-name") == f"{value('--recipe')}-seed{value('--seed')}"
-    assert seen == {(net, att, recipe, seed) for net, att in expected for recipe in ("paper", "classic")
+    assert seen == {(net, att, recipe, seed) for net,
+                    att in expected for recipe in ("paper", "classic")
                     for seed in ("0", "1")}
 
 
@@ -413,17 +450,22 @@ def test_reproduce_never_takes_a_small_trials_runs_for_the_campaigns(tmp_path, c
     assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     for run in (done, interrupted):
-        assert (f"skipped {run}: it holds another run, epochs=2 (planned: 200), subset=64 (planned: None); "
-                in captured.err) and str(run) not in captured.out
+        assert (
+            f"skipped {run}: it holds another run, epochs=2 (planned: 200), subset=64 (planned: "
+            "None); "
+            in captured.err) and str(run) not in captured.out
     assert "0 done, 0 to resume, 8 to start, 2 skipped" in captured.err
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2", "--subset", "64"]) == 0
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2",
+                           "--subset", "64"]) == 0
     assert "1 done, 1 to resume, 8 to start" in capsys.readouterr().err
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2", "--subset", "64",
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2",
+                           "--subset", "64",
                            "--dataset", "cifar10"]) == 0
     assert "data_format=cifar100 (planned: cifar10)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["corrupt args.json", "half-written metrics.csv", "args.json a list",
+@pytest.mark.parametrize("how",
+                         ["corrupt args.json", "half-written metrics.csv", "args.json a list",
                                  "empty metrics.csv"])
 def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, how):
     folder = fake_run(tmp_path, "resnet50", "ema", 0, [79.0, 79.0], planned=2)
@@ -431,28 +473,35 @@ def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, ho
     assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2"]) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if str(folder) in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"skipped {folder}: ") and WHY[how] in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith(f"skipped {folder}: ") and WHY[
+        how] in warnings[0]
     assert "Traceback" not in captured.err
     assert str(folder) not in captured.out and len(captured.out.splitlines()) == 9
     assert "0 done, 0 to resume, 9 to start, 1 skipped" in captured.err
 
 
-@pytest.mark.parametrize("stop", ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)",  # killed: -15
+@pytest.mark.parametrize("stop",
+                         ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)",  # killed: -15
                                   "raise SystemExit(143)"])  # handled, as train_cifar100.py does
-def test_reproduce_starts_nothing_more_after_a_job_stopped_by_a_signal(stop, tmp_path, monkeypatch, capsys):
+def test_reproduce_starts_nothing_more_after_a_job_stopped_by_a_signal(
+        stop, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "plan", lambda args: [
-        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", [sys.executable, "-c", code])
+        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
+                      [sys.executable, "-c", code])
         for seed, code in enumerate(["pass", stop, "pass"])])
     assert reproduce.main(["--run"]) == 1
     out = capsys.readouterr().out
-    assert f"done: {tmp_path / '0'}" in out and f": {tmp_path / '1'}" in out and str(tmp_path / "2") not in out
+    assert f"done: {tmp_path / '0'}" in out and f": {tmp_path / '1'}" in out and str(
+        tmp_path / "2") not in out
     assert "1 of 3 runs ended well; 1 not started (rerun this command to continue)" in out
 
 
 def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
     """A job that fails or crashes (here SIGSEGV) does not stop the others."""
     monkeypatch.setattr(reproduce, "plan", lambda args: [
-        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new", [sys.executable, "-c", code])
-        for seed, code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "pass"])])
+        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
+                      [sys.executable, "-c", code])
+        for seed,
+        code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "pass"])])
     assert reproduce.main(["--run"]) == 1
     assert "1 of 2 runs ended well; then" in capsys.readouterr().out

@@ -26,11 +26,13 @@ def test_timm_resnet50_with_ema_counts_and_trains():
     plain = timm.create_model("resnet50", num_classes=10)
     # zero_init_last=False: with timm's default, each block's last BatchNorm starts at zero, so EMA
     # sees zeros and its first gradients vanish; the check below wants them.
-    model = timm.create_model("resnet50", num_classes=10, block_args=dict(attn_layer=EMA), zero_init_last=False)
+    model = timm.create_model("resnet50", num_classes=10, block_args=dict(attn_layer=EMA),
+                              zero_init_last=False)
     emas = [m for m in model.modules() if isinstance(m, EMA)]
     assert len(emas) == 16
     assert parameters(model) == parameters(plain) + sum(parameters(EMA(c)) for c in RESNET50_WIDTHS)
-    assert parameters(model) - parameters(plain) == 198_368  # 3 x 672 + 4 x 2,624 + 6 x 10,368 + 3 x 41,216
+    # 3 x 672 + 4 x 2,624 + 6 x 10,368 + 3 x 41,216
+    assert parameters(model) - parameters(plain) == 198_368
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
@@ -63,7 +65,8 @@ def test_every_module_is_a_timm_attn_layer(name):
 def test_ema_in_timm_se_slot_through_the_adapter():
     """timm's EfficientNet/MobileNetV3 blocks call se_layer(channels, act_layer=..., device=...,
     dtype=...) and first probe it with rd_ratio=: the one-line adapter of docs/reference.md."""
-    adapter = lambda channels, act_layer=None, **factory: EMA(channels, factor=16, **factory)  # noqa: E731
+    # noqa: E731
+    adapter = lambda channels, act_layer=None, **factory: EMA(channels, factor=16, **factory)
     model = timm.create_model("efficientnet_b0", num_classes=10, se_layer=adapter)
     assert sum(isinstance(m, EMA) for m in model.modules()) == 16
     model.eval()
@@ -74,9 +77,9 @@ def test_ema_in_timm_se_slot_through_the_adapter():
 def test_trainer_does_not_import_timm():
     code = ("import sys; sys.argv = ['train_cifar100.py', '-h']\n"
             "import runpy\n"
-            "try:\n    runpy.run_path('train_cifar100.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "import test, benchmark, export, gradcam, table, reproduce, params\n"
-            "assert 'timm' not in sys.modules, 'timm imported'\n")
+            "try:\n    runpy.run_path('train_cifar100.py', run_name='__main__')\nexcept "
+            "SystemExit:\n    pass\nimport test, benchmark, export, gradcam, table, reproduce, "
+            "params\nassert 'timm' not in sys.modules, 'timm imported'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -89,7 +92,8 @@ def python_blocks(section: str) -> list[str]:
 
 
 def test_the_docs_snippets_run():
-    """docs/reference.md 2.5's code as written: timm's ResNet-50, the adapter, torchvision's ResNet."""
+    """docs/reference.md 2.5's code as written: timm's ResNet-50, the adapter, torchvision's
+    ResNet."""
     blocks = python_blocks("2.5 EMA in your network")
     assert len(blocks) == 3
     scope = {}

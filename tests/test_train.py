@@ -26,7 +26,8 @@ from tiny_net import NET, command
 ROOT = Path(__file__).resolve().parents[1]
 # The suite's tiny ResNet (tests/tiny_net.py) + EMA, 24 images in batches of 8: 3 steps per epoch.
 TINY = ["-net", NET, "-att", "ema", "-b", "8", "-lr", "0.02", "--seed", "0"]
-PAPER_NET = ["-net", "resnet18", "-att", "ema", "-b", "8"]  # for the script itself, without tiny_net
+# for the script itself, without tiny_net
+PAPER_NET = ["-net", "resnet18", "-att", "ema", "-b", "8"]
 TAGS = {"Train/loss", "Train/top1", "Train/lr", "Test/loss", "Test/top1", "Test/top5"}
 
 
@@ -36,7 +37,8 @@ def data_root(tmp_path_factory):
 
 
 def out_args(base: Path, run: str):
-    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"), "--run-name", run]
+    return ["--checkpoint-dir", str(base / "checkpoint"), "--log-dir", str(base / "runs"),
+            "--run-name", run]
 
 
 def run_dir(base: Path, run: str, kind="checkpoint"):
@@ -44,7 +46,8 @@ def run_dir(base: Path, run: str, kind="checkpoint"):
 
 
 def train(data_root, base, run, *extra):
-    return train_cifar100.main(TINY + ["--data", str(data_root)] + out_args(base, run) + list(extra))
+    return train_cifar100.main(TINY + ["--data", str(data_root)] + out_args(base, run)
+                               + list(extra))
 
 
 def read_metrics(folder: Path):
@@ -82,7 +85,8 @@ def test_two_epochs_write_everything(reference, capsys):
     assert not list(folder.glob("*.tmp"))
     rows = read_metrics(folder)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds"}
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1",
+                            "test_top5", "seconds"}
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     # No PyTorch (or other) warnings beyond ours about the unofficial dataset.
     assert not other_warnings, [str(w.message) for w in other_warnings]
@@ -116,15 +120,18 @@ def reference_data(folder: Path):
 def test_resume_is_bitwise_identical(reference, data_root, tmp_path):
     ref_base, _ = reference
     assert train(data_root, tmp_path, "split", "--epochs", "1") == 0
-    assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "split")), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 0
-    expected, got = weights(run_dir(ref_base, "ref") / "last.pth"), weights(run_dir(tmp_path, "split") / "last.pth")
+    assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "split")), "--epochs", "2",
+                                "--log-dir", str(tmp_path / "runs")]) == 0
+    expected, got = weights(run_dir(ref_base, "ref") / "last.pth"), weights(
+        run_dir(tmp_path, "split") / "last.pth")
     assert got["epoch"] == 2
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, got["model"][name]), name
     assert torch.equal(expected["optimizer"]["state"][0]["momentum_buffer"],
                        got["optimizer"]["state"][0]["momentum_buffer"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip(read_metrics(run_dir(tmp_path, "split"))) == strip(read_metrics(run_dir(ref_base, "ref")))
+    assert strip(read_metrics(run_dir(tmp_path,
+                                      "split"))) == strip(read_metrics(run_dir(ref_base, "ref")))
     _, steps = scalars(run_dir(tmp_path, "split", "runs"))
     assert all(steps[tag] == [1, 2] for tag in TAGS)
 
@@ -149,7 +156,8 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(loader, tmp_path):
     assert saved["epoch"] == 0 and 1 <= saved["step"] < 15  # stopped inside the first epoch
     assert saved["args"]["loader"] == loader
 
-    assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "killed")), "--log-dir", str(tmp_path / "runs")]) == 0
+    assert train_cifar100.main(["--resume", str(run_dir(tmp_path, "killed")), "--log-dir",
+                                str(tmp_path / "runs")]) == 0
     expected = weights(run_dir(tmp_path, "ref") / "last.pth")["model"]
     got = weights(run_dir(tmp_path, "killed") / "last.pth")["model"]
     assert all(torch.equal(expected[name], got[name]) for name in expected)
@@ -166,7 +174,8 @@ def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monke
     monkeypatch.setattr(train_cifar100.Trainer, "open_outputs", terminated_before_outputs)
     before = signal.getsignal(signal.SIGTERM)
     assert train(data_root, tmp_path, "run", "--epochs", "1") == 128 + signal.SIGTERM
-    assert "SIGTERM: stopped; the newest last.pth (if any) is from before it" in capsys.readouterr().err
+    assert ("SIGTERM: stopped; the newest last.pth (if any) is from before it"
+            in capsys.readouterr().err)
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "runs").exists()
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -175,13 +184,15 @@ def test_sigterm_during_start_up_stops_with_a_message(data_root, tmp_path, monke
 def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, tmp_path):
     """torch takes seconds to import: a signal then ends the script with one line and 128 + the
     signal, not a silent kill (SIGTERM) or a traceback (Ctrl-C)."""
-    # As from a terminal: a suite started with & ignores SIGINT, and so would the script (rightly). A
-    # signal with a handler here is back to its default in the script (exec resets it).
+    # As from a terminal: a suite started with & ignores SIGINT, and so would the script (rightly).
+    # A signal with a handler here is back to its default in the script (exec resets it).
     ignored = signal.getsignal(sig) is signal.SIG_IGN
     before = signal.signal(sig, signal.default_int_handler) if ignored else None
     try:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *PAPER_NET, "--data", str(data_root),
-                                 "--epochs", "1", *out_args(tmp_path, "run")], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *PAPER_NET,
+                                 "--data", str(data_root),
+                                 "--epochs", "1", *out_args(tmp_path, "run")],
+                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     finally:
         if ignored:
@@ -209,7 +220,8 @@ def test_resume_newest_run_of_net_and_attention(reference, data_root, tmp_path, 
     assert "newer" in capsys.readouterr().out  # already finished: reported, nothing trained
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+        data_root, tmp_path, monkeypatch, capsys):
     assert train(data_root, tmp_path, "nan", "--epochs", "1") == 0
     last = run_dir(tmp_path, "nan") / "last.pth"
     before = hashlib.sha256(last.read_bytes()).hexdigest()
@@ -221,7 +233,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, 
         return loss * float("nan") if len(calls) >= 3 else loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", diverging)
-    assert train_cifar100.main(["--resume", str(last), "--epochs", "2", "--log-dir", str(tmp_path / "runs")]) == 1
+    assert train_cifar100.main(["--resume", str(last), "--epochs", "2", "--log-dir",
+                                str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert "NaN or infinite at epoch 2, step 3" in err and str(last) in err
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
@@ -249,21 +262,25 @@ def test_missing_data_without_network(tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(cifar.torchvision.datasets, "CIFAR100", no_network)
-    assert train_cifar100.main(TINY + ["--data", str(tmp_path / "nowhere")] + out_args(tmp_path, "x")) == 2
+    assert train_cifar100.main(TINY + ["--data", str(tmp_path / "nowhere")]
+                               + out_args(tmp_path, "x")) == 2
     err = capsys.readouterr().err
-    assert str(tmp_path / "nowhere") in err and "cifar-100-python/ with the files train, test and meta" in err
+    assert (str(tmp_path / "nowhere") in err
+            and "cifar-100-python/ with the files train, test and meta" in err)
     assert not (tmp_path / "checkpoint").exists()
 
 
 def test_unwritable_output_folder(data_root, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    argv = TINY + ["--data", str(data_root), "--checkpoint-dir", str(blocker), "--log-dir", str(tmp_path / "runs")]
+    argv = TINY + ["--data", str(data_root), "--checkpoint-dir", str(blocker), "--log-dir",
+                   str(tmp_path / "runs")]
     assert train_cifar100.main(argv) == 2
     assert f"cannot write to {blocker}" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
     # An unwritable log folder: the checkpoint folders made a moment before go again.
-    argv = TINY + ["--data", str(data_root), "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-dir", str(blocker)]
+    argv = TINY + ["--data", str(data_root), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                   "--log-dir", str(blocker)]
     assert train_cifar100.main(argv) == 2
     assert f"cannot write to {blocker}" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
@@ -309,7 +326,8 @@ def test_test_py_rejects_another_architecture(reference, capsys):
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume", str(tmp_path / "none.pth")],
+    result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume",
+                             str(tmp_path / "none.pth")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: no checkpoint at") and "Traceback" not in result.stderr
@@ -341,13 +359,15 @@ def test_recipes_transforms_and_init():
     fan_in = conv.weight[0].numel()
     assert conv.weight.abs().max() <= 1 / fan_in ** 0.5  # PyTorch's default bound
     recipes.initialise(model, paper)
-    assert 1.5 / fan_in ** 0.5 < conv.weight.abs().max() <= (6 / fan_in) ** 0.5  # kaiming_uniform_ bound
+    # kaiming_uniform_ bound
+    assert 1.5 / fan_in ** 0.5 < conv.weight.abs().max() <= (6 / fan_in) ** 0.5
     ema_conv = model.layer1[0].attention.conv3x3
     assert ema_conv.weight.abs().max() > 1.5 / ema_conv.weight[0].numel() ** 0.5
 
 
 def test_unofficial_dataset_loads_with_a_warning(data_root, monkeypatch, capsys):
-    monkeypatch.setattr(cifar, "_reported_unofficial", set())  # an earlier test may have loaded data_root
+    # an earlier test may have loaded data_root
+    monkeypatch.setattr(cifar, "_reported_unofficial", set())
     dataset = cifar.CIFAR100Folder(data_root, train=True)
     assert "not the official CIFAR-100 file" in capsys.readouterr().err
     image, label = dataset[0]
@@ -372,7 +392,8 @@ def test_numpy1_pickles_like_the_official_files_load(tmp_path):
     write_fake_cifar100(tmp_path, n_train=8, n_test=8)
     train = tmp_path / "cifar-100-python" / "train"
     original = cifar.CIFAR100Folder(tmp_path, train=True).data
-    train.write_bytes(train.read_bytes().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    train.write_bytes(train.read_bytes().replace(b"cnumpy._core.multiarray\n",
+                                                 b"cnumpy.core.multiarray\n"))
     assert b"cnumpy.core.multiarray\n" in train.read_bytes()
     assert (cifar.CIFAR100Folder(tmp_path, train=True).data == original).all()
 

@@ -23,7 +23,8 @@ def register():
 
 
 def command(script: str, *args: str) -> list[str]:
-    """The command line that runs ROOT/script with the tiny network registered, its output unbuffered."""
+    """The command line that runs ROOT/script with the tiny network registered, its output
+    unbuffered."""
     return [sys.executable, "-u", str(Path(__file__).resolve()), str(ROOT / script), *args]
 
 

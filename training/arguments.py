@@ -55,7 +55,8 @@ def typed(given: Namespace) -> dict:
 # ---------------------------------------------------------------- resuming
 
 def checkpoint_to_resume(given: Namespace) -> Path:
-    """The last.pth that --resume names: a file, a run folder's, or (alone) the newest of -net/-att."""
+    """The last.pth that --resume names: a file, a run folder's, or (alone) the newest of
+    -net/-att."""
     if given.resume == "newest":
         net = given.net or OPTIONS["net"].default
         att = given.att or OPTIONS["att"].default
@@ -111,7 +112,8 @@ def checked_recorded(recorded, path: Path) -> dict:
     """The arguments a checkpoint recorded, each option's value checked by its own type: refused
     with a message when it could not have come from this script."""
     if not isinstance(recorded, dict):
-        raise UserError(f"{path}: its recorded arguments are a {type(recorded).__name__}, not a dict")
+        raise UserError(
+            f"{path}: its recorded arguments are a {type(recorded).__name__}, not a dict")
     missing = [key for key in ("net", "att") if key not in recorded]
     if missing:
         raise UserError(f"{path}: its recorded arguments lack {', '.join(missing)}")
@@ -175,8 +177,9 @@ def fill_device_defaults(values: dict, device, world: int) -> tuple[SpeedSetting
                                   values["deterministic"] and cuda)
     notes = []
     if values["deterministic"] and not cuda:
-        notes.append("note: --deterministic changes nothing here: runs on the CPU are deterministic "
-                     "already")
+        notes.append(
+            "note: --deterministic changes nothing here: runs on the CPU are deterministic "
+            "already")
     emulated = speed.amp == "fp16" or speed.amp == "bf16" and not native_cpu_bf16()
     if device.type == "cpu" and emulated:
         notes.append(f"warning: this CPU emulates --amp {speed.amp}, much slower than --amp off")

@@ -17,15 +17,15 @@ A bare state dict is told apart by its stem convolution's key: `conv1.weight` (N
 the caller names them (test.py -net/-att) and the keys are renamed to that model's (CIFAR ResNets
 only: MobileNetV2 is named differently there):
 
-| ours                        | NAM script                                  | classic                          |
-|-----------------------------|---------------------------------------------|----------------------------------|
-| stem.0, stem.1              | conv1, bn1                                  | conv1.0, conv1.1                 |
-| layerN.i (N = 1..4)         | layerN.i                                    | conv{N+1}_x.i                    |
-| layerN.i.residual.K         | layerN.i.conv1/bn1/conv2/bn2/conv3/bn3      | conv{N+1}_x.i.residual_function.K |
-|   (K = 0, 1, 3, 4, 6, 7)    |   (BasicBlock: conv1/bn1/conv2/bn2)         |                                  |
-| layerN.i.shortcut.0/1       | layerN.i.downsample.0/1                     | conv{N+1}_x.i.shortcut.0/1       |
-| layerN.i.attention.*        | layerN.i.<slot>.* (below)                   | none: that repo has no attention |
-| fc                          | fc                                          | fc                               |
+|ours                  | NAM script                             | classic                          |
+|----------------------|----------------------------------------|----------------------------------|
+|stem.0, stem.1        | conv1, bn1                             | conv1.0, conv1.1                 |
+|layerN.i (N = 1..4)   | layerN.i                               | conv{N+1}_x.i                    |
+|layerN.i.residual.K   | layerN.i.conv1/bn1/conv2/bn2/conv3/bn3 | conv{N+1}_x.i.residual_function.K|
+|  (K = 0,1,3,4,6,7)   |   (BasicBlock: conv1/bn1/conv2/bn2)    |                                  |
+|layerN.i.shortcut.0/1 | layerN.i.downsample.0/1                | conv{N+1}_x.i.shortcut.0/1       |
+|layerN.i.attention.*  | layerN.i.<slot>.* (below)              | none: no attention there         |
+|fc                    | fc                                     | fc                               |
 
 The attention slot's attribute name differs from script to script (NAM's own code says `cbam` and
 `nam`; the EMA authors' copy is not public), so it is found by what it holds: the one block child,
@@ -36,7 +36,8 @@ ChannelGate.mlp.1/3 -> channel_gate.mlp.0/2 and SpatialGate.spatial.* -> spatial
 Channel_Att.bn2 -> bn2 (NAM).
 
 Loading is strict: every key of the file must land on a key of the model with the same shape and
-every key of the model must be filled; otherwise one UserError names the first key that does not fit.
+every key of the model must be filled; otherwise one UserError names the first key that does not
+fit.
 """
 import pickle
 from collections import defaultdict
@@ -52,7 +53,9 @@ from conf import settings
 from models.resnet import RESNETS, ResNet
 from utils import UserError
 
-FORMAT = 2  # what train_cifar100.py writes; 2: no RNG states (each epoch's randomness comes from the seed and the epoch)
+# what train_cifar100.py writes; 2: no RNG states (each epoch's randomness comes from the seed and
+# the epoch)
+FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 OURS = "this repo"
@@ -74,7 +77,8 @@ class Layout:
 NAM_SCRIPT = Layout(
     name="NAM authors' train_cifar100.py",
     stem_key="conv1.weight",
-    recipe="paper",  # that script normalizes CIFAR-100 with CIFAR-10's statistics, as the paper recipe does
+    # that script normalizes CIFAR-100 with CIFAR-10's statistics, as the paper recipe does
+    recipe="paper",
     outside={"conv1.": "stem.0.", "bn1.": "stem.1.", "fc.": "fc."},
     stages={f"layer{n}": f"layer{n}" for n in range(1, 5)},
     block={"conv1": "residual.0", "bn1": "residual.1", "conv2": "residual.3", "bn2": "residual.4",
@@ -92,12 +96,15 @@ UPSTREAM_LAYOUTS = (NAM_SCRIPT, CLASSIC)
 
 # Inside the attention slot: the NAM repository's CBAM and NAM modules -> ours. The other modules'
 # upstream code uses our names already.
-ATTENTION_RENAMES = {"ChannelGate.mlp.1.": "channel_gate.mlp.0.", "ChannelGate.mlp.3.": "channel_gate.mlp.2.",
+ATTENTION_RENAMES = {"ChannelGate.mlp.1.": "channel_gate.mlp.0.",
+                     "ChannelGate.mlp.3.": "channel_gate.mlp.2.",
                      "SpatialGate.spatial.": "spatial_gate.", "Channel_Att.": ""}
 
-UNKNOWN = ("is not a checkpoint this repo can read: expected one of this repo's (a dict with model and "
-           "args), a state dict of the NAM authors' train_cifar100.py (keys conv1, bn1, layer1..layer4, fc; "
-           "alone or under state_dict) or of the classic CIFAR-100 repo (keys conv1.0, conv2_x..conv5_x, fc)")
+UNKNOWN = (
+    "is not a checkpoint this repo can read: expected one of this repo's (a dict with model and "
+    "args), a state dict of the NAM authors' train_cifar100.py (keys conv1, bn1, layer1..layer4, "
+    "fc; alone or under state_dict) or of the classic CIFAR-100 repo (keys conv1.0, "
+    "conv2_x..conv5_x, fc)")
 
 
 # ---------------------------------------------------------------- this repo's checkpoints
@@ -113,11 +120,11 @@ def checkpoint_file(path) -> Path:
 
 
 def load_trained_model(weights, net=None, att=None):
-    """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to the
-    checkpoint's own; given, they must match it. A checkpoint of another repo's script (see
+    """(model on the CPU with the checkpoint's weights, checkpoint, path). `net`/`att` default to
+    the checkpoint's own; given, they must match it. A checkpoint of another repo's script (see
     py) records no net/att: both are then required, and the returned checkpoint
-    only describes it (args net/att/recipe, epoch or None, layout). Every checkpoint has "layout", the
-    detected layout in words."""
+    only describes it (args net/att/recipe, epoch or None, layout). Every checkpoint has "layout",
+    the detected layout in words."""
     path = checkpoint_file(weights)
     checkpoint = load_checkpoint(path, ours_only=False)
     if not is_ours(checkpoint):
@@ -125,12 +132,16 @@ def load_trained_model(weights, net=None, att=None):
         return model, description, path
     saved = checkpoint["args"]
     if (not isinstance(saved, dict) or saved.get("net") not in models.list_models()
-            or saved.get("att") not in models.list_attentions() or saved.get("recipe") not in settings.RECIPES):
-        shown = {key: saved.get(key) for key in ("net", "att", "recipe")} if isinstance(saved, dict) else saved
-        raise UserError(f"{path}: its recorded arguments name no known network, attention and recipe ({shown})")
+            or saved.get("att") not in models.list_attentions()
+            or saved.get("recipe") not in settings.RECIPES):
+        shown = {key: saved.get(key) for key in ("net", "att",
+                                                 "recipe")} if isinstance(saved, dict) else saved
+        raise UserError(
+            f"{path}: its recorded arguments name no known network, attention and recipe ({shown})")
     net, att = net or saved["net"], att or saved["att"]
     if (net, att) != (saved["net"], saved["att"]):
-        raise UserError(f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
+        raise UserError(
+            f"{path} holds {saved['net']} + {saved['att']}, not the requested {net} + {att}")
     try:
         model = models.model_of(saved)
     except ValueError as e:  # recorded stages that make no model
@@ -153,9 +164,11 @@ def load_checkpoint(path, ours_only: bool = True):
     except pickle.UnpicklingError as e:
         needs_code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if not needs_code:
-            raise UserError(f"cannot read checkpoint {path}: not a valid checkpoint file (corrupt?)") from None
-        raise UserError(f"refused to load {path}: it holds objects that only arbitrary code could rebuild "
-                        f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
+            raise UserError(
+                f"cannot read checkpoint {path}: not a valid checkpoint file (corrupt?)") from None
+        raise UserError(
+            f"refused to load {path}: it holds objects that only arbitrary code could rebuild "
+            f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if ours_only and not is_ours(checkpoint):
@@ -164,13 +177,16 @@ def load_checkpoint(path, ours_only: bool = True):
 
 
 def check_training_state(checkpoint) -> None:
-    """A ValueError unless epoch, step, best and history have the shapes train_cifar100.py writes."""
+    """A ValueError unless epoch, step, best and history have the shapes train_cifar100.py
+    writes."""
     counts = [checkpoint["epoch"], checkpoint["step"], checkpoint["best"].get("epoch")]
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
         raise ValueError(f"epoch, step and best epoch must be whole numbers >= 0, got {counts}")
     numbers = [checkpoint["best"].get(key) for key in ("top1", "top5")]
-    numbers += [row.get(key) for row in checkpoint["history"] for key in ("train_loss", "test_top1")]
-    if not all(isinstance(x, (int, float)) for x in numbers) or len(checkpoint["history"]) != checkpoint["epoch"]:
+    numbers += [
+        row.get(key) for row in checkpoint["history"] for key in ("train_loss", "test_top1")]
+    if not all(isinstance(x, (int, float)) for x in numbers) or len(
+        checkpoint["history"]) != checkpoint["epoch"]:
         raise ValueError("best and history are not what this script records")
 
 
@@ -183,12 +199,14 @@ def load_weights_into(model: nn.Module, path, target: str = "the model") -> str:
     """Copy the weights of a checkpoint into `model`, for train_cifar100.py --init-from PATH; return
     the detected layout in words (for the log).
 
-    `path`: a checkpoint file or a run folder (its last.pth), in any layout of this module's docstring.
+    `path`: a checkpoint file or a run folder (its last.pth), in any layout of this module's
+    docstring.
     `model`: the new run's freshly built model (models.create_model with the run's -net/-att, after
     utils.initialise and any SyncBatchNorm conversion, before DDP or torch.compile wrap it), on any
     device. Every parameter and buffer (BatchNorm statistics included) is replaced; nothing else is
-    read from the file: the optimizer, schedule, epoch and RNG start fresh. Strict: when a key of the
-    file or of the model does not fit, a UserError names the first one and `model` is left unchanged;
+    read from the file: the optimizer, schedule, epoch and RNG start fresh. Strict: when a key of
+    the file or of the model does not fit, a UserError names the first one and `model` is left
+    unchanged;
     `target` names the model in that message (e.g. "resnet18 + ema").
     """
     path = checkpoint_file(path)
@@ -203,16 +221,18 @@ def load_weights_into(model: nn.Module, path, target: str = "the model") -> str:
 
 def trained_model(loaded, path: Path, net: Optional[str], att: Optional[str]):
     """For load_trained_model, given an upstream checkpoint: (model on the CPU with its weights,
-    a dict describing it like one of our checkpoints: args net/att/recipe, epoch (None where the file
-    does not say), layout in words)."""
+    a dict describing it like one of our checkpoints: args net/att/recipe, epoch (None where the
+    file does not say), layout in words)."""
     layout, state, found = detect_upstream(loaded, path)
     if not (net and att):
-        raise UserError(f"{path} is a checkpoint of the {found}, which does not record its network: "
-                        f"give both -net and -att (e.g. -net resnet50 -att ema)")
+        raise UserError(
+            f"{path} is a checkpoint of the {found}, which does not record its network: "
+            f"give both -net and -att (e.g. -net resnet50 -att ema)")
     model = models.create_model(net, att, settings.NUM_CLASSES)
     load_strictly(model, state, layout, f"{path} ({found})", f"{net} + {att}")
     # A bare state dict has no "epoch" key: its keys are tensor names.
-    description = {"args": {"net": net, "att": att, "recipe": layout.recipe}, "epoch": loaded.get("epoch"),
+    description = {"args": {"net": net, "att": att, "recipe": layout.recipe},
+                   "epoch": loaded.get("epoch"),
                    "layout": found}
     return model, description
 
@@ -236,19 +256,23 @@ def detect_upstream(loaded, path) -> tuple[Layout, dict, str]:
     if layout is None:
         raise UserError(f"{path} {UNKNOWN}")
     form = "a dict with state_dict" if wrapped else "a bare state dict"
-    return layout, state, f"{layout.name}: {form}{', DataParallel `module.` prefix' if prefixed else ''}"
+    prefix = ", DataParallel `module.` prefix" if prefixed else ""
+    return layout, state, f"{layout.name}: {form}{prefix}"
 
 
 def is_state_dict(state) -> bool:
     return (isinstance(state, dict) and len(state) > 0
-            and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()))
+            and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key,
+                    value in state.items()))
 
 
-def load_strictly(model: nn.Module, state: dict, layout: Optional[Layout], source: str, target: str) -> None:
+def load_strictly(model: nn.Module, state: dict, layout: Optional[Layout], source: str,
+                  target: str) -> None:
     """Load `state` (named by `layout`; None: our names) into `model`, or raise one UserError naming
     the first key that does not fit; `source` and `target` name the two sides in that message."""
     if layout is not None and not isinstance(model, ResNet):
-        raise UserError(f"{source}: only the CIFAR ResNets ({', '.join(RESNETS)}) can be read from that layout")
+        raise UserError(
+            f"{source}: only the CIFAR ResNets ({', '.join(RESNETS)}) can be read from that layout")
     ours = model.state_dict()
     renamed = {key: key for key in state} if layout is None else our_names(state, layout, ours)
     problems = misfits(state, renamed, ours)
@@ -259,8 +283,8 @@ def load_strictly(model: nn.Module, state: dict, layout: Optional[Layout], sourc
 
 
 def misfits(state: dict, renamed: dict, ours: dict) -> list[str]:
-    """What keeps `state` from loading: the model's keys that nothing fills or that get another shape,
-    in the model's order, then the file's keys that have no place in the model."""
+    """What keeps `state` from loading: the model's keys that nothing fills or that get another
+    shape, in the model's order, then the file's keys that have no place in the model."""
     theirs_by_ours = {our_key: key for key, our_key in renamed.items()}
     problems = []
     for our_key, tensor in ours.items():
@@ -269,7 +293,9 @@ def misfits(state: dict, renamed: dict, ours: dict) -> list[str]:
             problems.append(f"no weights for {our_key}")
         elif state[key].shape != tensor.shape:
             alias = "" if key == our_key else f" (ours: {our_key})"
-            problems.append(f"{key}{alias} has shape {tuple(state[key].shape)}, the model needs {tuple(tensor.shape)}")
+            problems.append(
+                f"{key}{alias} has shape {tuple(state[key].shape)}, the model needs "
+                f"{tuple(tensor.shape)}")
     problems += [f"unexpected key {key}: no place for it in the model"
                  for key in state if renamed.get(key) not in ours]
     return problems
@@ -319,7 +345,8 @@ def attention_names(ours: dict, block: str) -> set:
 
 def block_parts(key: str, layout: Layout) -> Optional[tuple[str, str, str]]:
     """(our block prefix, their child, the rest) of a key inside a residual block, e.g. NAM's
-    layer2.0.downsample.0.weight -> ("layer2.0.", "downsample", "0.weight"); None outside the blocks."""
+    layer2.0.downsample.0.weight -> ("layer2.0.", "downsample", "0.weight"); None outside the
+    blocks."""
     parts = key.split(".", 3)
     if len(parts) < 4 or parts[0] not in layout.stages:
         return None
@@ -328,7 +355,8 @@ def block_parts(key: str, layout: Layout) -> Optional[tuple[str, str, str]]:
 
 
 def renamed_prefix(name: str, table: dict) -> Optional[str]:
-    """`name` with its prefix replaced by the first matching entry of `table`; None when none matches."""
+    """`name` with its prefix replaced by the first matching entry of `table`; None when none
+    matches."""
     for theirs, ours in table.items():
         if name.startswith(theirs):
             return ours + name[len(theirs):]

@@ -18,7 +18,8 @@ import torchvision
 from training.loaders import ImageArray
 from utils import Distributed, UserError, folders_to_make, remove_empty
 
-IMAGE_VALUES = 3 * 32 * 32  # one row of a split's data: the red, then green, then blue 32 x 32 planes
+# one row of a split's data: the red, then green, then blue 32 x 32 planes
+IMAGE_VALUES = 3 * 32 * 32
 # urllib waits forever by default: a network that accepts and never answers would hang the run. This
 # bounds every wait (connecting, each read), not the whole download.
 DOWNLOAD_TIMEOUT_S = 60
@@ -38,7 +39,8 @@ class CifarFormat:
 
     @property
     def splits(self) -> dict:
-        return {"train": [name for name, _ in self.source.train_list], "test": [name for name, _ in self.source.test_list]}
+        return {"train": [name for name, _ in self.source.train_list],
+                "test": [name for name, _ in self.source.test_list]}
 
     @property
     def meta(self) -> str:
@@ -54,8 +56,9 @@ class CifarFormat:
 
     @property
     def layout(self) -> str:
-        return (f"<root>/{self.folder}/ with the files {', '.join(self.files[:-1])} and {self.files[-1]} "
-                f"(Python pickles, as in the official {self.source.filename})")
+        return (
+            f"<root>/{self.folder}/ with the files {', '.join(self.files[:-1])} and "
+            f"{self.files[-1]} (Python pickles, as in the official {self.source.filename})")
 
     @property
     def option(self) -> str:  # its --dataset value
@@ -77,7 +80,8 @@ CIFAR_LAYOUT = CIFAR100.layout
 
 
 def split_md5(file_md5s) -> str:
-    """A split's MD5: its one file's, or for several files (CIFAR-10's five batches) that of theirs joined."""
+    """A split's MD5: its one file's, or for several files (CIFAR-10's five batches) that of theirs
+    joined."""
     md5s = list(file_md5s)
     return md5s[0] if len(md5s) == 1 else hashlib.md5("".join(md5s).encode()).hexdigest()
 
@@ -95,7 +99,8 @@ class CifarFolder(ImageArray):
         folder = Path(root) / form.folder
         split = "train" if train else "test"
         parts = [_read_split(folder / name, form) for name in form.splits[split]]
-        super().__init__(np.concatenate([images for images, _ in parts]), sum((labels for _, labels in parts), []),
+        super().__init__(np.concatenate([images for images, _ in parts]),
+                         sum((labels for _, labels in parts), []),
                          transform)
         self.form = form
         self.classes = _read_class_names(folder / form.meta, form)
@@ -113,7 +118,8 @@ class CIFAR100Folder(CifarFolder):
 
 
 def files_md5(root: Path, form: CifarFormat, split: str) -> str:
-    """The MD5 of a split's files in <root>/<format's folder>/ (split_md5), read without loading them."""
+    """The MD5 of a split's files in <root>/<format's folder>/ (split_md5), read without loading
+    them."""
     return split_md5(file_md5(root / form.folder / name) for name in form.splits[split])
 
 
@@ -144,7 +150,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: not plain data or a numpy array")
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: not plain data or a numpy array")
         return super().find_class(module, name)
 
 
@@ -182,20 +189,24 @@ def _checked_labels(path: Path, labels: np.ndarray, form: CifarFormat) -> list:
     """The labels as ints, once each is known to be a whole number naming one of the classes (int()
     alone would turn 2.7 into 2, and an index past the classes would fail only inside the loss)."""
     if labels.ndim != 1 or labels.dtype.kind not in "iuf":
-        raise UserError(f"{path}: {form.labels} must be a list of integers, not {labels.dtype} values "
-                        f"of shape {labels.shape}")
+        raise UserError(
+            f"{path}: {form.labels} must be a list of integers, not {labels.dtype} values "
+            f"of shape {labels.shape}")
     if labels.dtype.kind == "f":
         fractional = ~np.isfinite(labels) | (labels != np.round(labels))
         if fractional.any():
             first = int(np.argmax(fractional))
-            raise UserError(f"{path}: {form.labels}[{first}] is {labels[first].item()}, not a whole number "
-                            f"(labels must be integers); non-integer labels: {fractional.sum()} of {len(labels)}")
+            raise UserError(
+                f"{path}: {form.labels}[{first}] is {labels[first].item()}, not a whole number "
+                f"(labels must be integers); non-integer labels: {fractional.sum()} of "
+                f"{len(labels)}")
     outside = (labels < 0) | (labels >= form.classes)
     if outside.any():
         first, last_class = int(np.argmax(outside)), form.classes - 1
-        raise UserError(f"{path}: {form.labels}[{first}] is {labels[first].item()}, outside 0..{last_class} "
-                        f"({form.name} has {form.classes} classes); out-of-range labels: "
-                        f"{outside.sum()} of {len(labels)}")
+        raise UserError(
+            f"{path}: {form.labels}[{first}] is {labels[first].item()}, outside 0..{last_class} "
+            f"({form.name} has {form.classes} classes); out-of-range labels: "
+            f"{outside.sum()} of {len(labels)}")
     return labels.astype(np.int64).tolist()
 
 
@@ -204,9 +215,11 @@ def _read_class_names(path: Path, form: CifarFormat) -> list:
     reading the split), so that many names are enough for every label to have one."""
     names = _read_pickle(path, form.layout).get(form.names)
     if not isinstance(names, (list, tuple)):
-        raise UserError(f"{path} has no list {form.names} (the class names); expected layout: {form.layout}")
+        raise UserError(
+            f"{path} has no list {form.names} (the class names); expected layout: {form.layout}")
     if len(names) < form.classes:
-        raise UserError(f"{path} names {len(names)} classes in {form.names}; {form.name} has {form.classes}")
+        raise UserError(
+            f"{path} names {len(names)} classes in {form.names}; {form.name} has {form.classes}")
     return [name.decode() if isinstance(name, bytes) else name for name in names[:form.classes]]
 
 
@@ -215,7 +228,8 @@ _reported_unofficial = set()
 
 
 def _warn_unofficial(folder: Path, split: str, form: CifarFormat) -> None:
-    """Once per folder and process, a plain line rather than a Python warning with its source line."""
+    """Once per folder and process, a plain line rather than a Python warning with its source
+    line."""
     if folder.resolve() in _reported_unofficial:
         return
     _reported_unofficial.add(folder.resolve())
@@ -241,30 +255,41 @@ def ensure(root, form: CifarFormat, chosen: bool = True) -> None:
         raise UserError(f"--data {root} is a file, not a folder; expected layout: {form.layout}")
     for own in CIFAR_FORMATS:
         if Path(root).name == own.folder and not folder.exists():
-            hint = "" if own is form else f" and pass --dataset {own.option}" if chosen else f" (the run is {form.name}'s)"
+            hint = ""
+            if own is not form and chosen:
+                hint = f" and pass --dataset {own.option}"
+            elif own is not form:
+                hint = f" (the run is {form.name}'s)"
             whose = "the dataset's" if own is form else f"{own.name}'s"
-            raise UserError(f"--data {root} is {whose} own folder: point --data at {Path(root).parent}{hint}")
+            raise UserError(
+                f"--data {root} is {whose} own folder: point --data at {Path(root).parent}{hint}")
     if form.complete_in(Path(root)):
         return
     present = [name for name in form.files if (folder / name).is_file()]
     if present:  # a folder of the user's own: never overwritten by a download
         missing = [name for name in form.files if name not in present]
-        raise UserError(f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
-                        f"{form.layout}")
-    hint = "".join(f" {root} holds {other.name}: " + (f"for it, pass --dataset {other.option}." if chosen else
+        raise UserError(
+            f"{folder} holds {', '.join(present)} but not {', '.join(missing)}; expected layout: "
+            f"{form.layout}")
+    hint = "".join(f" {root} holds {other.name}: "
+                   + (f"for it, pass --dataset {other.option}." if chosen else
                                                        f"the run is {form.name}'s.")
-                   for other in CIFAR_FORMATS if other is not form and other.complete_in(Path(root)))
+                   for other in CIFAR_FORMATS if other is not form
+                   and other.complete_in(Path(root)))
     new_folders = folders_to_make(Path(root))
     try:
         _download(Path(root), form)
     except Exception as e:
         remove_empty(new_folders)  # a failed download leaves no empty --data folder behind
-        why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s" if _timed_out(e) else f"{type(e).__name__}: {e}"
+        why = f"{type(e).__name__}: {e}"
+        if _timed_out(e):
+            why = f"timed out: no answer for {DOWNLOAD_TIMEOUT_S} s"
         raise UserError(f"{form.name} is not in {Path(root).resolve()} and could not be downloaded "
-                        f"({why}).{hint} Expected layout: {form.layout}. Download it "
-                        f"elsewhere and copy it there, or point --data at the folder holding it.") from None
+                        f"({why}).{hint} Expected layout: {form.layout}. Download it elsewhere and "
+                        f"copy it there, or point --data at the folder holding it.") from None
     if hint:
-        print(f"note: {form.name} was not in {root}, so it was downloaded there.{hint}", file=sys.stderr)
+        print(f"note: {form.name} was not in {root}, so it was downloaded there.{hint}",
+              file=sys.stderr)
 
 
 def _download(root: Path, form: CifarFormat) -> None:
@@ -280,11 +305,13 @@ def _download(root: Path, form: CifarFormat) -> None:
         finally:
             socket.setdefaulttimeout(previous_timeout)
         (root / form.folder).mkdir(exist_ok=True)
-        for name in reversed(form.files):  # the meta file first: a folder with train alone is not taken for whole
+        # the meta file first: a folder with train alone is not taken for whole
+        for name in reversed(form.files):
             os.replace(Path(scratch) / form.folder / name, root / form.folder / name)
 
 
 def _timed_out(error: Exception) -> bool:
     # urllib raises a timeout as it is, or wrapped in a URLError when it happened while connecting.
-    return isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
+    return isinstance(error,
+                      TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
 

@@ -65,13 +65,26 @@ class LossWatch:
 
 def raise_divergence(epoch, step, ckpt_dir):
     last = ckpt_dir / "last.pth"
-    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-    raise Diverged(f"the loss became NaN or infinite at epoch {epoch}, step {step}; training stopped, "
-                   f"{kept}. Try a lower -lr or a warm-up (-warm 1).")
+    kept = (f"the last good checkpoint is {last}" if last.exists()
+            else "no checkpoint was written yet")
+    raise Diverged(
+        f"the loss became NaN or infinite at epoch {epoch}, step {step}; training stopped, "
+        f"{kept}. Try a lower -lr or a warm-up (-warm 1).")
+
+
+def best_after(best: dict, row: dict) -> tuple[dict, bool]:
+    """(the best epoch after this epoch's `row`, whether it is this one). The best is picked on the
+    validation split with --val, else on the test set; the first epoch is the best so far."""
+    picked = row.get("val_top1", row["test_top1"])
+    if picked > best.get("picked", best["top1"]) or not best["epoch"]:
+        return {"top1": row["test_top1"], "top5": row["test_top5"], "epoch": row["epoch"],
+                "picked": picked}, True
+    return best, False
 
 
 class RunningTotals:
-    """An epoch's loss sum and top-1 hits, kept on the device, and its image count, kept in Python."""
+    """An epoch's loss sum and top-1 hits, kept on the device, and its image count, kept in
+    Python."""
 
     def __init__(self, device, loss_sum: float = 0.0, hits: float = 0.0, images: int = 0):
         self.sums = torch.tensor([loss_sum, hits], dtype=torch.float64, device=device)
@@ -98,7 +111,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, speed: SpeedSettings, processes: Distributed = SINGLE_PROCESS) -> dict:
+def evaluate(model: nn.Module, loader, speed: SpeedSettings,
+             processes: Distributed = SINGLE_PROCESS) -> dict:
     """Mean loss per image and top-1/top-5 accuracy (%) over the loader; under torchrun, over every
     rank's shard (the shards cover the test set once). Reads the device once, at the end."""
     model.eval()
@@ -128,5 +142,6 @@ def cpu_estimate(epoch_seconds: float, epochs: int) -> str:
         if seconds >= 60:
             return f"{seconds / 60:.1f} min"
         return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    rest = f"{span(epoch_seconds * epochs)} for the remaining {epochs} epoch{'s' if epochs != 1 else ''}"
+    plural = "s" if epochs != 1 else ""
+    rest = f"{span(epoch_seconds * epochs)} for the remaining {epochs} epoch{plural}"
     return f"warning: no GPU; about {span(epoch_seconds)} per epoch, {rest}"

@@ -17,19 +17,22 @@ OWNER = ".owner"  # in a TensorBoard folder: the run it belongs to, {"run_id", "
 
 
 def log_name(ckpt_dir: Path, args) -> str:
-    """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the run
-    folder is not in a <net>_<att>/ folder (a copy elsewhere that kept the original's name), or when
-    that TensorBoard folder belongs to another run (the same run name in another --checkpoint-dir).
-    A folder belongs to the run folder its .owner names (this folder's earlier attempt), or to a run of
-    its run id whose folder moved; a folder from before .owner to a resumed run, not to a new one."""
+    """The TensorBoard folder's name: the run folder's, made unique (a hash of its path) when the
+    run folder is not in a <net>_<att>/ folder (a copy elsewhere that kept the original's name), or
+    when that TensorBoard folder belongs to another run (the same run name in another
+    --checkpoint-dir). A folder belongs to the run folder its .owner names (this folder's earlier
+    attempt), or to a run of its run id whose folder moved; a folder from before .owner to a resumed
+    run, not to a new one."""
     unique = f"{ckpt_dir.name}-{hashlib.sha1(str(ckpt_dir.resolve()).encode()).hexdigest()[:6]}"
     if ckpt_dir.parent.name != f"{args.net}_{args.att}":
         return unique
     logs = Path(args.log_dir) / ckpt_dir.parent.name / ckpt_dir.name
     try:
         owner = json.loads((logs / OWNER).read_text())
-    except (OSError, ValueError):  # from before .owner: a resumed run's own; a new run does not take its logs
-        return unique if not args.resume and list(logs.glob("events.out.tfevents.*")) else ckpt_dir.name
+    # from before .owner: a resumed run's own; a new run does not take its logs
+    except (OSError, ValueError):
+        return unique if not args.resume and list(
+            logs.glob("events.out.tfevents.*")) else ckpt_dir.name
     if not isinstance(owner, dict) or owner.get("folder") == str(ckpt_dir.resolve()):
         return ckpt_dir.name
     # The same run id: this run and its logs copied or moved together (the .owner names other logs),
@@ -42,15 +45,16 @@ def log_name(ckpt_dir: Path, args) -> str:
 
 def forget_events_after(log_dir: Path, epoch: int) -> set:
     """Remove from the event files what an interrupted process logged after the checkpoint being
-    resumed (epoch), and the final metrics of a finished run being extended: TensorBoard's own reader
-    (load_fast=false) ignores SummaryWriter's purge_step and would show those steps twice. Returns
-    the (tag, epoch) of the scalars the files still hold."""
+    resumed (epoch), and the final metrics of a finished run being extended: TensorBoard's own
+    reader (load_fast=false) ignores SummaryWriter's purge_step and would show those steps twice.
+    Returns the (tag, epoch) of the scalars the files still hold."""
     logged = set()
     for leftover in [*log_dir.glob(".rewrite-*.tmp"), *log_dir.glob("*tfevents*.tmp")]:
         leftover.unlink()  # a rewrite that a kill interrupted
     for path in sorted(log_dir.glob("events.out.tfevents.*")):
         records = list(RawEventFileLoader(str(path)).Load())
-        kept = [record for record in records if _still_valid(event_pb2.Event.FromString(record), epoch)]
+        kept = [
+            record for record in records if _still_valid(event_pb2.Event.FromString(record), epoch)]
         logged |= {(value.tag, event.step) for event in map(event_pb2.Event.FromString, kept)
                    for value in event.summary.value}
         if len(kept) <= 1:  # the file's header alone: a start that was killed before it logged
@@ -62,7 +66,8 @@ def forget_events_after(log_dir: Path, epoch: int) -> set:
 
 
 def _still_valid(event, epoch: int) -> bool:
-    final_metrics = any(value.tag.startswith(("hparam/", "_hparams_/")) for value in event.summary.value)
+    final_metrics = any(value.tag.startswith(("hparam/",
+                                              "_hparams_/")) for value in event.summary.value)
     return event.step <= epoch and not final_metrics
 
 

@@ -1,7 +1,7 @@
 """A dataset of one's own (--dataset folder): a folder of images per class, in the layout of
 torchvision's ImageFolder.
 
-    <root>/train/<class>/<images>      <root>/test/<class>/<images>   (val/ accepted in place of test/)
+    <root>/train/<class>/<images>      <root>/test/<class>/<images>   (or val/ for test/)
 
 Class names are sorted as ImageFolder sorts them. Each image (PNG, JPEG, or another format of
 torchvision's list) is converted to RGB and resized to 32 x 32 once (PIL's bilinear resize, which
@@ -25,8 +25,10 @@ from conf import settings
 from training.loaders import ImageArray
 from utils import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-LAYOUT = "<root>/train/<class>/<images> and <root>/test/<class>/<images> (or val/ in place of test/)"
+# torchvision's
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LAYOUT = ("<root>/train/<class>/<images> and <root>/test/<class>/<images> "
+          "(or val/ in place of test/)")
 
 
 def split_folder(root, train: bool) -> Path:
@@ -38,27 +40,33 @@ def split_folder(root, train: bool) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise UserError(f"{root} has no {' or '.join(f'{name}/' for name in names)} folder; expected layout: {LAYOUT}")
+    raise UserError(
+        f"{root} has no {' or '.join(f'{name}/' for name in names)} folder; expected layout: "
+        f"{LAYOUT}")
 
 
 def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class names, sorted; every image file with its class index). Hidden files are left out; an
     empty class folder or a file that is not an image by its name is an error."""
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()
+                     and not entry.name.startswith("."))
     if not classes:
         raise UserError(f"{folder} holds no class folders; expected layout: {LAYOUT}")
     files = []
     for index, name in enumerate(classes):
         found = []
-        for parent, folders, names in os.walk(folder / name, followlinks=True):  # as ImageFolder walks
+        # as ImageFolder walks
+        for parent, folders, names in os.walk(folder / name, followlinks=True):
             folders[:] = sorted(f for f in folders if not f.startswith("."))
             for file in sorted(n for n in names if not n.startswith(".")):
                 path = Path(parent) / file
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise UserError(f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")
+                    raise UserError(
+                        f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")
                 found.append((path, index))
         if not found:
-            raise UserError(f"{folder / name} holds no images: every class folder needs at least one")
+            raise UserError(
+                f"{folder / name} holds no images: every class folder needs at least one")
         files += found
     return classes, files
 
@@ -90,7 +98,8 @@ def listing_key(folder: Path, files) -> str:
             stat = path.stat()
         except OSError as e:  # a dangling link, say
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-        key.update(f"{path.relative_to(folder)}\0{index}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        key.update(
+            f"{path.relative_to(folder)}\0{index}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return key.hexdigest()
 
 
@@ -103,7 +112,8 @@ def decode(files, folder: Path) -> np.ndarray:
             with Image.open(path) as image:
                 data[i] = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"{path} is not an image PIL can read ({type(e).__name__}: {e})") from None
+            raise UserError(
+                f"{path} is not an image PIL can read ({type(e).__name__}: {e})") from None
     return data
 
 
@@ -112,7 +122,8 @@ def read_cache(cache: Path, key: str, classes: list):
         with np.load(cache, allow_pickle=False) as saved:
             if str(saved["key"]) == key and saved["classes"].tolist() == classes:
                 return saved["data"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or damaged: decoded again
+    # none yet, or damaged: decoded again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     return None
 
@@ -122,8 +133,10 @@ _not_cached = set()  # the folders already reported as not cached: one note each
 
 def write_cache(cache: Path, key: str, classes: list, data: np.ndarray) -> None:
     try:
-        utils.write_atomic(cache, lambda f: np.savez(f, key=np.array(key), classes=np.array(classes), data=data))
+        utils.write_atomic(cache, lambda f: np.savez(f, key=np.array(key),
+                                                     classes=np.array(classes), data=data))
     except (OSError, UserError) as e:
         if cache.parent not in _not_cached:
             _not_cached.add(cache.parent)
-            print(f"note: no cache of the decoded images ({e}); they are decoded again next time", file=sys.stderr)
+            print(f"note: no cache of the decoded images ({e}); they are decoded again next time",
+                  file=sys.stderr)

@@ -1,6 +1,7 @@
 """The loaders a run trains and tests with, for images held as a uint8 array (ImageArray): the
 device-resident loader that augments a whole batch with one gather (`augment`, equal per image to
-torchvision's transforms), and torchvision's transforms in DataLoader processes (the classic path)."""
+torchvision's transforms), and torchvision's transforms in DataLoader processes (the classic
+path)."""
 import itertools
 import math
 
@@ -37,14 +38,17 @@ class ImageArray(Dataset):
 
 
 def train_transform(recipe: dict):
-    steps = [transforms.RandomCrop(settings.IMAGE_SIZE, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
+    steps = [transforms.RandomCrop(settings.IMAGE_SIZE, padding=CROP_PADDING),
+             transforms.RandomHorizontalFlip()]
     if recipe["rotation"]:
         steps.append(transforms.RandomRotation(recipe["rotation"]))
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(recipe["mean"], recipe["std"])])
 
 
 def test_transform(recipe: dict):
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(recipe["mean"], recipe["std"])])
+    return transforms.Compose([transforms.ToTensor(),
+                               transforms.Normalize(recipe["mean"], recipe["std"])])
 
 
 def rotation_sources(angles, size: int):
@@ -53,7 +57,8 @@ def rotation_sources(angles, size: int):
     Same float operations as torchvision's affine grid (rearranged only where IEEE arithmetic gives
     identical results), rounded half-to-even as grid_sample's nearest mode does."""
     radians = torch.deg2rad(angles.double()).view(-1, 1, 1)
-    # torchvision's inverse matrix for rotate(angle) is [[cos, -sin], [sin, cos]], scaled to [-1, 1].
+    # torchvision's inverse matrix for rotate(angle) is [[cos, -sin], [sin, cos]], scaled to [-1,
+    # 1].
     cos, sin = radians.cos().float() / (0.5 * size), radians.sin().float() / (0.5 * size)
     x = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
     x, y = x.view(1, 1, -1), x.view(1, -1, 1)
@@ -63,13 +68,14 @@ def rotation_sources(angles, size: int):
 
 
 def augment(images, offsets, flips, angles, mean, std):
-    """A batch's RandomCrop(32, padding=4), RandomHorizontalFlip, RandomRotation (nearest, zero fill),
-    ToTensor and Normalize, with one gather for the three geometric steps: uint8 (B, C, H, W) -> normalized float32.
+    """A batch's RandomCrop(32, padding=4), RandomHorizontalFlip, RandomRotation (nearest, zero
+    fill), ToTensor and Normalize, with one gather for the three geometric steps: uint8 (B, C, H, W)
+    -> normalized float32.
 
-    offsets: (B, 2) crop top/left in the padded image; flips: (B,) bool; angles: (B,) degrees or None;
-    mean, std: (C,) tensors. Per image this computes exactly what torchvision computes with the same
-    parameters (tested). Each output pixel's source is traced back through the three steps in
-    reverse: rotation, then flip, then crop.
+    offsets: (B, 2) crop top/left in the padded image; flips: (B,) bool; angles: (B,) degrees or
+    None; mean, std: (C,) tensors. Per image this computes exactly what torchvision computes with
+    the same parameters (tested). Each output pixel's source is traced back through the three steps
+    in reverse: rotation, then flip, then crop.
     """
     batch, channels, size, width = images.shape
     assert size == width, "square images"
@@ -83,16 +89,19 @@ def augment(images, offsets, flips, angles, mean, std):
         inside = (rows == rows.clamp(0, size - 1)) & (columns == columns.clamp(0, size - 1))
     columns = torch.where(flips[:, None, None], (size - 1) - columns, columns)
     offsets = offsets.float()
-    source = (rows + offsets[:, :1, None]).mul_(size + 2 * CROP_PADDING) + (columns + offsets[:, 1:, None])
+    source = (rows + offsets[:, :1,
+                             None]).mul_(size + 2 * CROP_PADDING) + (columns + offsets[:, 1:, None])
     if angles is not None:
-        source = torch.where(inside, source, 0)  # pixel (0, 0) of the padded image: always fill (zero)
+        # pixel (0, 0) of the padded image: always fill (zero)
+        source = torch.where(inside, source, 0)
     index = source.long().view(batch, 1, -1).expand(batch, channels, -1)
     pixels = nn.functional.pad(images, (CROP_PADDING,) * 4).flatten(2).gather(2, index)
     return normalize(pixels, mean, std).view(batch, channels, size, size)
 
 
 def normalize(pixels, mean, std):
-    """uint8 (B, C, ...) -> float32: ToTensor then Normalize, the same operations in the same order."""
+    """uint8 (B, C, ...) -> float32: ToTensor then Normalize, the same operations in the same
+    order."""
     shape = (1, -1) + (1,) * (pixels.dim() - 2)
     return pixels.float().div_(255).sub_(mean.view(shape)).div_(std.view(shape))
 
@@ -110,10 +119,12 @@ class DeviceLoader:
     test set is not, so that the shards cover it exactly once.
     """
 
-    def __init__(self, dataset: ImageArray, batch_size: int, recipe: dict, device, generator=None, train=True,
+    def __init__(self, dataset: ImageArray, batch_size: int, recipe: dict, device, generator=None,
+                 train=True,
                  processes: Distributed = SINGLE_PROCESS):
         self.dataset = dataset
-        self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+        # uint8 NCHW
+        self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.as_tensor(dataset.targets, device=device)
         self.batch_size, self.train, self.generator = batch_size, train, generator
         self.rotation = recipe["rotation"]
@@ -134,9 +145,11 @@ class DeviceLoader:
         g, device, n = self.generator, self.images.device, len(self.labels)
         order = torch.randperm(n, generator=g, device=device)
         order = torch.cat([order, order[:self.draws - n]])
-        offsets = torch.randint(0, 2 * CROP_PADDING + 1, (self.draws, 2), generator=g, device=device)
+        offsets = torch.randint(0, 2 * CROP_PADDING + 1, (self.draws, 2), generator=g,
+                                device=device)
         flips = torch.rand(self.draws, generator=g, device=device) < 0.5
-        angles = (torch.empty(self.draws, device=device).uniform_(-self.rotation, self.rotation, generator=g)
+        angles = (torch.empty(self.draws,
+                              device=device).uniform_(-self.rotation, self.rotation, generator=g)
                   if self.rotation else None)
         return order, offsets, flips, angles
 
@@ -156,8 +169,9 @@ class DeviceLoader:
 
 
 def batches(loader, start_step: int = 0, epoch: int = 0):
-    """(step, (images, labels)) of `epoch` from start_step on. A DeviceLoader jumps there; a DataLoader
-    replays the skipped batches, so that the augmentations drawn after them are the same as without."""
+    """(step, (images, labels)) of `epoch` from start_step on. A DeviceLoader jumps there; a
+    DataLoader replays the skipped batches, so that the augmentations drawn after them are the same
+    as without."""
     if isinstance(loader, DeviceLoader):
         return enumerate(loader.iterate(start_step), start_step)
     if isinstance(loader.sampler, DistributedSampler):
@@ -181,5 +195,6 @@ def make_loader(kind: str, dataset: ImageArray, batch_size: int, recipe: dict, d
     # The loader's own generator draws the shuffle and the workers' seeds, so seeding it when an
     # epoch starts fixes that epoch. Workers are therefore started anew each epoch (persistent ones
     # would carry their random state from one epoch into the next).
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                      sampler=sampler,
                       generator=generator, num_workers=workers, pin_memory=device.type == "cuda")

@@ -32,7 +32,8 @@ The fields of an Option, by name:
 - arithmetic: changing it changes the arithmetic, not the recipe: a resume that changes it says the
   run continues, but not bitwise; a run that differs from the paper only in such identity values
   stays in the paper's rows (with b x world = 128). A callable takes the run's arguments.
-- number: table.py computes with it (or averages over it: the seed), so args.json must hold a number.
+- number: table.py computes with it (or averages over it: the seed), so args.json must hold a
+  number.
 """
 import argparse
 import math
@@ -58,7 +59,8 @@ MAX_RUN_NAME = 200  # bytes of a --run-name: file systems take 255, the log fold
 class Option:
     help: str
     flags: tuple = ()  # none: a value the trainer records from the run, not an option
-    type: Optional[Callable] = None  # text -> value, or BadValue saying what is wrong; None: the text
+    # text -> value, or BadValue saying what is wrong; None: the text
+    type: Optional[Callable] = None
     choices: Any = None  # the allowed values, or a callable that gives them
     form: str = VALUE
     metavar: Optional[str] = None
@@ -77,14 +79,16 @@ class Option:
         return bool(self.flags)
 
     def allowed(self) -> Optional[list]:
-        return list(self.choices() if callable(self.choices) else self.choices) if self.choices else None
+        return list(
+            self.choices() if callable(self.choices) else self.choices) if self.choices else None
 
 
 # ---------------------------------------------------------------- value types
 
 
 def number(kind, minimum=None, positive=False, maximum=None):
-    """A parser of `kind` (int or float) text: finite, above 0 or at least `minimum`, at most `maximum`."""
+    """A parser of `kind` (int or float) text: finite, above 0 or at least `minimum`, at most
+    `maximum`."""
     def parse(text):
         try:
             value = kind(text)
@@ -150,9 +154,10 @@ at_least_0 = number(int, minimum=0)
 
 OPTIONS = {
     # A run's identity, in the order table.py names what differs from the paper.
-    "net": Option("network", ("-net",), choices=networks, default="resnet50", identity=True, paper=ROW),
-    "att": Option("attention module, none for the baseline", ("-att",), choices=attentions,
-                  default="ema", identity=True, paper=ROW),
+    "net": Option("network: resnet18/34/50/101/152 or mobilenetv2 (models/)", ("-net",),
+                  choices=networks, default="resnet50", identity=True, paper=ROW),
+    "att": Option("attention module, none for the baseline (models/attention/)", ("-att",),
+                  choices=attentions, default="ema", identity=True, paper=ROW),
     "recipe": Option("the training recipe", ("--recipe",),
                      choices=list(settings.RECIPES), default="paper", identity=True, paper=ROW,
                      docs="#recipes"),
@@ -160,7 +165,8 @@ OPTIONS = {
                          ("--att-stages",), att_stages, metavar="S,S",
                          derived="all four, the paper's", identity=True, paper=None, older=None,
                          docs="#placement---att-stages"),
-    "lr": Option("initial learning rate", ("-lr",), number(float, positive=True, maximum=FLOAT32_MAX),
+    "lr": Option("initial learning rate", ("-lr",),
+                 number(float, positive=True, maximum=FLOAT32_MAX),
                  default=settings.LR, identity=True, paper=settings.LR, older=settings.LR,
                  number=True),
     "b": Option("batch size, per process under torchrun", ("-b", "--b", "--batch-size"),
@@ -181,7 +187,8 @@ OPTIONS = {
                   "split; best.pth is then the best validation epoch", ("--val",), positive_int,
                   metavar="N", derived="none, the paper's", identity=True, paper=None, older=None,
                   docs="#a-validation-split---val"),
-    # "cifar-100" or "custom-<8 hex>" (training/run_data.py); before it was recorded, the --data path.
+    # "cifar-100" or "custom-<8 hex>" (training/run_data.py); before it was recorded, the --data
+    # path.
     "dataset": Option("what the data is", identity=True, paper="cifar-100",
                       older=lambda args: args.get("data"), resume=MAY_CHANGE),
     "amp": Option("autocast dtype", ("--amp",), choices=("off", "bf16", "fp16"),
@@ -189,15 +196,17 @@ OPTIONS = {
                           "with a gradient scaler; else off",
                   identity=True, paper="off", older="off", resume=MAY_CHANGE, arithmetic=True),
     "nam_l1": Option("NAM's L1 strength on its BN weights (NAM's paper: 1e-4)", ("--nam-l1",),
-                     number(float, minimum=0), metavar="S", default=0.0, identity=True, paper=0.0, older=0.0,
+                     number(float, minimum=0), metavar="S", default=0.0, identity=True, paper=0.0,
+                     older=0.0,
                      number=True),
     "sync_bn": Option("under torchrun on GPUs: SyncBatchNorm across ranks", ("--sync-bn",),
                       form=SWITCH, default=False, identity=True, paper=False, older=False,
                       arithmetic=True),
-    "init_from": Option("start a new run from these weights: a checkpoint of this repo, or of the NAM "
-                        "authors' or the classic CIFAR-100 script; optimizer and schedule start fresh",
-                        ("--init-from",), metavar="PATH", identity=True, paper=None, older=None,
-                        resume=FOLDER, docs="data.md#checkpoints-from-other-repos"),
+    "init_from": Option(
+        "start a new run from these weights: a checkpoint of this repo, or of the NAM "
+        "authors' or the classic CIFAR-100 script; optimizer and schedule start fresh",
+        ("--init-from",), metavar="PATH", identity=True, paper=None, older=None,
+        resume=FOLDER, docs="data.md#checkpoints-from-other-repos"),
     # After a resume that changed an identity value, e.g. "amp off -> bf16 at epoch 3 step 0".
     "changed_on_resume": Option("what a resume changed: a mixed run", identity=True, paper=None,
                                 older=None),
@@ -210,7 +219,8 @@ OPTIONS = {
                    metavar="DIR", derived=settings.DATA_DIR, resume=MAY_CHANGE, docs="data.md"),
     "data_format": Option("what --data holds: CIFAR-100 or CIFAR-10 in their official format, or a "
                           "folder of images per class", ("--dataset",), choices=settings.DATASETS,
-                          default="cifar100", docs="data.md#cifar-10-and-your-own-images---dataset"),
+                          default="cifar100",
+                          docs="data.md#cifar-10-and-your-own-images---dataset"),
     # From the data (training/run_data.py).
     "classes": Option("the number of classes", resume=MAY_CHANGE),
     "mean": Option("the normalization's mean", resume=MAY_CHANGE),
@@ -233,21 +243,26 @@ OPTIONS = {
                           derived="on where they apply", resume=MAY_CHANGE),
     "deterministic": Option("on a GPU: deterministic kernels only, so that two runs of one command "
                             "agree bitwise (slower); on the CPU runs are deterministic already",
-                            ("--deterministic",), form=TOGGLE, derived="off; a resume keeps its own",
+                            ("--deterministic",), form=TOGGLE,
+                            derived="off; a resume keeps its own",
                             resume=MAY_CHANGE, arithmetic=True, docs="speed.md#deterministic-runs"),
     "gpu": Option("accepted for the classic CLI; the device is chosen automatically", ("-gpu",),
                   form=SWITCH, default=False),
     "gate_images": Option("every K epochs, log EMA's spatial gates on fixed test images to "
                           "TensorBoard (0: off)", ("--gate-images",), at_least_0, metavar="K",
                           default=0, docs="#pictures"),
-    "run": Option("run folder name; a new run never reuses a folder holding a checkpoint or results",
-                  ("--run-name",), run_name, metavar="NAME", derived="the start time and the seed", resume=FOLDER),
-    "resume": Option("continue a run: alone, the newest run of -net/-att; or a last.pth or run folder",
-                     ("-resume", "--resume"), form=OPTIONAL_PATH, metavar="PATH", resume=WHERE,
-                     docs="#resuming"),
+    "run": Option(
+        "run folder name; a new run never reuses a folder holding a checkpoint or results",
+        ("--run-name",), run_name, metavar="NAME", derived="the start time and the seed",
+        resume=FOLDER),
+    "resume": Option(
+        "continue a run: alone, the newest run of -net/-att; or a last.pth or run folder",
+        ("-resume", "--resume"), form=OPTIONAL_PATH, metavar="PATH", resume=WHERE,
+        docs="#resuming"),
     "checkpoint_dir": Option("checkpoints root", ("--checkpoint-dir",), metavar="DIR",
                              default=settings.CHECKPOINT_DIR, resume=WHERE),
-    "log_dir": Option("TensorBoard root", ("--log-dir",), metavar="DIR", default=settings.LOG_DIR, resume=WHERE),
+    "log_dir": Option("TensorBoard root", ("--log-dir",), metavar="DIR", default=settings.LOG_DIR,
+                      resume=WHERE),
 }
 
 
@@ -265,7 +280,8 @@ def unclassified(names) -> list[str]:
 
 IDENTITY = [name for name, o in OPTIONS.items() if o.identity]
 NUMBERS = [name for name, o in OPTIONS.items() if o.number]
-PAPER_CONFIGURATION = {name: o.paper for name, o in OPTIONS.items() if o.identity and o.paper != ROW}
+PAPER_CONFIGURATION = {name: o.paper for name, o in OPTIONS.items() if o.identity
+                       and o.paper != ROW}
 ARITHMETIC_IDENTITY = [name for name, o in OPTIONS.items() if o.identity and o.arithmetic is True]
 FLAGS = [name for name, o in OPTIONS.items() if o.option]
 RESUMABLE_OVERRIDES = [name for name in FLAGS if OPTIONS[name].resume in (MAY_CHANGE, EXTENDS)]
@@ -303,7 +319,7 @@ def markdown_table() -> str:
         shown = {VALUE: f" {o.metavar}" if o.metavar else "", OPTIONAL_PATH: f" [{o.metavar}]"}
         flags = ", ".join(f"`{f}{shown.get(o.form, '')}`" for f in o.flags)
         meaning = o.help
-        if o.allowed():
+        if o.choices and not callable(o.choices):  # the registry's are in models/, and --help
             meaning += f": {', '.join(f'`{c}`' for c in o.allowed())}"
         if o.form == TOGGLE:
             meaning += f" (`--no-{o.flags[-1][2:]}` turns it off)"

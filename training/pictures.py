@@ -1,4 +1,5 @@
-"""Pictures of what a network looks at: Grad-CAM maps, EMA's spatial gates, and the grids that show them."""
+"""Pictures of what a network looks at: Grad-CAM maps, EMA's spatial gates, and the grids that show
+them."""
 import torch
 import torchvision
 from PIL import Image, ImageDraw
@@ -13,9 +14,11 @@ GAP = 8  # pixels between cells
 
 
 def colorize(maps: torch.Tensor) -> torch.Tensor:
-    """Maps in [0, 1], (..., H, W) -> RGB in [0, 1], (..., 3, H, W), with a jet-like colour scale."""
+    """Maps in [0, 1], (..., H, W) -> RGB in [0, 1], (..., 3, H, W), with a jet-like colour
+    scale."""
     levels = maps.unsqueeze(-3) * 4
-    centres = torch.tensor([3.0, 2.0, 1.0], device=maps.device).view(3, 1, 1)  # red, green, blue peaks
+    # red, green, blue peaks
+    centres = torch.tensor([3.0, 2.0, 1.0], device=maps.device).view(3, 1, 1)
     return (1.5 - (levels - centres).abs()).clamp(0, 1)
 
 
@@ -27,14 +30,16 @@ def unnormalize(images: torch.Tensor, recipe: dict) -> torch.Tensor:
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor):
-    """(maps in [0, 1] of the images' size (B, H, W), predicted classes (B,)) for an eval-mode model.
+    """(maps in [0, 1] of the images' size (B, H, W), predicted classes (B,)) for an eval-mode
+    model.
 
     Selvaraju et al., ICCV 2017: the last stage's feature maps, weighted by the spatial mean of the
-    predicted class's gradient with respect to them, summed, ReLU, upsampled to the image. The model's
-    hooks and parameter gradients are left as they were."""
+    predicted class's gradient with respect to them, summed, ReLU, upsampled to the image. The
+    model's hooks and parameter gradients are left as they were."""
     activation, gradient, predicted = last_stage_output_and_gradient(model, images)
     cam = (gradient.mean((2, 3), keepdim=True) * activation).sum(1, keepdim=True).relu()
-    cam = nn.functional.interpolate(cam, size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = nn.functional.interpolate(cam, size=images.shape[2:], mode="bilinear",
+                                    align_corners=False)[:, 0]
     low, high = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
     return (cam - low) / (high - low).clamp_min(1e-12), predicted
 
@@ -70,9 +75,11 @@ def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed) 
     for name, block in models.stage_ends(model).items():
         ema = next((m for m in block.modules() if isinstance(m, EMA)), None)
         if ema is not None:
-            store = lambda module, inputs, output, name=name: gates.__setitem__(name, module.spatial_gate(inputs[0]))
+            store = lambda module, inputs, output, name=name: gates.__setitem__(
+                name, module.spatial_gate(inputs[0]))
             handles.append(ema.register_forward_hook(store))
-    images = images.to(speed.device)  # a DataLoader's test images are on the CPU, the model may not be
+    # a DataLoader's test images are on the CPU, the model may not be
+    images = images.to(speed.device)
     was_training = model.training
     model.eval()
     try:
@@ -85,7 +92,8 @@ def ema_gate_grids(model: nn.Module, images: torch.Tensor, recipe: dict, speed) 
     pictures = unnormalize(images, recipe)
     grids = {}
     for name, gate in gates.items():
-        gate = nn.functional.interpolate(gate.float().mean(1, keepdim=True), size=images.shape[2:], mode="nearest")
+        gate = nn.functional.interpolate(gate.float().mean(1, keepdim=True), size=images.shape[2:],
+                                         mode="nearest")
         cells = torch.cat([pictures, colorize(gate[:, 0])], dim=3)  # image and gate side by side
         grids[name] = torchvision.utils.make_grid(cells, nrow=4, padding=2, pad_value=1)
     return grids
@@ -98,7 +106,8 @@ def to_pil(rgb: torch.Tensor) -> Image.Image:
     return image.resize((image.width * SCALE, image.height * SCALE), Image.NEAREST)
 
 
-def draw_grid(pictures: torch.Tensor, cams: torch.Tensor, captions: list, columns: int) -> Image.Image:
+def draw_grid(pictures: torch.Tensor, cams: torch.Tensor, captions: list,
+              columns: int) -> Image.Image:
     """A grid of cells [image | heat-map overlay] with two caption lines under each."""
     side = pictures.shape[-1] * SCALE
     cell_w, cell_h = 2 * side + GAP, side + CAPTION

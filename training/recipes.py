@@ -26,7 +26,8 @@ def build_model(args, recipe: dict, device: torch.device, memory_format, distrib
     if args.init_from and not args.resume:  # a resumed run loads its own weights
         target = f"this run's {args.net} + {args.att}"
         layout = checkpoints.load_weights_into(model, args.init_from, target)
-        notes.append(f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
+        notes.append(
+            f"weights from {args.init_from} ({layout}); optimizer and schedule start fresh")
     if args.sync_bn and distributed:
         # The same parameter names: checkpoints load anywhere.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -63,23 +64,31 @@ def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.o
     """The recipes' SGD. On CUDA the fused kernel updates every parameter in one launch, and takes
     fp16's overflow check from the gradient scaler without waiting for the GPU."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.MOMENTUM,
-                           weight_decay=settings.WEIGHT_DECAY, fused=True if device.type == "cuda" else None)
+                           weight_decay=settings.WEIGHT_DECAY,
+                           fused=True if device.type == "cuda" else None)
 
 
-def lr_schedule(optimizer, steps_per_epoch: int, warm_epochs: int, scaler) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(optimizer, steps_per_epoch: int, warm_epochs: int,
+                scaler) -> torch.optim.lr_scheduler.LambdaLR:
     """The recipes' schedule (lr_factor), stepped after every optimizer step."""
-    if scaler.is_enabled():  # fp16 skips the optimizer step on overflow; the LR schedule still advances
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, warm_epochs))
+    # fp16 skips the optimizer step on overflow; the LR schedule still advances
+    if scaler.is_enabled():
+        warnings.filterwarnings("ignore",
+                                message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                        r"`optimizer\.step\(\)`")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, warm_epochs))
 
 
 def lr_factor(step: int, steps_per_epoch: int, warm_epochs: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based): a linear warm-up over the first warm_epochs,
-    reaching 1 at its last step (the classic script's first step ran at LR 0), then x0.2 at each
-    milestone. Stepped per iteration; between milestones it equals MultiStepLR stepped per epoch."""
+    """LR multiplier at optimizer step `step` (0-based): a linear warm-up over the first
+    warm_epochs, reaching 1 at its last step (the classic script's first step ran at LR 0), then
+    x0.2 at each milestone. Stepped per iteration; between milestones it equals MultiStepLR stepped
+    per epoch."""
     warm_steps = warm_epochs * steps_per_epoch
     warm = (step + 1) / warm_steps if step < warm_steps else 1.0
-    return warm * settings.LR_DECAY ** bisect.bisect_right(settings.MILESTONES, step // steps_per_epoch)
+    return warm * settings.LR_DECAY ** bisect.bisect_right(
+        settings.MILESTONES, step // steps_per_epoch)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -90,6 +99,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
     """Seed everything an epoch draws from: the loader's generator, and the global generators that
-    torchvision's transforms use in the main process (DataLoader workers get seeds from `generator`)."""
+    torchvision's transforms use in the main process (DataLoader workers get seeds from
+    `generator`)."""
     torch.manual_seed(epoch_seed(seed, epoch))
     generator.manual_seed(epoch_seed(seed, epoch))

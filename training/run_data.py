@@ -50,13 +50,16 @@ def identity(kind: str, train_md5: str, test_md5: str) -> str:
 def checked_classes(kind: str, train: ImageArray, test: ImageArray) -> int:
     if train.classes != test.classes:
         only = sorted(set(train.classes) ^ set(test.classes)) or ["the same names in another order"]
-        raise UserError(f"--data {kind}: the training and test splits have different classes ({', '.join(only[:5])})")
+        raise UserError(
+            f"--data {kind}: the training and test splits have different classes "
+            f"({', '.join(only[:5])})")
     return len(train.classes)
 
 
 def normalization(kind: str, recipe: str, train: ImageArray) -> tuple[tuple, tuple]:
-    """(mean, std) per channel. CIFAR-100: the recipe's (the paper's recipe normalizes it with CIFAR-10's
-    statistics, as its authors' script does); CIFAR-10: its own; a folder: its training images'."""
+    """(mean, std) per channel. CIFAR-100: the recipe's (the paper's recipe normalizes it with
+    CIFAR-10's statistics, as its authors' script does); CIFAR-10: its own; a folder: its training
+    images'."""
     if kind == "cifar100":
         return tuple(settings.RECIPES[recipe]["mean"]), tuple(settings.RECIPES[recipe]["std"])
     if kind == "cifar10":
@@ -80,15 +83,16 @@ def normalization_of(saved: dict) -> tuple[tuple, tuple]:
 
 def validation_split(targets: list, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices trained on, indices held out): n images, stratified by class (each class gives its
-    share, rounded by largest remainder so that the shares add up to n), drawn with VAL_SEED; both in
-    their original order. The same for every run with the same n and data."""
+    share, rounded by largest remainder so that the shares add up to n), drawn with VAL_SEED; both
+    in their original order. The same for every run with the same n and data."""
     targets = np.asarray(targets)
     classes, counts = np.unique(targets, return_counts=True)
     exact = counts * n / len(targets)
     shares = np.floor(exact).astype(int)
     shares[np.argsort(-(exact - shares), kind="stable")[:n - shares.sum()]] += 1
     rng = np.random.default_rng(VAL_SEED)
-    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share] for c, share in zip(classes, shares)])
+    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share] for c,
+                           share in zip(classes, shares)])
     mask = np.zeros(len(targets), dtype=bool)
     mask[held] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
@@ -171,14 +175,17 @@ def trained_on(saved: dict, data=None) -> ImageArray:
     test_set = open_split(kind, root, train=False)
     trained = saved.get("classes") or settings.NUM_CLASSES
     if len(test_set.classes) != trained:  # the model could not even score its labels
-        raise UserError(f"{root} holds {len(test_set.classes)} classes; the checkpoint was trained on {trained}")
+        raise UserError(f"{root} holds {len(test_set.classes)} classes; the checkpoint was trained "
+                        f"on {trained}")
     recorded = saved.get("dataset")
     if recorded:
         if kind in FORMATS:
             train_md5 = cifar.files_md5(Path(root), FORMATS[kind], "train")
         else:  # a folder holding test/ alone is evaluated without this check
-            train_md5 = open_split(kind, root, train=True).md5 if (Path(root) / "train").is_dir() else None
+            train_md5 = open_split(kind, root,
+                                   train=True).md5 if (Path(root) / "train").is_dir() else None
         found = train_md5 and identity(kind, train_md5, test_set.md5)
         if found and found != recorded:
-            print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}", file=sys.stderr)
+            print(f"warning: {root} holds {found}, but the checkpoint was trained on {recorded}",
+                  file=sys.stderr)
     return test_set

@@ -32,30 +32,37 @@ except ImportError:  # Windows
 
 
 def folder_of(args) -> Path:
-    """The run's folder: a resumed run's own (wherever it was copied), a new one's under --checkpoint-dir."""
+    """The run's folder: a resumed run's own (wherever it was copied), a new one's under
+    --checkpoint-dir."""
     if args.resume:
         return Path(args.resume).parent
     return Path(args.checkpoint_dir) / f"{args.net}_{args.att}" / args.run
 
 
 def finished_already(args, epoch: int, step: int, steps: int, main: bool) -> bool:
-    """Whether a resumed run has done its --epochs (then says so); a UserError when it stopped inside
-    an epoch beyond them."""
+    """Whether a resumed run has done its --epochs (then says so); a UserError when it stopped
+    inside an epoch beyond them."""
     if step and epoch >= args.epochs:
-        raise UserError(f"{args.resume} stopped in epoch {epoch + 1} (step {step} of {steps}): give --epochs "
-                        f"{epoch + 1} or more")
+        raise UserError(
+            f"{args.resume} stopped in epoch {epoch + 1} (step {step} of {steps}): give --epochs "
+            f"{epoch + 1} or more")
     if epoch >= args.epochs and main:
-        print(f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to continue")
+        print(
+            f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to "
+            "continue")
     return epoch >= args.epochs
 
 
-def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epoch: int, totals_device, main: bool):
+def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epoch: int,
+            totals_device, main: bool):
     """Load a checkpoint of this repo into the run's objects; (epoch, step, best, history, running
     totals). A UserError when it cannot have come from this script for this model."""
     if checkpoint.get("format") not in checkpoints.READABLE_FORMATS:
         raise UserError(f"{args.resume} has checkpoint format {checkpoint.get('format')}, "
-                        f"this script reads formats {', '.join(map(str, checkpoints.READABLE_FORMATS))}")
-    kernels = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
+                        "this script reads formats "
+                        f"{', '.join(map(str, checkpoints.READABLE_FORMATS))}")
+    kernels = [{key: group[key] for key in ("fused", "foreach")}
+               for group in optimizer.param_groups]
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -69,11 +76,13 @@ def restore(checkpoint, args, model, optimizer, scheduler, scaler, steps_per_epo
         raise UserError(f"{args.resume} is incomplete or does not fit {args.net} + {args.att}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if checkpoint["step"] >= steps_per_epoch:
-        raise UserError(f"{args.resume} stopped at step {checkpoint['step']} of its epoch, but this data gives "
-                        f"{steps_per_epoch} steps per epoch: resume with the data it was trained on")
+        raise UserError(
+            f"{args.resume} stopped at step {checkpoint['step']} of its epoch, but this data gives "
+            f"{steps_per_epoch} steps per epoch: resume with the data it was trained on")
     for group, kernel in zip(optimizer.param_groups, kernels):
         group.update(kernel)  # which SGD kernel runs is this device's choice, not the checkpoint's
-    return checkpoint["epoch"], checkpoint["step"], checkpoint["best"], checkpoint["history"], totals
+    state = checkpoint["epoch"], checkpoint["step"], checkpoint["best"], checkpoint["history"]
+    return (*state, totals)
 
 
 # ---------------------------------------------------------------- the folder
@@ -90,7 +99,8 @@ class RunFolder:
         """Open the run's folders; `resumed_epoch`: the epoch a resumed run's checkpoint holds, None
         for a new run."""
         self.ckpt_dir = ckpt_dir
-        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / event_log.log_name(ckpt_dir, args)
+        log_name = event_log.log_name(ckpt_dir, args)
+        self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / log_name
         self.active, self.writer, self.lock, self.log_lock = active, None, None, None
         self.logged = set()  # (tag, epoch) of the scalars in the event files
         if not active:
@@ -126,7 +136,8 @@ class RunFolder:
     def _lock(self) -> None:
         """The run folder's lock, and the log folder's, which a copied run folder could share."""
         self.lock = RunLock(self.ckpt_dir)
-        if self.log_dir.resolve() == self.ckpt_dir.resolve():  # --log-dir the same as --checkpoint-dir
+        # --log-dir the same as --checkpoint-dir
+        if self.log_dir.resolve() == self.ckpt_dir.resolve():
             return
         try:
             self.log_lock = RunLock(self.log_dir)
@@ -138,7 +149,8 @@ class RunFolder:
         """The log folder's .owner: which run writes there (training/event_log.py)."""
         owner = {"run_id": args.run_id, "folder": str(self.ckpt_dir.resolve()),
                  "logs": str(self.log_dir.resolve())}
-        utils.write_atomic(self.log_dir / event_log.OWNER, lambda f: f.write(json.dumps(owner) + "\n"),
+        utils.write_atomic(self.log_dir / event_log.OWNER,
+                           lambda f: f.write(json.dumps(owner) + "\n"),
                            text=True)
 
     def _open_log(self) -> None:
@@ -149,8 +161,9 @@ class RunFolder:
             self._stop_logging(e)
 
     def _log(self, write) -> None:
-        """A TensorBoard write. A log that cannot be written (a full disk) stops the logging with one
-        warning, not the run: checkpoints and metrics.csv go on, and a resume logs the missing epochs."""
+        """A TensorBoard write. A log that cannot be written (a full disk) stops the logging with
+        one warning, not the run: checkpoints and metrics.csv go on, and a resume logs the missing
+        epochs."""
         if not self.writer:
             return
         try:
@@ -163,27 +176,32 @@ class RunFolder:
 
     def _stop_logging(self, error: OSError) -> None:
         why = utils.why_not_written(error, self.log_dir / "events", self.log_dir / "events")
-        self.print(f"warning: the TensorBoard log cannot be written: {why}. Training goes on without it "
-                   f"(checkpoints and metrics.csv are written); a resume logs the missing epochs")
+        self.print(
+            f"warning: the TensorBoard log cannot be written: {why}. Training goes on without it "
+            f"(checkpoints and metrics.csv are written); a resume logs the missing epochs")
 
     def _claim_new_run(self):
         """A new run never writes over a run that saved a checkpoint. What an earlier attempt logged
         before its first checkpoint (it was killed) would show twice in TensorBoard: it goes."""
         if (self.ckpt_dir / "last.pth").exists():
             self.close()
-            raise UserError(f"{self.ckpt_dir} already holds a run: continue it with --resume {self.ckpt_dir}, "
-                            f"or choose another --run-name")
-        results = sorted(name for name in ("best.pth", "metrics.csv") if (self.ckpt_dir / name).exists())
+            raise UserError(
+                f"{self.ckpt_dir} already holds a run: continue it with --resume {self.ckpt_dir}, "
+                f"or choose another --run-name")
+        results = sorted(name for name in ("best.pth", "metrics.csv")
+                         if (self.ckpt_dir / name).exists())
         if results:  # its last.pth deleted (to save disk, say), its results kept
             self.close()
-            raise UserError(f"{self.ckpt_dir} already holds a run's results ({', '.join(results)}): choose "
-                            f"another --run-name")
+            raise UserError(
+                f"{self.ckpt_dir} already holds a run's results ({', '.join(results)}): choose "
+                f"another --run-name")
         stale = list(self.log_dir.glob("events.out.tfevents.*"))
         for events in stale:
             events.unlink()
         if stale:
-            self.print(f"removed {len(stale)} TensorBoard file(s) of an earlier attempt that saved no checkpoint "
-                       f"from {self.log_dir}")
+            self.print(
+                f"removed {len(stale)} TensorBoard file(s) of an earlier attempt that saved no "
+                f"checkpoint from {self.log_dir}")
 
     def print(self, *lines):
         if self.active:
@@ -191,15 +209,19 @@ class RunFolder:
 
     def announce(self, args, n_params: int, n_images: int, speed, processes, resumed_at) -> None:
         """What is trained where, and (resumed_at: epoch, step, steps per epoch) from where."""
-        launch = f"{processes.world} processes, global batch {processes.world * args.b}" if processes.enabled else f"batch {args.b}"
+        launch = f"batch {args.b}"
+        if processes.enabled:
+            launch = f"{processes.world} processes, global batch {processes.world * args.b}"
         stages = f" in stages {args.att_stages}" if args.att_stages else ""
-        self.print(f"{args.net} + {args.att}{stages} ({n_params:,} parameters), recipe {args.recipe}, {args.epochs} "
-                   f"epoch{'s' if args.epochs != 1 else ''}, {launch}, {n_images:,} training "
-                   f"image{'s' if n_images != 1 else ''}, on {speed.device} ({speed.describe()}); "
-                   f"checkpoints in {self.ckpt_dir}, logs in {self.log_dir}")
+        self.print(
+            f"{args.net} + {args.att}{stages} ({n_params:,} parameters), recipe {args.recipe}, "
+            f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {launch}, {n_images:,} "
+            f"training image{'s' if n_images != 1 else ''}, on {speed.device} "
+            f"({speed.describe()}); checkpoints in {self.ckpt_dir}, logs in {self.log_dir}")
         epoch, step, steps = resumed_at
         if epoch or step:
-            self.print(f"resuming {args.resume}: epoch {epoch + 1}/{args.epochs}, step {step}/{steps}")
+            self.print(
+                f"resuming {args.resume}: epoch {epoch + 1}/{args.epochs}, step {step}/{steps}")
 
     def graph(self, model, images):
         if not self.active:
@@ -207,7 +229,8 @@ class RunFolder:
         # TensorBoard's graph view needs jit.trace, now deprecated, whose tracer warns about shape
         # checks inside GroupNorm: neither concerns training, so both stay quiet here.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace",
+                                    category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             self._log(lambda writer: writer.add_graph(model, images))
         # The tracer leaves reference cycles that hold the model and its check-run outputs (device
@@ -215,9 +238,9 @@ class RunFolder:
         gc.collect()
 
     def log_epoch(self, history):
-        """The epochs' scalars not yet in the log to TensorBoard (the newest epoch's; on resume, those
-        a full disk kept out): before the epoch's checkpoint (a resume from the one before forgets
-        them, and logs them again)."""
+        """The epochs' scalars not yet in the log to TensorBoard (the newest epoch's; on resume,
+        those a full disk kept out): before the epoch's checkpoint (a resume from the one before
+        forgets them, and logs them again)."""
         missing = [(tag, row[key], row["epoch"]) for row in history for tag, key in self.TAGS
                    if key in row and (tag, row["epoch"]) not in self.logged]
         if not self.active or not missing:
@@ -232,7 +255,8 @@ class RunFolder:
         self._log(write)
 
     def write_metrics(self, history):
-        """metrics.csv: after the epoch's checkpoint, so that it never lists an epoch no checkpoint holds."""
+        """metrics.csv: after the epoch's checkpoint, so that it never lists an epoch no checkpoint
+        holds."""
         if not self.active or not history:
             return
         row = history[-1]
@@ -255,20 +279,27 @@ class RunFolder:
             utils.save_atomic(state, self.ckpt_dir / name)
 
     def print_epoch(self, row: dict, epochs: int, is_best: bool) -> None:
-        val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}" if "val_top1" in row else ""
-        self.print(f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-                   f"top-1 {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f} "
-                   f"top-5 {row['test_top5']:.2f}{val}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
+        val = ""
+        if "val_top1" in row:
+            val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}"
+        self.print(
+            f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train loss "
+            f"{row['train_loss']:.4f} top-1 {row['train_top1']:.2f}  test loss "
+            f"{row['test_loss']:.4f} top-1 {row['test_top1']:.2f} top-5 "
+            f"{row['test_top5']:.2f}{val}  {row['seconds']:.0f}s" + ("  *best" if is_best else ""))
 
     def finish(self, args, final, best, minutes: float):
         """The run's final numbers: printed, and to TensorBoard (its hyper-parameters view)."""
         picked = "on the validation split" if args.val else "on the test set"
-        self.print(f"done in {minutes:.1f} min. final (epoch {final['epoch']}): top-1 {final['test_top1']:.2f} top-5 "
-                   f"{final['test_top5']:.2f}; best (epoch {best['epoch']}, picked {picked}): test top-1 "
-                   f"{best['top1']:.2f} top-5 {best['top5']:.2f}")
+        self.print(
+            f"done in {minutes:.1f} min. final (epoch {final['epoch']}): top-1 "
+            f"{final['test_top1']:.2f} top-5 {final['test_top5']:.2f}; best (epoch "
+            f"{best['epoch']}, picked {picked}): test top-1 {best['top1']:.2f} top-5 "
+            f"{best['top5']:.2f}")
         if not self.active:
             return
-        hparam_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        hparam_dict = {k: v for k,
+                       v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         metrics = {"hparam/final_top1": final["test_top1"], "hparam/final_top5": final["test_top5"],
                    "hparam/best_top1": best["top1"]}
 
@@ -305,8 +336,9 @@ class RunLock:
             self.file.seek(0)
             owner = self.file.read().strip() or "?"
             self.file.close()
-            raise UserError(f"{folder} is in use by another training (process {owner}); wait for it to end, "
-                            f"or use another --run-name") from None
+            raise UserError(
+                f"{folder} is in use by another training (process {owner}); wait for it to end, "
+                f"or use another --run-name") from None
         try:
             self.file.seek(0)
             self.file.truncate()
@@ -314,7 +346,9 @@ class RunLock:
             self.file.flush()
         except OSError as e:  # a full disk
             self.file.close()
-            raise UserError(f"cannot write {folder / '.lock'}: {utils.why_not_written(e, folder / '.lock', folder / '.lock')}") from None
+            raise UserError(
+                f"cannot write {folder / '.lock'}: "
+                f"{utils.why_not_written(e, folder / '.lock', folder / '.lock')}") from None
 
     def release(self) -> None:
         self.file.close()
@@ -334,7 +368,8 @@ def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:
         return
     if (checkpoint["epoch"], checkpoint["step"]) == (best["epoch"], 0):
         folder.save("best.pth", checkpoint)
-        folder.print(f"rebuilt {path} from last.pth: it held epoch {held}, the best is epoch {best['epoch']}")
+        folder.print(f"rebuilt {path} from last.pth: it held epoch {held}, the best is epoch "
+                     f"{best['epoch']}")
     else:
         folder.print(f"warning: {path} holds epoch {held} but the best is epoch {best['epoch']}, "
                      f"which no checkpoint holds any more; best.pth is stale")

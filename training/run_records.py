@@ -1,10 +1,10 @@
 """A run folder's records read back, torch-free: its arguments (args.json), its metrics.csv, and its
 identity, for table.py (the table) and reproduce.py (what is done).
 
-A run's identity is every value that changes its result: the identity options of training/options.py,
-older runs' missing keys filled in with what they stood for, and any args.json key that the options
-table does not classify (the safe default: such a run is never averaged with one that lacks the key).
-Seeds are averaged only within one identity.
+A run's identity is every value that changes its result: the identity options of
+training/options.py, older runs' missing keys filled in with what they stood for, and any args.json
+key that the options table does not classify (the safe default: such a run is never averaged with
+one that lacks the key). Seeds are averaged only within one identity.
 """
 import csv
 import json
@@ -21,11 +21,13 @@ from training.options import OPTIONS, REQUIRED
 
 # The identity options, then the unclassified keys as sorted (key, value) pairs.
 Identity = namedtuple("Identity", [*run_options.IDENTITY, "unclassified"])
-RECORDED_DATASET = re.compile(r"cifar-100|cifar-10|(custom|folder)-[0-9a-f]{8}")  # what the trainer writes as "dataset"
+# what the trainer writes as "dataset"
+RECORDED_DATASET = re.compile(r"cifar-100|cifar-10|(custom|folder)-[0-9a-f]{8}")
 
 
 def paper_configuration(recipe: str) -> dict:
-    """The paper's value of every identity key that a row does not name itself (docs/reference.md section 3)."""
+    """The paper's value of every identity key that a row does not name itself (docs/reference.md
+    section 3)."""
     return {key: run_options.value(paper, {"recipe": recipe})
             for key, paper in run_options.PAPER_CONFIGURATION.items()} | {"unclassified": ()}
 
@@ -33,22 +35,24 @@ def paper_configuration(recipe: str) -> dict:
 def differences(identity: Identity) -> dict:
     """The identity's values that are not the paper's; the unclassified keys, each by itself."""
     paper = paper_configuration(identity.recipe)
-    different = {key: getattr(identity, key) for key in paper if getattr(identity, key) != paper[key]}
+    different = {key: getattr(identity,
+                              key) for key in paper if getattr(identity, key) != paper[key]}
     different.pop("unclassified", None)
     return different | dict(identity.unclassified)
 
 
 def in_paper_rows(identity: Identity) -> bool:
-    """Whether runs of this identity belong in the paper's rows. What changes the arithmetic, not the
-    recipe (run_options' arithmetic column: precision, synchronised BatchNorm, the split of the global
-    batch of 128 over processes) may differ; a run from before the trainer recorded its dataset (a
-    --data path instead) is taken for CIFAR-100. An unclassified key never belongs."""
+    """Whether runs of this identity belong in the paper's rows. What changes the arithmetic, not
+    the recipe (run_options' arithmetic column: precision, synchronised BatchNorm, the split of the
+    global batch of 128 over processes) may differ; a run from before the trainer recorded its
+    dataset (a --data path instead) is taken for CIFAR-100. An unclassified key never belongs."""
     different = differences(identity)
     if identity.b * identity.world != settings.BATCH_SIZE:
         return False
     if "dataset" in different and RECORDED_DATASET.fullmatch(str(different["dataset"])):
         return False
-    return not identity.unclassified and different.keys() <= {*run_options.ARITHMETIC_IDENTITY, "dataset"}
+    return not identity.unclassified and different.keys() <= {
+        *run_options.ARITHMETIC_IDENTITY, "dataset"}
 
 
 def label(identity: Identity) -> str:
@@ -72,7 +76,8 @@ class Run:
     identity: Identity
     seed: int
     rows: list  # metrics.csv, one dict of floats per epoch
-    mtime: float  # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
+    # of metrics.csv: of two finished runs with one identity and seed, the newer one counts
+    mtime: float
     classes: int = settings.NUM_CLASSES  # recorded by the trainer since --dataset
 
     @property
@@ -85,7 +90,8 @@ class Run:
 
     @property
     def best(self) -> dict:
-        """The first epoch with the highest validation top-1 (--val), else test top-1 (the paper's way)."""
+        """The first epoch with the highest validation top-1 (--val), else test top-1 (the paper's
+        way)."""
         return max(self.rows, key=lambda r: r["val_top1" if "val_top1" in r else "test_top1"])
 
 
@@ -124,16 +130,20 @@ def run_identity(args: dict) -> Identity:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a number")
     for key, value in values.items():
-        if isinstance(value, (list, dict)):  # a row is found by its identity, so every value must be hashable
+        # a row is found by its identity, so every value must be hashable
+        if isinstance(value, (list, dict)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
-    # A list or a dict (an option with several values) as its JSON text: a row is found by its identity.
-    unclassified = tuple((key, json.dumps(args[key], sort_keys=True) if isinstance(args[key], (list, dict))
+    # A list or a dict (an option with several values) as its JSON text: a row is found by its
+    # identity.
+    unclassified = tuple((key, json.dumps(args[key],
+                                          sort_keys=True) if isinstance(args[key], (list, dict))
                           else args[key]) for key in sorted(run_options.unclassified(args)))
     return Identity(**values, unclassified=unclassified)
 
 
 def number(text, where: str) -> float:
-    """A finite float, or UnreadableRun naming `where` (a NaN or an infinity has no place in a mean)."""
+    """A finite float, or UnreadableRun naming `where` (a NaN or an infinity has no place in a
+    mean)."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -151,7 +161,8 @@ def read_metrics(path: Path) -> list:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            columns, lines = reader.fieldnames, list(reader)  # fieldnames reads the header: not after closing
+            # fieldnames reads the header: not after closing
+            columns, lines = reader.fieldnames, list(reader)
     except (OSError, ValueError, csv.Error) as e:  # ValueError: not text
         raise UnreadableRun(f"cannot read metrics.csv ({e})") from None
     if columns is None:
@@ -164,8 +175,10 @@ def read_metrics(path: Path) -> list:
     rows = []
     for n, line in enumerate(lines, 1):
         if None in line or None in line.values():  # more or fewer values than columns
-            raise UnreadableRun(f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
-        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key, text in line.items()})
+            raise UnreadableRun(
+                f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
+        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key,
+                     text in line.items()})
     epochs = [row.get("epoch") for row in rows]
     if epochs != list(range(1, len(rows) + 1)):  # each row read by its epoch number
         shown = ", ".join(f"{e:g}" for e in epochs)
@@ -179,15 +192,16 @@ def data_format(args: dict) -> str:
 
 
 def read_run(folder: Path, args: dict = None) -> Run:
-    """The run in `folder` (whose args.json, `args`, the caller may have read); UnreadableRun says why
-    it cannot be used."""
+    """The run in `folder` (whose args.json, `args`, the caller may have read); UnreadableRun says
+    why it cannot be used."""
     args = run_args(folder) if args is None else args
     identity = run_identity(args)
     metrics = folder / "metrics.csv"
     classes = args.get("classes") or settings.NUM_CLASSES
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
         raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes")
-    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime, classes)
+    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime,
+               classes)
 
 
 def read_runs(checkpoint_dir: Path) -> list[Run]:

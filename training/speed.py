@@ -26,7 +26,8 @@ COMPILE_OPTIONS = {"dynamic": False}
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated,
+    slower."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -48,7 +49,8 @@ class SpeedSettings:
     deterministic: bool = False  # on CUDA: deterministic kernels only (--deterministic)
 
     @classmethod
-    def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None, cuda_graphs=None,
+    def resolve(cls, device, amp=None, channels_last=None, compile=None, attention=None,
+                cuda_graphs=None,
                 processes: int = 1, deterministic: bool = False) -> "SpeedSettings":
         """Fill unset options with the defaults for the device and the attention module, chosen from
         benchmark.py's GPU run (docs/speed.md). CUDA graphs only where they apply (see
@@ -62,8 +64,8 @@ class SpeedSettings:
             else:
                 amp = "bf16" if native_cpu_bf16() else "off"
         # NHWC is the layout cuDNN's tensor-core convolutions want: without it every convolution
-        # transposes its input and output. Not with the modules in CONTIGUOUS_FASTER, nor on the CPU,
-        # where it measured slower.
+        # transposes its input and output. Not with the modules in CONTIGUOUS_FASTER, nor on the
+        # CPU, where it measured slower.
         if channels_last is None:
             channels_last = cuda and attention not in CONTIGUOUS_FASTER
         # Eager PyTorch launches a kernel per operation, ~2,400 per ResNet50 + EMA step: the GPU
@@ -71,14 +73,15 @@ class SpeedSettings:
         compile = cuda if compile is None else compile
         # A compiled step still launches its kernels one by one from Python, and the GPU waited on
         # the CPU; a CUDA graph replays all of a forward's (or backward's) kernels with one launch.
-        cuda_graphs = cuda_graphs is not False and cuda_graphs_obstacle(device, compile, processes) is None
+        cuda_graphs = cuda_graphs is not False and cuda_graphs_obstacle(
+            device, compile, processes) is None
         return cls(device, amp, channels_last, compile, cuda_graphs, deterministic)
 
     def enable_fast_kernels(self) -> None:
         """cuDNN picks the fastest convolution algorithm per shape on first use (EMA's grouped
         convolutions have unusual shapes); the choice is not bitwise reproducible across runs. With
-        `deterministic`, cuDNN's deterministic algorithms and PyTorch's deterministic kernels only (an
-        operation that has none raises), and the cuBLAS workspace setting that makes its matrix
+        `deterministic`, cuDNN's deterministic algorithms and PyTorch's deterministic kernels only
+        (an operation that has none raises), and the cuBLAS workspace setting that makes its matrix
         products deterministic; before the first one, which reads it."""
         if self.device.type == "cuda":
             if self.deterministic:
@@ -92,7 +95,8 @@ class SpeedSettings:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images.to(self.device,
+                         non_blocking=True).contiguous(memory_format=self.memory_format)
 
     @property
     def amp_dtype(self):
@@ -100,7 +104,8 @@ class SpeedSettings:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
     def grad_scaler(self):
         # fp16's narrow range needs the loss scaled up so that small gradients do not flush to zero.
@@ -109,7 +114,8 @@ class SpeedSettings:
     def compiled(self, model: nn.Module) -> nn.Module:
         if not self.compile:
             return model
-        return torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None, **COMPILE_OPTIONS)
+        return torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None,
+                             **COMPILE_OPTIONS)
 
     def describe(self) -> str:
         """For the logs: e.g. 'bf16, contiguous, compiled + CUDA graphs'."""
@@ -180,7 +186,8 @@ class HostSyncCounter(TorchFunctionMode):
 
 
 def graph_breaks(model: nn.Module, images: torch.Tensor, speed: SpeedSettings):
-    """(graphs, graph breaks, first break reason) that torch.compile makes of the training forward."""
+    """(graphs, graph breaks, first break reason) that torch.compile makes of the training
+    forward."""
     model.train()
     with speed.autocast():
         explanation = torch._dynamo.explain(model)(images)

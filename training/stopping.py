@@ -1,6 +1,6 @@
-"""Stop requests: Ctrl-C, SIGTERM (a kill, a scheduler's time limit) and SIGHUP (a closed terminal or
-SSH session), from the script's first line to its last, through one handler whose answer depends on
-how far the run has come:
+"""Stop requests: Ctrl-C, SIGTERM (a kill, a scheduler's time limit) and SIGHUP (a closed terminal
+or SSH session), from the script's first line to its last, through one handler whose answer depends
+on how far the run has come:
 
     LOADING    torch is still importing (seconds): one line and exit 128 + the signal at once, with
                os._exit, because an exception raised inside a native module's initialisation can
@@ -11,7 +11,8 @@ how far the run has come:
                under torchrun), saves a checkpoint and stops; a second signal raises Interrupted.
 
 A signal ignored when the process started stays ignored: under nohup a closed session does not stop
-the run, nor Ctrl-C a job started with &. Torch-free, so that it can be installed before torch loads.
+the run, nor Ctrl-C a job started with &. Torch-free, so that it can be installed before torch
+loads.
 """
 import contextlib
 import os
@@ -72,7 +73,8 @@ class StopSignals:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.phase == LOADING:
-            print(f"{name}: stopped while loading; nothing was written", file=sys.stderr, flush=True)
+            print(f"{name}: stopped while loading; nothing was written", file=sys.stderr,
+                  flush=True)
             os._exit(128 + signum)
         if self.phase == STARTING or self.signal is not None:
             raise Interrupted(signum)

@@ -4,12 +4,12 @@ Ouyang et al., "Efficient Multi-Scale Attention Module with Cross-Spatial Learni
 Authors' code: github.com/YOLOonMe/EMA-attention-module. The function is the seven steps of
 docs/reference.md, 2.2 EMA. Two classes compute it, with the same parameters and state dict:
 
-- EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes, computing
-  only what the output uses (the 3x3 branch's map is never made: its two uses come from x by
-  algebra), or (option `fused`, not in the paper) the whole module in one Triton kernel each way
-  (ema_fused.py);
-- FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, the k -> k
-  3x3 convolution, two matmuls), the reference for the tests and the benchmark, and what params.py
+- EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes,
+  computing only what the output uses (the 3x3 branch's map is never made: its two uses come from
+  x by algebra), or (option `fused`, not in the paper) the whole module in one Triton kernel each
+  way (ema_fused.py);
+- FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, the k ->
+  k 3x3 convolution, two matmuls), the reference for the tests and the benchmark, and what params.py
   counts FLOPs of.
 
 This file can be copied alone into another project (ema_fused.py is optional): `EMA(channels)` is
@@ -37,15 +37,16 @@ class EMA(nn.Module):
     """Channels are split into ``factor`` groups of k = channels / factor that share one set of
     weights: 10k^2 + 4k parameters. Each group gets one spatial gate, shared by its k channels.
 
-    The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W), a reshape that copies
-    a channels_last tensor. Here every step keeps the input's layout: a sum over a group's k channels
-    is a view (B, G, k, ...), and the shared weights act on it by products with their matrices.
+    The authors fold the groups into the batch, (B, C, H, W) -> (B*G, k, H, W), a reshape that
+    copies a channels_last tensor. Here every step keeps the input's layout: a sum over a group's k
+    channels is a view (B, G, k, ...), and the shared weights act on it by products with their
+    matrices.
 
     ``fused`` (not in the paper) picks how it is computed, never what: the same parameters, state
-    dict and function either way. None: the fused kernels where they apply (on CUDA with Triton, maps
-    they hold, and only once ema_fused.ON_CUDA_BY_DEFAULT says a GPU has checked them), else PyTorch;
-    True: the kernels, or a ValueError saying why not (on the CPU they need TRITON_INTERPRET=1);
-    False: PyTorch.
+    dict and function either way. None: the fused kernels where they apply (on CUDA with Triton,
+    maps they hold, and only once ema_fused.ON_CUDA_BY_DEFAULT says a GPU has checked them), else
+    PyTorch; True: the kernels, or a ValueError saying why not (on the CPU they need
+    TRITON_INTERPRET=1); False: PyTorch.
     """
 
     def __init__(self, channels: int, factor: int = 32, fused=None, *, device=None, dtype=None):
@@ -66,15 +67,19 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(k, k, kernel_size=3, padding=1, **factory)
 
     def forward(self, x: torch.Tensor, gate_only: bool = False) -> torch.Tensor:
-        """The paper's steps (docs/reference.md, 2.2 EMA) on x (B, C, H, W); with gate_only, step 7's
-        gate instead, (B, G, H, W) (spatial_gate)."""
+        """The paper's steps (docs/reference.md, 2.2 EMA) on x (B, C, H, W); with gate_only, step
+        7's gate instead, (B, G, H, W) (spatial_gate)."""
         if not gate_only and self.takes_fused_path(x):  # one kernel reads x and writes the output
-            return ema_fused.ema_fused(x, self.conv1x1.weight, self.conv1x1.bias, self.gn.weight, self.gn.bias,
-                                       self.conv3x3.weight, self.conv3x3.bias, self.groups, self.gn.eps)
+            return ema_fused.ema_fused(x, self.conv1x1.weight, self.conv1x1.bias, self.gn.weight,
+                                       self.gn.bias,
+                                       self.conv3x3.weight, self.conv3x3.bias, self.groups,
+                                       self.gn.eps)
         h, w = x.shape[2:]
-        g = self.groups  # 1. Groups: left in place (see the class docstring), not folded into the batch.
-        # 2. Strip pooling: the mean along each axis, the W strip laid beside the H strip, so that one
-        # shared 1x1 convolution (a product with its k x k matrix) serves both; a sigmoid gate per strip.
+        # 1. Groups: left in place (see the class docstring), not folded into the batch.
+        g = self.groups
+        # 2. Strip pooling: the mean along each axis, the W strip laid beside the H strip, so that
+        # one shared 1x1 convolution (a product with its k x k matrix) serves both; a sigmoid gate
+        # per strip.
         row_means = x.mean(3)  # (B, C, H)
         strips = torch.cat([row_means, x.mean(2)], dim=2).unflatten(1, (g, -1))  # (B, G, k, H + W)
         mixed = self.conv1x1.weight[:, :, 0, 0] @ strips + self.conv1x1.bias[:, None]
@@ -82,25 +87,31 @@ class EMA(nn.Module):
         # 3. 1x1 branch: x gated along both axes, each channel's map normalised by the GroupNorm.
         # torch.group_norm, not F.group_norm: the latter refuses a batch of one 1x1 map, which the
         # authors' folded input passes.
-        x1 = torch.group_norm(x * gate_h[..., None] * gate_w[:, :, None], x.shape[1], self.gn.weight.repeat(g),
+        x1 = torch.group_norm(x * gate_h[..., None] * gate_w[:, :, None], x.shape[1],
+                              self.gn.weight.repeat(g),
                               self.gn.bias.repeat(g), self.gn.eps)
-        # 4. 3x3 branch, x2 = conv3x3(x): never made. Steps 5 and 6 use it only through sums that are
-        # linear in it, each taken from x directly (docs/reference.md, 2.2 EMA).
+        # 4. 3x3 branch, x2 = conv3x3(x): never made. Steps 5 and 6 use it only through sums that
+        # are linear in it, each taken from x directly (docs/reference.md, 2.2 EMA).
         w3, b3 = self.conv3x3.weight, self.conv3x3.bias
-        # 5. Channel descriptors: softmax over a group's k channels of each branch's global mean. Every
-        # map of x1 has mean exactly its GroupNorm bias (one channel per group), so a1 = softmax(bias).
-        # x2's map mean is b3 plus W3 applied to the sums of x over the window each tap reads.
+        # 5. Channel descriptors: softmax over a group's k channels of each branch's global mean.
+        # Every map of x1 has mean exactly its GroupNorm bias (one channel per group), so a1 =
+        # softmax(bias). x2's map mean is b3 plus W3 applied to the sums of x over the window each
+        # tap reads.
         a1 = self.gn.bias.softmax(0)
-        x2_means = torch.einsum("bgcij,ocij->bgo", window_sums(x, row_means * w).unflatten(1, (g, -1)), w3)
+        x2_means = torch.einsum("bgcij,ocij->bgo",
+                                window_sums(x, row_means * w).unflatten(1, (g, -1)), w3)
         a2 = (x2_means / (h * w) + b3).softmax(-1)
-        # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, summed over
-        # a group's k channels. a1ᵀ·x2 is x convolved with the one filter a1ᵀ·W3 (k -> 1), plus a1·b3.
-        # (TorchScript cannot save a Python Function: traced, autograd's own backward of the same sums.)
+        # 6. Cross-spatial learning: each branch's descriptor weights the other branch's map, summed
+        # over a group's k channels. a1ᵀ·x2 is x convolved with the one filter a1ᵀ·W3 (k -> 1), plus
+        # a1·b3. (TorchScript cannot save a Python Function: traced, autograd's own backward of the
+        # same sums.)
         filtered = tap_sums if torch.jit.is_tracing() else SharedFilter.apply
         a1_x2 = filtered(x.unflatten(1, (g, -1)), torch.einsum("o,ocij->cij", a1, w3)) + a1 @ b3
-        weights = a1_x2.to(x1.dtype) + (a2.to(x1.dtype)[..., None, None] * x1.unflatten(1, (g, -1))).sum(2)
+        weights = a1_x2.to(x1.dtype) + (a2.to(x1.dtype)[..., None,
+                                                        None] * x1.unflatten(1, (g, -1))).sum(2)
         # 7. Gate: each group's k channels times sigmoid of its weights. In x's dtype, so that under
-        # autocast the output keeps the input's bf16/fp16 as the authors' does (their matmuls run in it).
+        # autocast the output keeps the input's bf16/fp16 as the authors' does (their matmuls run in
+        # it).
         gate = weights.sigmoid()
         if gate_only:
             return gate
@@ -116,10 +127,12 @@ class EMA(nn.Module):
             return False
         if ema_fused is None:
             if self.fused:
-                raise ValueError("EMA(fused=True) needs ema_fused.py beside ema.py, which is not there")
+                raise ValueError(
+                    "EMA(fused=True) needs ema_fused.py beside ema.py, which is not there")
             return False
         if self.fused is None:
-            return x.is_cuda and ema_fused.ON_CUDA_BY_DEFAULT and ema_fused.unsupported(x, self.groups) is None
+            return x.is_cuda and ema_fused.ON_CUDA_BY_DEFAULT and ema_fused.unsupported(
+                x, self.groups) is None
         why = ema_fused.unsupported(x, self.groups)
         if why is not None:
             raise ValueError(f"EMA(fused=True) cannot run on this input: {why}")
@@ -127,13 +140,14 @@ class EMA(nn.Module):
 
 
 class SharedFilter(torch.autograd.Function):
-    """(B, G, k, H, W), (k, 3, 3) -> (B, G, H, W): each group's k maps convolved (zero padding 1) with
-    one filter, the same for every group, as nine taps: each tap's sum over the k channels (a matrix
-    product in x's layout, no copy of x), shifted by the tap and added. No convolution: a k -> 1 one
-    runs slowly on CPUs, and under torch.compile it makes the compiler re-lay x out. The backward is
-    written out the same way (a shifted sum's gradient is the shifted gradient): autograd's own,
-    through the padding and the slices, compiles to a slow kernel. torch.func's vmap and grad work
-    through it; forward-mode AD (jvp) does not: a custom jvp would break torch.compile's graph."""
+    """(B, G, k, H, W), (k, 3, 3) -> (B, G, H, W): each group's k maps convolved (zero padding 1)
+    with one filter, the same for every group, as nine taps: each tap's sum over the k channels (a
+    matrix product in x's layout, no copy of x), shifted by the tap and added. No convolution: a k
+    -> 1 one runs slowly on CPUs, and under torch.compile it makes the compiler re-lay x out. The
+    backward is written out the same way (a shifted sum's gradient is the shifted gradient):
+    autograd's own, through the padding and the slices, compiles to a slow kernel. torch.func's vmap
+    and grad work through it; forward-mode AD (jvp) does not: a custom jvp would break
+    torch.compile's graph."""
 
     generate_vmap_rule = True
 
@@ -148,16 +162,18 @@ class SharedFilter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        # In the gradient's dtype: under autocast the forward ran in bf16/fp16, and the backward runs
-        # outside autocast.
+        # In the gradient's dtype: under autocast the forward ran in bf16/fp16, and the backward
+        # runs outside autocast.
         x_, weight_ = x.to(grad.dtype), weight.to(grad.dtype)
         h, w = x.shape[-2:]
         padded = F.pad(grad, (1, 1, 1, 1))
         slices = [padded[..., 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
-        if x.is_contiguous():  # (B, G, 9, H, W): the gradient each tap's map received, where it read x
+        # (B, G, 9, H, W): the gradient each tap's map received, where it read x
+        if x.is_contiguous():
             shifted = torch.stack(slices, 2)
         else:  # in x's channels_last layout: (B, H, W, G, 9) in memory
-            shifted = torch.stack([s.permute(0, 2, 3, 1) for s in slices], -1).permute(0, 3, 4, 1, 2)
+            shifted = torch.stack([s.permute(0, 2, 3, 1) for s in slices],
+                                  -1).permute(0, 3, 4, 1, 2)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = channel_product(weight_.flatten(1), shifted).to(x.dtype)
@@ -174,35 +190,38 @@ def tap_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def channel_product(matrix: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """(m, n) applied to the channel axis of maps (B, G, n, H, W) -> (B, G, m, H, W), in maps' layout
-    (contiguous, or channels_last's (B, H, W, G, n) in memory) without copying them."""
+    """(m, n) applied to the channel axis of maps (B, G, n, H, W) -> (B, G, m, H, W), in maps'
+    layout (contiguous, or channels_last's (B, H, W, G, n) in memory) without copying them."""
     if maps.is_contiguous():
-        return (matrix.expand(*maps.shape[:2], -1, -1) @ maps.flatten(3)).unflatten(3, maps.shape[-2:])
+        return (matrix.expand(*maps.shape[:2], -1,
+                              -1) @ maps.flatten(3)).unflatten(3, maps.shape[-2:])
     return (maps.permute(0, 3, 4, 1, 2) @ matrix.T).permute(0, 3, 4, 1, 2)
 
 
 def channel_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(m, n): Σ a[..., i, h, w]·b[..., j, h, w] over batch, groups and positions, for a (B, G, m, H, W)
-    and b (B, G, n, H, W) in the same layout, without copying them."""
+    """(m, n): Σ a[..., i, h, w]·b[..., j, h, w] over batch, groups and positions, for a (B, G, m,
+    H, W) and b (B, G, n, H, W) in the same layout, without copying them."""
     if a.is_contiguous():
         return (a.flatten(3) @ b.flatten(3).mT).sum((0, 1))
     return a.permute(0, 3, 4, 1, 2).flatten(0, 3).T @ b.permute(0, 3, 4, 1, 2).flatten(0, 3)
 
 
 def window_sums(x: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
-    """(B, C, 3, 3): for each tap (di, dj) of a 3x3 convolution with zero padding, each channel's sum
-    over the pixels that tap reads, from x (B, C, H, W) and its row sums (B, C, H). Tap -1 never
+    """(B, C, 3, 3): for each tap (di, dj) of a 3x3 convolution with zero padding, each channel's
+    sum over the pixels that tap reads, from x (B, C, H, W) and its row sums (B, C, H). Tap -1 never
     reads the last row or column, tap +1 never the first: columns first, then rows."""
     # (B, C, H, 3): each row's sum over the columns that tap dj = -1, 0, +1 reads
     by_column_tap = torch.stack([row_sums - x[..., -1], row_sums, row_sums - x[..., 0]], dim=-1)
     total = by_column_tap.sum(2)
-    return torch.stack([total - by_column_tap[:, :, -1], total, total - by_column_tap[:, :, 0]], dim=2)
+    return torch.stack([total - by_column_tap[:, :, -1], total, total - by_column_tap[:, :, 0]],
+                       dim=2)
 
 
 class FoldedEMA(EMA):
-    """The authors' formulation, step by step as their code runs it: the groups folded into the batch,
-    adaptive pools, a sigmoid per strip, two matmuls and an add. The reference that EMA is tested
-    against and timed beside (it copies a channels_last input in its first reshape). Always PyTorch."""
+    """The authors' formulation, step by step as their code runs it: the groups folded into the
+    batch, adaptive pools, a sigmoid per strip, two matmuls and an add. The reference that EMA is
+    tested against and timed beside (it copies a channels_last input in its first reshape). Always
+    PyTorch."""
 
     def __init__(self, channels: int, factor: int = 32, *, device=None, dtype=None):
         super().__init__(channels, factor, fused=False, device=device, dtype=dtype)
@@ -216,7 +235,11 @@ class FoldedEMA(EMA):
         x1 = self.gn(g * x_h.sigmoid() * x_w.permute(0, 1, 3, 2).sigmoid())  # 3. GroupNorm branch
         x2 = self.conv3x3(g)  # 4. 3x3 branch
         k = c // self.groups  # 5. channel descriptors
-        a1 = F.adaptive_avg_pool2d(x1, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
-        a2 = F.adaptive_avg_pool2d(x2, 1).reshape(b * self.groups, -1, 1).permute(0, 2, 1).softmax(-1)
-        weights = a1 @ x2.reshape(b * self.groups, k, -1) + a2 @ x1.reshape(b * self.groups, k, -1)  # 6.
-        return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)  # 7. gate
+        a1 = F.adaptive_avg_pool2d(x1, 1).reshape(b * self.groups, -1,
+                                                  1).permute(0, 2, 1).softmax(-1)
+        a2 = F.adaptive_avg_pool2d(x2, 1).reshape(b * self.groups, -1,
+                                                  1).permute(0, 2, 1).softmax(-1)
+        # 6.
+        weights = a1 @ x2.reshape(b * self.groups, k, -1) + a2 @ x1.reshape(b * self.groups, k, -1)
+        # 7. gate
+        return (g * weights.reshape(b * self.groups, 1, h, w).sigmoid()).reshape(b, c, h, w)

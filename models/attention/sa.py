@@ -24,8 +24,9 @@ class ShuffleAttention(nn.Module):
         if groups is None:
             groups = max(g for g in range(1, 65) if channels % (2 * g) == 0)
         if groups <= 0 or channels % (2 * groups):
-            raise ValueError(f"ShuffleAttention needs channels to be a positive multiple of 2 * groups; "
-                             f"got channels={channels}, groups={groups}")
+            raise ValueError(
+                f"ShuffleAttention needs channels to be a positive multiple of 2 * groups; "
+                f"got channels={channels}, groups={groups}")
         self.groups = groups
         half = channels // (2 * groups)
         factory = dict(device=device, dtype=dtype)
@@ -38,7 +39,8 @@ class ShuffleAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         channel_half, spatial_half = x.reshape(b * self.groups, -1, h, w).chunk(2, dim=1)
-        channel_out = channel_half * (self.cweight * channel_half.mean((2, 3), keepdim=True) + self.cbias).sigmoid()
+        channel_out = channel_half * (self.cweight * channel_half.mean((2, 3), keepdim=True)
+                                      + self.cbias).sigmoid()
         spatial_out = spatial_half * (self.sweight * self.gn(spatial_half) + self.sbias).sigmoid()
         out = torch.cat([channel_out, spatial_out], dim=1).reshape(b, c, h, w)
         # Channel shuffle with 2 groups: (B, 2, C/2, H, W) -> swap the two channel axes.

@@ -7,7 +7,8 @@ from torch import nn
 
 
 class SE(nn.Module):
-    """GAP -> 1x1 conv C->C/r -> ReLU -> 1x1 conv C/r->C -> sigmoid gate: C^2/8 + C/16 + C parameters."""
+    """GAP -> 1x1 conv C->C/r -> ReLU -> 1x1 conv C/r->C -> sigmoid gate: C^2/8 + C/16 + C
+    parameters."""
 
     def __init__(self, channels: int, reduction: int = 16, *, device=None, dtype=None):
         super().__init__()

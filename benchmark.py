@@ -420,8 +420,8 @@ def benchmark(args):
             print(runner.profile_table())
     if device.type == "cuda":
         print("  MFU: 3 x forward FLOPs x images/s / " +
-              (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else "unknown peak: pass "
-                                                                         "--peak-tflops"))
+              (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak
+               else "unknown peak: pass --peak-tflops"))
 
     if args.att == "ema":
         runner = None  # the last configuration's model and graphs freed before EMA's own
@@ -496,8 +496,8 @@ def time_table_rows(args, device, rows=settings.TRAINED_ROWS):
     print(
         f"the table: {len(rows)} rows x {args.seeds} seeds = {hours:.1f} device-hours of training "
         "steps")
-    slow = [f"{net} + {att} ({rate / rates[net, 'none']:.2f}x its baseline)" for (net, att),
-            rate in rates.items()
+    slow = [f"{net} + {att} ({rate / rates[net, 'none']:.2f}x its baseline)"
+            for (net, att), rate in rates.items()
             if (net, "none") in rates and rate < 0.5 * rates[net, "none"]]
     print(f"below half their network's baseline rate: {', '.join(slow) or 'none'}")
 

@@ -84,12 +84,11 @@ def export(args) -> None:
     try:
         write_onnx(model, tmp, args.opset)
         proto = onnx.load(str(tmp))
-        metadata = {"net": saved["net"], "att": saved["att"], "att_stages": saved.get("att_stages"),
-                    # None: all
+        metadata = {"net": saved["net"], "att": saved["att"],
+                    "att_stages": saved.get("att_stages"),  # None: all
                     "classes": model_classes(model), "dataset": saved.get("dataset"),
-                    "recipe": saved["recipe"],
-                    "epoch": checkpoint.get("epoch"), "mean": list(mean), "std": list(std),
-                    "checkpoint": str(path.resolve())}
+                    "recipe": saved["recipe"], "epoch": checkpoint.get("epoch"),
+                    "mean": list(mean), "std": list(std), "checkpoint": str(path.resolve())}
         onnx.helper.set_model_props(proto,
                                     {key: json.dumps(value) for key, value in metadata.items()})
         onnx.save(proto, str(tmp))

@@ -57,8 +57,8 @@ def main(argv=None):
     images, labels = next(iter(loader))
     cams, predicted = pictures.grad_cam(model, images)
     names = dataset.classes
-    captions = [f"true: {names[t]}\npred: {names[p]}" for t,
-                p in zip(labels.tolist(), predicted.tolist())]
+    captions = [f"true: {names[t]}\npred: {names[p]}"
+                for t, p in zip(labels.tolist(), predicted.tolist())]
     grid = pictures.draw_grid(pictures.unnormalize(images, recipe).cpu(), cams.cpu(), captions,
                               min(args.columns, len(captions)))
     try:

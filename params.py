@@ -11,14 +11,8 @@ figure.
 import argparse
 
 from conf import settings
-from models import (
-    ALL_STAGES,
-    count_mflops,
-    count_parameters,
-    create_model,
-    list_attentions,
-    parse_stages,
-)
+from models import (ALL_STAGES, count_mflops, count_parameters, create_model, list_attentions,
+                    parse_stages)
 from models.attention import ATTENTIONS, EMA
 from models.mobilenetv2 import MobileNetV2
 from training import cli

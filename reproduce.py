@@ -68,8 +68,8 @@ def run_state(folder: Path, planned: dict) -> str:
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
-    other = [f"{key}={values[key]} (planned: {value})" for key,
-             value in planned.items() if values[key] != value]
+    other = [f"{key}={values[key]} (planned: {value})"
+             for key, value in planned.items() if values[key] != value]
     if other:
         print(
             f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give "
@@ -111,8 +111,8 @@ def plan(args) -> list[Job]:
                 name = f"{recipe}-seed{seed}"
                 folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
                 state = run_state(folder, planned_identity(args.training, net, att, recipe))
-                command = [sys.executable,
-                           str(TRAINER)] if args.run else ["python", "train_cifar100.py"]
+                command = ([sys.executable, str(TRAINER)] if args.run
+                           else ["python", "train_cifar100.py"])
                 if state == "interrupted":
                     command += ["--resume", str(folder)]
                 else:
@@ -226,8 +226,9 @@ def main(argv=None):
     pending = [job for job in jobs if job.state in ("new", "interrupted")]
     if not args.run:
         for job in jobs:
-            gpu = args.gpus[
-                pending.index(job) % len(args.gpus)] if args.gpus and job in pending else None
+            gpu = None
+            if args.gpus and job in pending:
+                gpu = args.gpus[pending.index(job) % len(args.gpus)]
             if job.state == "done":
                 print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done")
             elif job.state != "skipped":  # its warning is above

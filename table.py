@@ -79,7 +79,7 @@ def group(runs: list[Run]) -> list[Row]:
     order = {key: i for i, key in enumerate(PAPER)}  # the paper's rows first, in its order
     return sorted(rows.values(),
                   key=lambda r: (order.get((r.identity.net, r.att), len(order)), r.identity.net,
-                                                r.att, r.identity.recipe, r.recipe_cell))
+                                 r.att, r.identity.recipe, r.recipe_cell))
 
 
 # ---------------------------------------------------------------- differences and their uncertainty
@@ -172,13 +172,12 @@ def interval_cell(result) -> str:
 
 def pooled_std(rows: list[Row]):
     """(pooled sample std of final top-1 over the rows with >= 2 seeds, their number), or None."""
-    spreads = [(len(v) - 1,
-                statistics.variance(v)) for v in (row.values("final", "test_top1") for row in rows)
-               if len(v) >= 2]
+    finals = (row.values("final", "test_top1") for row in rows)
+    spreads = [(len(v) - 1, statistics.variance(v)) for v in finals if len(v) >= 2]
     if not spreads:
         return None
-    return math.sqrt(sum(dof * var for dof,
-                         var in spreads) / sum(dof for dof, _ in spreads)), len(spreads)
+    pooled = sum(dof * var for dof, var in spreads) / sum(dof for dof, _ in spreads)
+    return math.sqrt(pooled), len(spreads)
 
 
 def seeds_needed(std: float, delta: float) -> int:
@@ -241,10 +240,9 @@ DIFF_NOTE = (
 
 def row_cells(row: Row) -> list[str]:
     """Name to Top-5 best."""
-    final1, best1, final5, best5 = (row.stats(w, k) for w,
-                                    k in (("final", "test_top1"), ("best", "test_top1"),
-                                                                 ("final", "test_top5"),
-                                                                 ("best", "test_top5")))
+    columns = (("final", "test_top1"), ("best", "test_top1"), ("final", "test_top5"),
+               ("best", "test_top5"))
+    final1, best1, final5, best5 = (row.stats(which, key) for which, key in columns)
     params = count_params(row.identity.net, row.att, row.identity.att_stages,
                           (row.finished + row.unfinished)[0].classes)
     return [row.name, row.recipe_cell, "32x32", params, str(final1[2]),
@@ -267,7 +265,7 @@ def difference_cells(row: Row, by_identity: dict) -> list[str]:
         # The baseline has no module to place; EMA is compared at the same placement (--att-stages).
         reference = by_identity.get(
             row.identity._replace(att=att, att_stages=None if att == "none" else
-                                                          row.identity.att_stages))
+                                  row.identity.att_stages))
         for which in ("final", "best"):
             cells.append(
                 "-" if row.att == att else interval_cell(compare(row, reference, which, what)))
@@ -276,9 +274,8 @@ def difference_cells(row: Row, by_identity: dict) -> list[str]:
 
 def render(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
-        return ["| " + " | ".join(header) + " |", "|"
-                + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
-                                                                                 for r in body]
+        line = lambda cells: "| " + " | ".join(cells) + " |"
+        return [line(header), "|" + "---|" * len(header)] + [line(r) for r in body]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
     fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
     return [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in body]
@@ -308,9 +305,8 @@ def report_lines(rows: list[Row], delta: float, markdown: bool) -> list[str]:
     lines += ["", seeds_line(paper, delta)]
     if other:
         lines += ["",
-                  "Other configurations, never in the table above (Recipe: after ';', what differs "
-                  "from the "
-                      "paper):", ""]
+                  "Other configurations, never in the table above (Recipe: after ';', what "
+                  "differs from the paper):", ""]
         lines += render(HEADER[:9], [row_cells(row) for row in other], markdown)
         lines += differences_table(other, by_identity, markdown)
     duplicates = [pair for row in rows for pair in row.duplicates]

@@ -79,11 +79,11 @@ class Trainer:
     def __init__(self, given, processes):
         self.processes, self.out = processes, None
         device = processes.start()
-        run = arguments.settle(given, device, processes.world)
-        args, self.args, self.speed, self.checkpoint = run.args, run.args, run.speed, run.checkpoint
-        self.notes = run.notes  # printed once the run folder is open
-        self.data = run_data.training_data(args, device, processes, self.notes)
-        arguments.with_data(run, self.data.facts, device.type, processes.world)
+        settled = arguments.settle(given, device, processes)
+        args = self.args = settled.args
+        self.speed, self.checkpoint = settled.speed, settled.checkpoint
+        self.notes = settled.notes  # printed once the run folder is open
+        self.data = run_data.training_data(args, settled.splits, device, processes)
         self.train_data, self.test_data = self.data.train, self.data.test
         self.recipe = self.data.recipe  # with this data's normalization
         self.model = recipes.build_model(args, self.recipe, device, self.speed.memory_format,

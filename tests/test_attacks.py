@@ -200,8 +200,7 @@ def write_metrics(run, epochs):
     ([1, 3], "metrics.csv lists epochs 1, 3, not 1 to 2 in order"),
 ])
 def test_the_table_reads_epochs_by_number_and_skips_a_file_it_cannot_trust(
-        epochs, why, finished_small_run,
-                                                                          tmp_path, capsys):
+        epochs, why, finished_small_run, tmp_path, capsys):
     run = copy_run(finished_small_run, tmp_path, "odd")
     args = json.loads((run / "args.json").read_text())
     (run / "args.json").write_text(json.dumps({**args, "epochs": 2}))
@@ -236,11 +235,10 @@ def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(
     monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", estimate_after)
     assert train(small_data, tmp_path, "est", "--epochs", "3") == 0
     assert capsys.readouterr().out.count("warning: no GPU; about") == 1
-    assert engine.cpu_estimate(
-        30, 1) == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch"
-    assert engine.cpu_estimate(600,
-                               200) == ("warning: no GPU; about 10.0 min per epoch, 33.3 h for the "
-                                               "remaining 200 epochs")
+    assert (engine.cpu_estimate(30, 1)
+            == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch")
+    assert (engine.cpu_estimate(600, 200)
+            == "warning: no GPU; about 10.0 min per epoch, 33.3 h for the remaining 200 epochs")
     assert engine.cpu_estimate(3600, 200).endswith(
         "1.0 h per epoch, 8.3 days for the remaining 200 epochs")
 
@@ -322,8 +320,8 @@ def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(
     logs = ["--log-dir", str(tmp_path / "runs")]
     first, second = (SMALL_RUN
                      + ["--data", str(small_data), "--run-name", "paper-seed0", "--epochs", "1",
-                                  "--checkpoint-dir", str(tmp_path / name)]
-                                  + logs for name in ("a", "b"))
+                        "--checkpoint-dir", str(tmp_path / name)]
+                     + logs for name in ("a", "b"))
     assert train_cifar100.main(first) == 0
     shared = tmp_path / "runs" / f"{NET}_ema" / "paper-seed0"
     before = snapshot(shared)
@@ -382,8 +380,7 @@ def test_a_full_disk_is_said_in_words(tmp_path, monkeypatch):
 
 
 def test_test_py_evaluates_on_the_data_it_was_trained_on(
-        small_data, finished_small_run, tmp_path, monkeypatch,
-                                                        capsys):
+        small_data, finished_small_run, tmp_path, monkeypatch, capsys):
     import test as test_script
     run = copy_run(finished_small_run, tmp_path, "run")
     monkeypatch.chdir(tmp_path)  # no ./data here: the recorded --data is used

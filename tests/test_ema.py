@@ -169,8 +169,8 @@ def compare_with_folded(shape, memory_format, run=lambda module, x: module(x)):
     out, expected = run(ours, x), folded(x)
     got = torch.autograd.grad(out, [x, *ours.parameters()], grad)
     want = torch.autograd.grad(expected, [x, *folded.parameters()], grad)
-    names = ["output", "input gradient"] + [f"{name} gradient" for name,
-                                            _ in ours.named_parameters()]
+    names = ["output", "input gradient"] + [f"{name} gradient"
+                                            for name, _ in ours.named_parameters()]
     errors = {name: relative_error(a, b) for name, a,
               b in zip(names, [out, *got], [expected, *want])}
     assert max(errors.values()) < 1e-12, errors

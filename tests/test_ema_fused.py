@@ -15,7 +15,7 @@ pytestmark = [
                        reason="Triton is not installed (the CPU build of torch)"),
     pytest.mark.skipif(not ema_fused.interpreted(),
                        reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                                           "unless EMA_TEST_GPU=1)"),
+                              "unless EMA_TEST_GPU=1)"),
 ]
 TOLERANCE = 1e-9
 

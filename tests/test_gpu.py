@@ -124,9 +124,8 @@ def test_gpu_checkpoint_resumes_on_the_cpu_and_gate_images_with_workers(data_roo
     folder = tmp_path / "checkpoint/resnet18_ema/move"
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EMA_TEST_GPU": "0"}
     result = subprocess.run([sys.executable, str(ROOT / "train_cifar100.py"), "--resume",
-                             str(folder),
-                             "--epochs", "2", "--log-dir", str(tmp_path / "runs")],
-                             capture_output=True, text=True, env=cpu_only, cwd=ROOT, timeout=600)
+                             str(folder), "--epochs", "2", "--log-dir", str(tmp_path / "runs")],
+                            capture_output=True, text=True, env=cpu_only, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "device cuda -> cpu" in result.stdout
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 2

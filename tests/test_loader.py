@@ -79,8 +79,8 @@ def test_rotation_equals_torchvision():
 def test_random_parameters_have_torchvision_distributions():
     n = 90_000
     loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((n, 32, 32, 3), np.uint8), [0] * n),
-                                  128, CLASSIC,
-                                torch.device("cpu"), torch.Generator().manual_seed(0))
+                                  128, CLASSIC, torch.device("cpu"),
+                                  torch.Generator().manual_seed(0))
     order, offsets, flips, angles = loader.epoch_parameters()
     assert torch.equal(order.sort().values, torch.arange(n))
     # torchvision: RandomCrop offsets uniform on 0..8, flip with p = 1/2, angle uniform on (-15,
@@ -100,9 +100,8 @@ def test_random_parameters_have_torchvision_distributions():
 
 def test_paper_recipe_has_no_rotation():
     loader = loaders.DeviceLoader(loaders.ImageArray(np.zeros((8, 32, 32, 3), np.uint8), [0] * 8),
-                                  4,
-                                settings.RECIPES["paper"], torch.device("cpu"),
-                                torch.Generator().manual_seed(0))
+                                  4, settings.RECIPES["paper"], torch.device("cpu"),
+                                  torch.Generator().manual_seed(0))
     assert loader.epoch_parameters()[3] is None
 
 
@@ -116,19 +115,19 @@ def test_device_loader_is_seeded_and_covers_the_epoch(data_root):
 
     def epochs(seed):
         loader = loaders.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
-                                   generator=torch.Generator().manual_seed(seed))
+                                     generator=torch.Generator().manual_seed(seed))
         return [list(loader) for _ in range(2)]
 
     first, again, other = epochs(0), epochs(0), epochs(1)
     assert [len(b[0]) for b in first[0]] == [32, 32, 32, 4]
     assert sorted(torch.cat([b[1] for b in first[0]]).tolist()) == sorted(dataset.targets)
-    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x,
-                            y in zip(a, b))
+    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+                            for x, y in zip(a, b))
     assert same(first[0], again[0]) and same(first[1], again[1])
     assert not same(first[0], first[1]) and not same(first[0], other[0])
     # Starting an epoch at step 2 gives the same batches as running through steps 0 and 1.
     loader = loaders.make_loader("device", dataset, 32, CLASSIC, torch.device("cpu"), True,
-                               generator=torch.Generator().manual_seed(0))
+                                 generator=torch.Generator().manual_seed(0))
     skipped = [batch for _, batch in loaders.batches(loader, 2)]
     assert same(skipped, first[0][2:])
 

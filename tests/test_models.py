@@ -5,18 +5,8 @@ import torch
 from torch import nn
 
 import models
-from models.attention import (
-    ATTENTIONS,
-    CBAM,
-    ECA,
-    EMA,
-    NAM,
-    SE,
-    CoordAtt,
-    ShuffleAttention,
-    build_attention,
-    nam_l1_penalty,
-)
+from models.attention import (ATTENTIONS, CBAM, ECA, EMA, NAM, SE, CoordAtt, ShuffleAttention,
+                              build_attention, nam_l1_penalty)
 from models.attention.eca import adaptive_kernel_size
 from models.resnet import ResidualBlock
 

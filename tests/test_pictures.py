@@ -82,7 +82,7 @@ def test_gradcam_png(trained, tmp_path, capsys):
 # stages, and another module. tests/test_models.py runs every pair forward and backward.
 @pytest.mark.parametrize("net, attention",
                          [("resnet18", "none"), ("resnet18", "ema"), ("resnet50", "ema"),
-                                            ("mobilenetv2", "ema"), ("resnet18", "sa")])
+                          ("mobilenetv2", "ema"), ("resnet18", "sa")])
 def test_grad_cam_works_for_representative_pairs(net, attention):
     torch.manual_seed(0)
     model = models.create_model(net, attention).eval()

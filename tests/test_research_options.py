@@ -113,8 +113,8 @@ def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(
     pixels = np.concatenate([image_folder.ImageFolderSplit(data, True).data]).reshape(-1, 3) / 255
     assert args["mean"] == pytest.approx(pixels.mean(0).tolist()) and args["std"] == pytest.approx(
         pixels.std(0).tolist())
-    assert sorted(p.name for p in data.glob(".cache-*")) == sorted([f".cache-32x32-{test_name}.npz",
-                                                                     ".cache-32x32-train.npz"])
+    caches = [f".cache-32x32-{test_name}.npz", ".cache-32x32-train.npz"]
+    assert sorted(p.name for p in data.glob(".cache-*")) == sorted(caches)
 
     def decode(*_):
         raise AssertionError("decoded again: the cache was not used")

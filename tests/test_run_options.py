@@ -12,6 +12,7 @@ from training import arguments, cli, run_records
 from training import options as run_options
 from training.options import OPTIONS, REQUIRED, ROW
 
+from test_runs import copy_run, resume
 from test_table import cells, fake_run, markdown, paper_run
 
 
@@ -38,10 +39,8 @@ def test_the_check_fails_for_an_option_the_table_does_not_know(monkeypatch):
 def test_the_table_holds_only_the_parsers_options_and_what_the_trainer_records():
     parsed = set(parser_options(cli.train_parser()))
     assert {name for name, o in OPTIONS.items() if o.option} == parsed
-    assert {name for name,
-            o in OPTIONS.items() if not o.option} == {"world", "dataset", "changed_on_resume",
-                                                                          "run_id", "classes",
-                                                                          "mean", "std"}
+    assert {name for name, o in OPTIONS.items() if not o.option} == {
+        "world", "dataset", "changed_on_resume", "run_id", "classes", "mean", "std"}
 
 
 def test_identity_options_say_what_the_paper_and_older_runs_used():
@@ -147,3 +146,22 @@ def test_a_recorded_value_is_checked_by_its_options_own_type(name, value, messag
     with pytest.raises(run_options.BadValue, match=message.replace("*", r"\*").replace("(", r"\(")
                        .replace(")", r"\)")):
         arguments.checked_value(name, value)
+
+
+def test_a_recorded_run_whose_options_conflict_is_refused(tmp_path):
+    """A record the command line would have refused (--gate-images with -att ca, here) is refused
+    on resume with the same reason, as when the record went through the parser."""
+    recorded = {"net": "resnet18", "att": "ca", "gate_images": 2, "resume": "somewhere"}
+    with pytest.raises(arguments.UserError, match="cannot be resumed .--gate-images draws EMA's"):
+        arguments.checked_recorded(recorded, tmp_path / "last.pth")
+    assert arguments.checked_recorded({**recorded, "gate_images": 0}, tmp_path)["att"] == "ca"
+
+
+def test_a_resume_notes_only_what_it_ignores(finished_small_run, tmp_path, capsys):
+    """The options a resume keeps are named when given with another value than the run's own,
+    not when given as the run recorded them (reproduce.py passes its options to every resume)."""
+    run = copy_run(finished_small_run, tmp_path, "noted")
+    assert resume(tmp_path, run, "--epochs", "2", "-b", "16", "-lr", "0.5") == 0
+    assert "ignored: -lr\n" in capsys.readouterr().err
+    assert resume(tmp_path, run, "--epochs", "2", "-b", "16") == 0
+    assert "ignored" not in capsys.readouterr().err

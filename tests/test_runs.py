@@ -159,8 +159,7 @@ def test_a_stale_best_checkpoint_is_rebuilt_from_the_record(finished_small_run, 
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(
-        finished_small_run, tmp_path, monkeypatch,
-                                                                             capsys):
+        finished_small_run, tmp_path, monkeypatch, capsys):
     run = copy_run(finished_small_run, tmp_path, "full")
     last = (run / "last.pth").read_bytes()
 
@@ -248,8 +247,13 @@ def test_init_from_is_recorded(small_data, finished_small_run, tmp_path, capsys)
     assert str(source) in capsys.readouterr().out
     recorded = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
     assert recorded["init_from"] == str(source) and recorded["world"] == 1
-    assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == len(
-        "custom-") + 8
+    assert recorded["dataset"].startswith("custom-") and len(recorded["dataset"]) == 15
+    # A resume keeps it: the run's identity is the one it started with, and its weights are not
+    # loaded again over the checkpoint's.
+    assert resume(tmp_path, folder(tmp_path, "tuned"), "--epochs", "2") == 0
+    assert str(source) not in capsys.readouterr().out
+    resumed = json.loads((folder(tmp_path, "tuned") / "args.json").read_text())
+    assert resumed["init_from"] == str(source)
     # Weights of another network: the message names both sides.
     assert train(small_data, tmp_path, "misfit", "--epochs", "1", "--init-from", str(source),
                  "-att", "none") == 2

@@ -340,8 +340,7 @@ def test_quick_trial_stays_out_of_the_paper_rows(tmp_path, capsys):
 ])
 def test_paper_rows_admit_only_the_papers_configuration(args, in_paper, label):
     identity = run_records.run_identity({"net": "resnet50", "att": "ema", "recipe": "paper",
-                                         "seed": 0,
-                                   "epochs": settings.EPOCHS, **args})
+                                         "seed": 0, "epochs": settings.EPOCHS, **args})
     assert run_records.in_paper_rows(identity) == in_paper and run_records.label(identity) == label
 
 
@@ -365,8 +364,7 @@ def break_folder(folder, how):
         metrics.write_text("")
     elif how == "a list as a value":
         (folder / "args.json").write_text(
-            json.dumps({**json.loads((folder / "args.json").read_text()),
-                                                      "subset": [1, 2]}))
+            json.dumps({**json.loads((folder / "args.json").read_text()), "subset": [1, 2]}))
     elif how == "missing seed":
         (folder / "args.json").write_text(json.dumps({"net": "resnet50", "att": "none",
                                                       "recipe": "paper",
@@ -415,9 +413,8 @@ def test_reproduce_prints_every_row(tmp_path, capsys):
         value = lambda flag: words[words.index(flag) + 1]
         seen.add((value("-net"), value("-att"), value("--recipe"), value("--seed")))
         assert value("--run-name") == f"{value('--recipe')}-seed{value('--seed')}"
-    assert seen == {(net, att, recipe, seed) for net,
-                    att in expected for recipe in ("paper", "classic")
-                    for seed in ("0", "1")}
+    assert seen == {(net, att, recipe, seed) for net, att in expected
+                    for recipe in ("paper", "classic") for seed in ("0", "1")}
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -466,7 +463,7 @@ def test_reproduce_never_takes_a_small_trials_runs_for_the_campaigns(tmp_path, c
 
 @pytest.mark.parametrize("how",
                          ["corrupt args.json", "half-written metrics.csv", "args.json a list",
-                                 "empty metrics.csv"])
+                          "empty metrics.csv"])
 def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, how):
     folder = fake_run(tmp_path, "resnet50", "ema", 0, [79.0, 79.0], planned=2)
     break_folder(folder, how)
@@ -482,7 +479,7 @@ def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, ho
 
 @pytest.mark.parametrize("stop",
                          ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)",  # killed: -15
-                                  "raise SystemExit(143)"])  # handled, as train_cifar100.py does
+                          "raise SystemExit(143)"])  # handled, as train_cifar100.py does
 def test_reproduce_starts_nothing_more_after_a_job_stopped_by_a_signal(
         stop, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "plan", lambda args: [
@@ -501,7 +498,7 @@ def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "plan", lambda args: [
         reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
                       [sys.executable, "-c", code])
-        for seed,
-        code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "pass"])])
+        for seed, code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+                                     "pass"])])
     assert reproduce.main(["--run"]) == 1
     assert "1 of 2 runs ended well; then" in capsys.readouterr().out

@@ -190,10 +190,9 @@ def test_a_signal_while_the_script_loads_ends_it_with_one_line(sig, data_root, t
     before = signal.signal(sig, signal.default_int_handler) if ignored else None
     try:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_cifar100.py"), *PAPER_NET,
-                                 "--data", str(data_root),
-                                 "--epochs", "1", *out_args(tmp_path, "run")],
-                                 stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                 "--data", str(data_root), "--epochs", "1",
+                                 *out_args(tmp_path, "run")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
         if ignored:
             signal.signal(sig, before)

@@ -1,8 +1,8 @@
 """A run's arguments, settled once. settle() takes what the command line gave (training/cli.py: None
 where nothing was given) and, for a resume, what the run recorded, and returns the complete, checked
-arguments that the run trains with and records in args.json, every derived default filled. Once the
-data is open, with_data() adds what the data says (dataset, classes, normalization) and, on a
-resume, what changed. What each option means: training/options.py.
+arguments that the run trains with and records in args.json: every default filled, what the data
+is (opened here: dataset, classes, normalization) and, on a resume, what changed. What each option
+means: training/options.py.
 
 A resume takes the run's recorded values, each checked by its option's own type, then the values
 the command line may change (options.RESUMABLE_OVERRIDES) and where to read and write
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from conf import settings
-from training import checkpoints, options
+from training import checkpoints, cli, options, run_data
 from training.options import OPTIONS, SWITCH, TOGGLE, BadValue
 from training.speed import SpeedSettings, cuda_graphs_obstacle, native_cpu_bf16
-from utils import UserError
+from utils import Distributed, UserError
 
 
 @dataclass
@@ -30,21 +30,30 @@ class Settled:
     args: Namespace  # what the run trains with and records in args.json
     speed: SpeedSettings  # how it runs on this device
     checkpoint: Optional[dict]  # the checkpoint being resumed, or None
+    splits: run_data.Splits  # its data, opened and split
     notes: list  # for the log, printed once the run folder is open
 
 
-def settle(given: Namespace, device, world: int) -> Settled:
+def settle(given: Namespace, device, processes: Distributed) -> Settled:
     """The complete arguments of the run that `given` (a parsed command line) starts or resumes, on
-    `device` with `world` processes."""
+    `device` with `processes`: every default filled, the data's facts (dataset, classes,
+    normalization) and, on a resume, what changed."""
     if given.resume is None:
-        values, checkpoint = {**options.NEW_RUN_DEFAULTS, **typed(given)}, None
+        values, checkpoint = typed(given), None
     else:
         path = checkpoint_to_resume(given)
         checkpoint = checkpoints.load_checkpoint(path)
         values = resumed_values(given, checkpoint["args"], path)
     fill_run_defaults(values)
-    speed, notes = fill_device_defaults(values, device, world)
-    return Settled(Namespace(**values), speed, checkpoint, notes)
+    speed, notes = fill_device_defaults(values, device, processes.world)
+    splits = run_data.open_splits(Namespace(**values), processes, notes)
+    values.update(splits.facts)
+    if checkpoint:
+        changed, resumed = resume_notes(checkpoint, values, device.type, processes.world)
+        if changed:
+            values["changed_on_resume"] = changed
+        notes += resumed
+    return Settled(Namespace(**values), speed, checkpoint, splits, notes)
 
 
 def typed(given: Namespace) -> dict:
@@ -92,16 +101,18 @@ def resumed_values(given: Namespace, recorded, path: Path) -> dict:
     lacks), what this command may change, and where it reads and writes."""
     values = {**options.NEW_RUN_DEFAULTS, **checked_recorded(recorded, path)}
     given_now = typed(given)
+    kept = set(options.GIVEN_ON_RESUME)
+    if given.resume == "newest":
+        kept |= {"net", "att"}  # they picked the newest run
+    # A value given as the run recorded it changes nothing: only the others are worth a note.
+    ignored = [options.flag(name) for name, value in given_now.items()
+               if name not in kept and value != values.get(name)]
     for name in options.RESUMABLE_OVERRIDES:
         if name in given_now:
             values[name] = given_now[name]
     for name in options.WHERE_OPTIONS:  # where this command reads and writes, not the run once did
         values[name] = given_now.get(name, options.NEW_RUN_DEFAULTS[name])
     values["resume"], values["run"] = str(path), path.parent.name
-    kept = set(options.GIVEN_ON_RESUME)
-    if given.resume == "newest":
-        kept |= {"net", "att"}  # they picked the newest run
-    ignored = [options.flag(name) for name in given_now if name not in kept]
     if ignored:
         print(f"note: a resumed run keeps its own arguments; ignored: {', '.join(ignored)}",
               file=sys.stderr)
@@ -126,6 +137,10 @@ def checked_recorded(recorded, path: Path) -> dict:
             values[name] = checked_value(name, value)
         except BadValue as e:
             raise UserError(f"{path}: its recorded arguments cannot be resumed ({e})") from None
+    # Checked as the run's own command line was: without where it was resumed from or started.
+    problem = cli.conflict({**values, "resume": None, "init_from": None})
+    if problem:
+        raise UserError(f"{path}: its recorded arguments cannot be resumed ({problem})")
     return values
 
 
@@ -151,9 +166,11 @@ def checked_value(name: str, value):
 # ---------------------------------------------------------------- derived defaults
 
 def fill_run_defaults(values: dict) -> None:
-    """What a new run leaves unset (a resumed one has its own): epochs, data, warm-up, run name
-    and id."""
-    values["epochs"] = values["epochs"] or settings.EPOCHS
+    """The defaults of what is unset (a resumed run has its own): the table's, then the derived
+    ones: data path, warm-up, run name and id."""
+    for name, default in options.NEW_RUN_DEFAULTS.items():
+        if values.get(name) is None:
+            values[name] = default
     # Recorded as an absolute path: test.py, gradcam.py and a resume find it from any folder.
     values["data"] = os.path.abspath(values["data"] or settings.DATA_DIR)
     if values["warm"] is None:
@@ -189,44 +206,36 @@ def fill_device_defaults(values: dict, device, world: int) -> tuple[SpeedSetting
     # cuda_graphs stays as asked (None: wherever they apply): a run that passes through the CPU or
     # torchrun gets them back on one GPU.
     values.update(amp=speed.amp, channels_last=speed.channels_last, compile=speed.compile)
-    values["loader"] = values["loader"] or "device"
     if values["workers"] is None:
         values["workers"] = 4 if cuda else 0
     values["world"] = world
     return speed, notes
 
 
-# ---------------------------------------------------------------- what the data says
+# ---------------------------------------------------------------- what a resume changed
 
-def with_data(settled: Settled, facts: dict, device_type: str, world: int) -> None:
-    """Record the data's facts (dataset, classes, normalization, subset) in the arguments; on a
-    resume, what changed, in the notes (and in changed_on_resume when it makes a mixed run)."""
-    vars(settled.args).update(facts)
-    if settled.checkpoint:
-        settled.notes += resume_notes(settled.checkpoint, settled.args, device_type, world)
-
-
-def changed_arguments(saved: dict, args, names) -> list[str]:
+def changed_arguments(saved: dict, now: dict, names) -> list[str]:
     """'name then -> now' for each of `names` whose recorded value is not this run's."""
-    return [f"{name} {saved.get(name)} -> {getattr(args, name)}" for name in names
-            if saved.get(name) != getattr(args, name)]
+    return [f"{name} {saved.get(name)} -> {now.get(name)}" for name in names
+            if saved.get(name) != now.get(name)]
 
 
-def resume_notes(checkpoint, args, device_type: str, world: int) -> list[str]:
-    """What a resume changed, for the log. One that changes what table.py counts as a run's
-    identity (precision, processes, data) makes a mixed run: args.changed_on_resume says so, and
-    table.py lists it apart. One that changes the arithmetic continues, but not bitwise."""
-    notes, saved = [], checkpoint["args"]
+def resume_notes(checkpoint, values: dict, device_type: str, world: int) -> tuple:
+    """(changed_on_resume or None, the notes for the log) of a resume to these values. One that
+    changes what table.py counts as a run's identity (precision, processes, data) makes a mixed
+    run: changed_on_resume says so, and table.py lists it apart. One that changes the arithmetic
+    continues, but not bitwise."""
+    notes, saved, changed = [], checkpoint["args"], None
     names = [name for name in options.IDENTITY_CHANGES_ON_RESUME if name in saved]
-    changes = changed_arguments(saved, args, names)
+    changes = changed_arguments(saved, values, names)
     if changes:
         now = f"{', '.join(changes)} at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
-        args.changed_on_resume = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
+        changed = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
         notes.append(f"note: {now}: a mixed run, which table.py lists apart")
     # --deterministic picks other kernels on CUDA only.
-    arithmetic = [name for name in options.arithmetic_on_resume(vars(args))
+    arithmetic = [name for name in options.arithmetic_on_resume(values)
                   if name != "deterministic" or device_type == "cuda"]
-    changes = changed_arguments(saved, args, arithmetic)
+    changes = changed_arguments(saved, values, arithmetic)
     if checkpoint["format"] == 1:
         changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")
     for what, then, now in (("device", checkpoint.get("device"), device_type),
@@ -236,4 +245,4 @@ def resume_notes(checkpoint, args, device_type: str, world: int) -> list[str]:
     if changes:
         notes.append(f"note: {'; '.join(changes)}: the run continues, but not bitwise as it would "
                      f"have without the interruption")
-    return notes
+    return changed, notes

@@ -185,8 +185,8 @@ def check_training_state(checkpoint) -> None:
     numbers = [checkpoint["best"].get(key) for key in ("top1", "top5")]
     numbers += [
         row.get(key) for row in checkpoint["history"] for key in ("train_loss", "test_top1")]
-    if not all(isinstance(x, (int, float)) for x in numbers) or len(
-        checkpoint["history"]) != checkpoint["epoch"]:
+    if (not all(isinstance(x, (int, float)) for x in numbers)
+            or len(checkpoint["history"]) != checkpoint["epoch"]):
         raise ValueError("best and history are not what this script records")
 
 
@@ -262,8 +262,8 @@ def detect_upstream(loaded, path) -> tuple[Layout, dict, str]:
 
 def is_state_dict(state) -> bool:
     return (isinstance(state, dict) and len(state) > 0
-            and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key,
-                    value in state.items()))
+            and all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                    for key, value in state.items()))
 
 
 def load_strictly(model: nn.Module, state: dict, layout: Optional[Layout], source: str,

@@ -273,7 +273,7 @@ def ensure(root, form: CifarFormat, chosen: bool = True) -> None:
             f"{form.layout}")
     hint = "".join(f" {root} holds {other.name}: "
                    + (f"for it, pass --dataset {other.option}." if chosen else
-                                                       f"the run is {form.name}'s.")
+                      f"the run is {form.name}'s.")
                    for other in CIFAR_FORMATS if other is not form
                    and other.complete_in(Path(root)))
     new_folders = folders_to_make(Path(root))

@@ -8,6 +8,7 @@ training/arguments.py's settle() fills it (a new run's default, or the resumed r
 """
 import argparse
 import sys
+from typing import Optional
 
 from conf import settings
 from training.options import OPTIONAL_PATH, OPTIONS, SWITCH, TOGGLE, number, seed, shown_default
@@ -64,14 +65,25 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     two options at once."""
     p = train_parser()
     args = p.parse_args(argv)
-    if args.gate_images and args.att not in (None, "ema") and not args.resume:
-        p.error(f"--gate-images draws EMA's gates, and -att {args.att} has none")
-    if args.att_stages and not args.resume and (args.att == "none" or args.net == "mobilenetv2"):
-        p.error(f"--att-stages places the attention module in a ResNet's stages: not with "
-                f"{'-att none' if args.att == 'none' else '-net mobilenetv2'}")
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run; --resume continues one: give one of them")
+    problem = conflict(vars(args))
+    if problem:
+        p.error(problem)
     return args
+
+
+def conflict(args: dict) -> Optional[str]:
+    """What is wrong with these options together (a command line's, or a resumed run's record),
+    or None."""
+    att, resumed = args.get("att"), args.get("resume")
+    if args.get("gate_images") and att not in (None, "ema") and not resumed:
+        return f"--gate-images draws EMA's gates, and -att {att} has none"
+    not_a_resnet = att == "none" or args.get("net") == "mobilenetv2"
+    if args.get("att_stages") and not resumed and not_a_resnet:
+        return (f"--att-stages places the attention module in a ResNet's stages: not with "
+                f"{'-att none' if att == 'none' else '-net mobilenetv2'}")
+    if args.get("init_from") and resumed:
+        return "--init-from starts a new run; --resume continues one: give one of them"
+    return None
 
 
 # ---------------------------------------------------------------- the other scripts' flags

@@ -14,7 +14,7 @@ from utils import SINGLE_PROCESS, Distributed, UserError
 def train_step(step_model: nn.Module, images, labels, loss_function, optimizer, scaler,
                speed: SpeedSettings):
     """One optimizer step on a batch: (loss, top-1 hits), left on the device: nothing here waits
-    for it. `loss_function(logits, labels)`: the recipe's (training/recipe.py)."""
+    for it. `loss_function(logits, labels)`: the recipe's (training/recipes.py)."""
     # Gradients freed before the forward: no memory held through it, and no CUDA-graph output of
     # the last step alive when the next one replays.
     optimizer.zero_grad(set_to_none=True)

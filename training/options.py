@@ -55,7 +55,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_RUN_NAME = 200  # bytes of a --run-name: file systems take 255, the log folder may add 7
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Option:
     help: str
     flags: tuple = ()  # none: a value the trainer records from the run, not an option
@@ -154,115 +154,153 @@ at_least_0 = number(int, minimum=0)
 
 OPTIONS = {
     # A run's identity, in the order table.py names what differs from the paper.
-    "net": Option("network: resnet18/34/50/101/152 or mobilenetv2 (models/)", ("-net",),
-                  choices=networks, default="resnet50", identity=True, paper=ROW),
-    "att": Option("attention module, none for the baseline (models/attention/)", ("-att",),
-                  choices=attentions, default="ema", identity=True, paper=ROW),
-    "recipe": Option("the training recipe", ("--recipe",),
-                     choices=list(settings.RECIPES), default="paper", identity=True, paper=ROW,
-                     docs="#recipes"),
-    "att_stages": Option("the ResNet stages (1-4) whose blocks get the attention module, e.g. 3,4",
-                         ("--att-stages",), att_stages, metavar="S,S",
-                         derived="all four, the paper's", identity=True, paper=None, older=None,
-                         docs="#placement---att-stages"),
-    "lr": Option("initial learning rate", ("-lr",),
-                 number(float, positive=True, maximum=FLOAT32_MAX),
-                 default=settings.LR, identity=True, paper=settings.LR, older=settings.LR,
-                 number=True),
-    "b": Option("batch size, per process under torchrun", ("-b", "--b", "--batch-size"),
-                positive_int, default=settings.BATCH_SIZE, identity=True, paper=settings.BATCH_SIZE,
-                older=settings.BATCH_SIZE, arithmetic=True, number=True),
-    # torchrun's processes, so that the global batch is b x world.
-    "world": Option("processes of the launch", identity=True, paper=1, older=1, resume=MAY_CHANGE,
-                    arithmetic=True, number=True),
-    "epochs": Option("epochs; raise it on --resume to extend a finished run", ("--epochs",),
-                     positive_int, default=settings.EPOCHS, identity=True, paper=settings.EPOCHS,
-                     resume=EXTENDS, number=True),
-    "warm": Option("warm-up epochs (linear, per iteration)", ("-warm",), at_least_0,
-                   derived="the recipe's", identity=True, paper=recipe_warm, older=recipe_warm,
-                   number=True),
-    "subset": Option("train on the first N images", ("--subset",), positive_int, metavar="N",
-                     derived="all", identity=True, paper=None, older=None),
-    "val": Option("hold out N training images (stratified, the same for every run) as a validation "
-                  "split; best.pth is then the best validation epoch", ("--val",), positive_int,
-                  metavar="N", derived="none, the paper's", identity=True, paper=None, older=None,
-                  docs="#a-validation-split---val"),
-    # "cifar-100" or "custom-<8 hex>" (training/run_data.py); before it was recorded, the --data
-    # path.
-    "dataset": Option("what the data is", identity=True, paper="cifar-100",
-                      older=lambda args: args.get("data"), resume=MAY_CHANGE),
-    "amp": Option("autocast dtype", ("--amp",), choices=("off", "bf16", "fp16"),
-                  derived="bf16 where the GPU or CPU computes it natively; on GPUs without, fp16 "
-                          "with a gradient scaler; else off",
-                  identity=True, paper="off", older="off", resume=MAY_CHANGE, arithmetic=True),
-    "nam_l1": Option("NAM's L1 strength on its BN weights (NAM's paper: 1e-4)", ("--nam-l1",),
-                     number(float, minimum=0), metavar="S", default=0.0, identity=True, paper=0.0,
-                     older=0.0,
-                     number=True),
-    "sync_bn": Option("under torchrun on GPUs: SyncBatchNorm across ranks", ("--sync-bn",),
-                      form=SWITCH, default=False, identity=True, paper=False, older=False,
-                      arithmetic=True),
+    "net": Option(
+        flags=("-net",), choices=networks, default="resnet50",
+        help="network: resnet18/34/50/101/152 or mobilenetv2 (models/)",
+        identity=True, paper=ROW),
+    "att": Option(
+        flags=("-att",), choices=attentions, default="ema",
+        help="attention module, none for the baseline (models/attention/)",
+        identity=True, paper=ROW),
+    "recipe": Option(
+        flags=("--recipe",), choices=list(settings.RECIPES), default="paper",
+        help="the training recipe", docs="#recipes",
+        identity=True, paper=ROW),
+    "att_stages": Option(
+        flags=("--att-stages",), type=att_stages, metavar="S,S", derived="all four, the paper's",
+        help="the ResNet stages (1-4) whose blocks get the attention module, e.g. 3,4",
+        docs="#placement---att-stages",
+        identity=True, paper=None, older=None),
+    "lr": Option(
+        flags=("-lr",), type=number(float, positive=True, maximum=FLOAT32_MAX),
+        default=settings.LR, help="initial learning rate",
+        identity=True, paper=settings.LR, older=settings.LR, number=True),
+    "b": Option(
+        flags=("-b", "--b", "--batch-size"), type=positive_int, default=settings.BATCH_SIZE,
+        help="batch size, per process under torchrun",
+        identity=True, paper=settings.BATCH_SIZE, older=settings.BATCH_SIZE, arithmetic=True,
+        number=True),
+    "world": Option(  # torchrun's processes: the global batch is b x world
+        help="processes of the launch",
+        identity=True, paper=1, older=1, resume=MAY_CHANGE, arithmetic=True, number=True),
+    "epochs": Option(
+        flags=("--epochs",), type=positive_int, default=settings.EPOCHS,
+        help="epochs; raise it on --resume to extend a finished run",
+        identity=True, paper=settings.EPOCHS, resume=EXTENDS, number=True),
+    "warm": Option(
+        flags=("-warm",), type=at_least_0, derived="the recipe's",
+        help="warm-up epochs (linear, per iteration)",
+        identity=True, paper=recipe_warm, older=recipe_warm, number=True),
+    "subset": Option(
+        flags=("--subset",), type=positive_int, metavar="N", derived="all",
+        help="train on the first N images",
+        identity=True, paper=None, older=None),
+    "val": Option(
+        flags=("--val",), type=positive_int, metavar="N", derived="none, the paper's",
+        help="hold out N training images (stratified, the same for every run) as a validation "
+             "split; best.pth is then the best validation epoch",
+        docs="#a-validation-split---val",
+        identity=True, paper=None, older=None),
+    # "cifar-100" or "custom-<8 hex>" (training/run_data.py); before it was recorded, the path.
+    "dataset": Option(
+        help="what the data is",
+        identity=True, paper="cifar-100", older=lambda args: args.get("data"), resume=MAY_CHANGE),
+    "amp": Option(
+        flags=("--amp",), choices=("off", "bf16", "fp16"),
+        derived="bf16 where the GPU or CPU computes it natively; on GPUs without, fp16 with a "
+                "gradient scaler; else off",
+        help="autocast dtype",
+        identity=True, paper="off", older="off", resume=MAY_CHANGE, arithmetic=True),
+    "nam_l1": Option(
+        flags=("--nam-l1",), type=number(float, minimum=0), metavar="S", default=0.0,
+        help="NAM's L1 strength on its BN weights (NAM's paper: 1e-4)",
+        identity=True, paper=0.0, older=0.0, number=True),
+    "sync_bn": Option(
+        flags=("--sync-bn",), form=SWITCH, default=False,
+        help="under torchrun on GPUs: SyncBatchNorm across ranks",
+        identity=True, paper=False, older=False, arithmetic=True),
     "init_from": Option(
-        "start a new run from these weights: a checkpoint of this repo, or of the NAM "
-        "authors' or the classic CIFAR-100 script; optimizer and schedule start fresh",
-        ("--init-from",), metavar="PATH", identity=True, paper=None, older=None,
-        resume=FOLDER, docs="data.md#checkpoints-from-other-repos"),
-    # After a resume that changed an identity value, e.g. "amp off -> bf16 at epoch 3 step 0".
-    "changed_on_resume": Option("what a resume changed: a mixed run", identity=True, paper=None,
-                                older=None),
+        flags=("--init-from",), metavar="PATH",
+        help="start a new run from these weights: a checkpoint of this repo, or of the NAM "
+             "authors' or the classic CIFAR-100 script; optimizer and schedule start fresh",
+        docs="data.md#checkpoints-from-other-repos",
+        identity=True, paper=None, older=None, resume=FOLDER),
+    "changed_on_resume": Option(  # e.g. "amp off -> bf16 at epoch 3 step 0"
+        help="what a resume changed: a mixed run",
+        identity=True, paper=None, older=None),
     # Not the identity.
-    "run_id": Option("the run's own name for its TensorBoard folder (training/event_log.py)"),
-    "seed": Option("seeds the initialisation, the shuffle and the augmentations (0 .. 2**63 - 1)",
-                   ("--seed",), seed, default=0, number=True),  # table.py averages over seeds
-    "data": Option("folder holding cifar-100-python/, cifar-10-batches-py/, or train/ and test/ "
-                   "folders of images per class; recorded as an absolute path", ("--data",),
-                   metavar="DIR", derived=settings.DATA_DIR, resume=MAY_CHANGE, docs="data.md"),
-    "data_format": Option("what --data holds: CIFAR-100 or CIFAR-10 in their official format, or a "
-                          "folder of images per class", ("--dataset",), choices=settings.DATASETS,
-                          default="cifar100",
-                          docs="data.md#cifar-10-and-your-own-images---dataset"),
+    "run_id": Option(help="the run's own name for its TensorBoard folder (training/event_log.py)"),
+    "seed": Option(  # table.py averages over seeds
+        flags=("--seed",), type=seed, default=0,
+        help="seeds the initialisation, the shuffle and the augmentations (0 .. 2**63 - 1)",
+        number=True),
+    "data": Option(
+        flags=("--data",), metavar="DIR", derived=settings.DATA_DIR,
+        help="folder holding cifar-100-python/, cifar-10-batches-py/, or train/ and test/ "
+             "folders of images per class; recorded as an absolute path",
+        docs="data.md",
+        resume=MAY_CHANGE),
+    "data_format": Option(
+        flags=("--dataset",), choices=settings.DATASETS, default="cifar100",
+        help="what --data holds: CIFAR-100 or CIFAR-10 in their official format, or a folder of "
+             "images per class",
+        docs="data.md#cifar-10-and-your-own-images---dataset"),
     # From the data (training/run_data.py).
-    "classes": Option("the number of classes", resume=MAY_CHANGE),
-    "mean": Option("the normalization's mean", resume=MAY_CHANGE),
-    "std": Option("the normalization's standard deviation", resume=MAY_CHANGE),
-    "loader": Option("device: data kept and augmented on the training device; workers: torchvision "
-                     "transforms in DataLoader processes (the classic scripts)", ("--loader",),
-                     choices=("device", "workers"), default="device", resume=MAY_CHANGE,
-                     arithmetic=True),
-    "workers": Option("processes of --loader workers", ("--workers",), at_least_0, metavar="N",
-                      derived="4 on a GPU, 0 on the CPU", resume=MAY_CHANGE,
-                      arithmetic=lambda args: args.get("loader") == "workers"),
-    "channels_last": Option("NHWC memory format", ("--channels-last",), form=TOGGLE,
-                            derived="on CUDA, except with -att ema", resume=MAY_CHANGE,
-                            arithmetic=True, docs="speed.md"),
-    "compile": Option("torch.compile the model", ("--compile",), form=TOGGLE,
-                      derived="on CUDA, off on the CPU", resume=MAY_CHANGE, arithmetic=True),
-    # Replays the compiled kernels: the same arithmetic.
-    "cuda_graphs": Option("replay the compiled steps as CUDA graphs (with --compile, on one CUDA "
-                          "GPU, not under torchrun)", ("--cuda-graphs",), form=TOGGLE,
-                          derived="on where they apply", resume=MAY_CHANGE),
-    "deterministic": Option("on a GPU: deterministic kernels only, so that two runs of one command "
-                            "agree bitwise (slower); on the CPU runs are deterministic already",
-                            ("--deterministic",), form=TOGGLE,
-                            derived="off; a resume keeps its own",
-                            resume=MAY_CHANGE, arithmetic=True, docs="speed.md#deterministic-runs"),
-    "gpu": Option("accepted for the classic CLI; the device is chosen automatically", ("-gpu",),
-                  form=SWITCH, default=False),
-    "gate_images": Option("every K epochs, log EMA's spatial gates on fixed test images to "
-                          "TensorBoard (0: off)", ("--gate-images",), at_least_0, metavar="K",
-                          default=0, docs="#pictures"),
+    "classes": Option(help="the number of classes", resume=MAY_CHANGE),
+    "mean": Option(help="the normalization's mean", resume=MAY_CHANGE),
+    "std": Option(help="the normalization's standard deviation", resume=MAY_CHANGE),
+    "loader": Option(
+        flags=("--loader",), choices=("device", "workers"), default="device",
+        help="device: data kept and augmented on the training device; workers: torchvision "
+             "transforms in DataLoader processes (the classic scripts)",
+        resume=MAY_CHANGE, arithmetic=True),
+    "workers": Option(
+        flags=("--workers",), type=at_least_0, metavar="N", derived="4 on a GPU, 0 on the CPU",
+        help="processes of --loader workers",
+        resume=MAY_CHANGE, arithmetic=lambda args: args.get("loader") == "workers"),
+    "channels_last": Option(
+        flags=("--channels-last",), form=TOGGLE, derived="on CUDA, except with -att ema",
+        help="NHWC memory format", docs="speed.md",
+        resume=MAY_CHANGE, arithmetic=True),
+    "compile": Option(
+        flags=("--compile",), form=TOGGLE, derived="on CUDA, off on the CPU",
+        help="torch.compile the model",
+        resume=MAY_CHANGE, arithmetic=True),
+    "cuda_graphs": Option(  # replays the compiled kernels: the same arithmetic
+        flags=("--cuda-graphs",), form=TOGGLE, derived="on where they apply",
+        help="replay the compiled steps as CUDA graphs (with --compile, on one CUDA GPU, not "
+             "under torchrun)",
+        resume=MAY_CHANGE),
+    "deterministic": Option(
+        flags=("--deterministic",), form=TOGGLE, derived="off; a resume keeps its own",
+        help="on a GPU: deterministic kernels only, so that two runs of one command agree "
+             "bitwise (slower); on the CPU runs are deterministic already",
+        docs="speed.md#deterministic-runs",
+        resume=MAY_CHANGE, arithmetic=True),
+    "gpu": Option(
+        flags=("-gpu",), form=SWITCH, default=False,
+        help="accepted for the classic CLI; the device is chosen automatically"),
+    "gate_images": Option(
+        flags=("--gate-images",), type=at_least_0, metavar="K", default=0,
+        help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)",
+        docs="#pictures"),
     "run": Option(
-        "run folder name; a new run never reuses a folder holding a checkpoint or results",
-        ("--run-name",), run_name, metavar="NAME", derived="the start time and the seed",
+        flags=("--run-name",), type=run_name, metavar="NAME", derived="the start time and the seed",
+        help="run folder name; a new run never reuses a folder holding a checkpoint or results",
         resume=FOLDER),
     "resume": Option(
-        "continue a run: alone, the newest run of -net/-att; or a last.pth or run folder",
-        ("-resume", "--resume"), form=OPTIONAL_PATH, metavar="PATH", resume=WHERE,
-        docs="#resuming"),
-    "checkpoint_dir": Option("checkpoints root", ("--checkpoint-dir",), metavar="DIR",
-                             default=settings.CHECKPOINT_DIR, resume=WHERE),
-    "log_dir": Option("TensorBoard root", ("--log-dir",), metavar="DIR", default=settings.LOG_DIR,
-                      resume=WHERE),
+        flags=("-resume", "--resume"), form=OPTIONAL_PATH, metavar="PATH",
+        help="continue a run: alone, the newest run of -net/-att; or a last.pth or run folder",
+        docs="#resuming",
+        resume=WHERE),
+    "checkpoint_dir": Option(
+        flags=("--checkpoint-dir",), metavar="DIR", default=settings.CHECKPOINT_DIR,
+        help="checkpoints root",
+        resume=WHERE),
+    "log_dir": Option(
+        flags=("--log-dir",), metavar="DIR", default=settings.LOG_DIR,
+        help="TensorBoard root",
+        resume=WHERE),
 }
 
 

@@ -91,8 +91,8 @@ def validation_split(targets: list, n: int) -> tuple[np.ndarray, np.ndarray]:
     shares = np.floor(exact).astype(int)
     shares[np.argsort(-(exact - shares), kind="stable")[:n - shares.sum()]] += 1
     rng = np.random.default_rng(VAL_SEED)
-    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share] for c,
-                           share in zip(classes, shares)])
+    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share]
+                           for c, share in zip(classes, shares)])
     mask = np.zeros(len(targets), dtype=bool)
     mask[held] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
@@ -106,21 +106,18 @@ def select(split: ImageArray, indices) -> ImageArray:
 
 
 @dataclass
-class TrainingData:
-    train_set: ImageArray  # the images trained on
-    train: object  # the training loader: len() steps per epoch
-    test: object
-    val: object  # the validation loader (--val), else None
-    generator: torch.Generator
-    gate_images: object  # the first 8 test images (--gate-images), else None
-    recipe: dict  # the recipe, with this data's normalization
-    facts: dict  # what the run records of its data: dataset, classes, mean, std, subset
+class Splits:
+    """The run's images, opened and split, and what the run records of them (`facts`: dataset,
+    classes, mean, std, subset)."""
+    train: ImageArray  # the images trained on (without --val's, cut to --subset)
+    val: object  # the held-out images (--val), else None
+    test: ImageArray
+    facts: dict
 
 
-def training_data(args, device, processes: Distributed = SINGLE_PROCESS,
-                  notes: list = None) -> TrainingData:
-    """The run's data, downloaded or cached where missing (once per machine; the other ranks wait),
-    and what the run records of it (`facts`); what the log should say appended to `notes`."""
+def open_splits(args, processes: Distributed = SINGLE_PROCESS, notes: list = None) -> Splits:
+    """The run's data, downloaded or cached where missing (once per machine; the other ranks
+    wait), checked, split; what the log should say appended to `notes`."""
     notes = [] if notes is None else notes
     kind = args.data_format
     prepared = None
@@ -136,7 +133,6 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS,
     mean, std = map(list, normalization(kind, args.recipe, train_set))
     facts = {"dataset": identity(kind, train_set.md5, test_set.md5), "classes": classes,
              "mean": mean, "std": std, "subset": args.subset}
-    recipe = recipe_of({"recipe": args.recipe, "mean": mean, "std": std})
     val_set = None
     if args.val:
         if args.val >= len(train_set):
@@ -150,20 +146,39 @@ def training_data(args, device, processes: Distributed = SINGLE_PROCESS,
         facts["subset"] = None
     if facts["subset"]:
         train_set.truncate(args.subset)
-    # Seeded again at the start of every epoch (recipe.seed_epoch); every rank draws the same
+    return Splits(train_set, val_set, test_set, facts)
+
+
+@dataclass
+class TrainingData:
+    train_set: ImageArray  # the images trained on
+    train: object  # the training loader: len() steps per epoch
+    test: object
+    val: object  # the validation loader (--val), else None
+    generator: torch.Generator
+    gate_images: object  # the first 8 test images (--gate-images), else None
+    recipe: dict  # the recipe, with this data's normalization
+
+
+def training_data(args, splits: Splits, device,
+                  processes: Distributed = SINGLE_PROCESS) -> TrainingData:
+    """The run's loaders over its opened splits."""
+    recipe = recipe_of(vars(args))
+    # Seeded again at the start of every epoch (recipes.seed_epoch); every rank draws the same
     # epoch, then takes its shard.
     generator = torch.Generator(device if args.loader == "device" else "cpu")
     generator.manual_seed(args.seed)
-    train = make_loader(args.loader, train_set, args.b, recipe, device, True, args.workers,
+    train = make_loader(args.loader, splits.train, args.b, recipe, device, True, args.workers,
                         generator, processes)
 
     def evaluation(split):
         return make_loader(args.loader, split, max(args.b, 256), recipe, device, False,
                            args.workers, processes=processes)
 
-    test, val = evaluation(test_set), evaluation(val_set) if val_set is not None else None
+    test = evaluation(splits.test)
+    val = evaluation(splits.val) if splits.val is not None else None
     gate_images = next(iter(test))[0][:8] if args.gate_images else None  # the same every time
-    return TrainingData(train_set, train, test, val, generator, gate_images, recipe, facts)
+    return TrainingData(splits.train, train, test, val, generator, gate_images, recipe)
 
 
 def trained_on(saved: dict, data=None) -> ImageArray:

@@ -298,8 +298,8 @@ class RunFolder:
             f"{best['top5']:.2f}")
         if not self.active:
             return
-        hparam_dict = {k: v for k,
-                       v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        hparam_dict = {k: v for k, v in vars(args).items()
+                       if isinstance(v, (int, float, str, bool))}
         metrics = {"hparam/final_top1": final["test_top1"], "hparam/final_top5": final["test_top5"],
                    "hparam/best_top1": best["top1"]}
 

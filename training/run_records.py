@@ -177,8 +177,8 @@ def read_metrics(path: Path) -> list:
         if None in line or None in line.values():  # more or fewer values than columns
             raise UnreadableRun(
                 f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
-        rows.append({key: number(text, f"metrics.csv row {n}: {key}") for key,
-                     text in line.items()})
+        rows.append({key: number(text, f"metrics.csv row {n}: {key}")
+                     for key, text in line.items()})
     epochs = [row.get("epoch") for row in rows]
     if epochs != list(range(1, len(rows) + 1)):  # each row read by its epoch number
         shown = ", ".join(f"{e:g}" for e in epochs)

@@ -210,6 +210,24 @@ def seeds_line(rows: list[Row], delta: float) -> str:
 
 # ---------------------------------------------------------------- the report
 
+def known_models(runs: list[Run]) -> list[Run]:
+    """The runs whose network and attention module this checkout has (a row's #Params comes from
+    building it); the others, e.g. a branch's new module sharing checkpoint/, skipped with one
+    line."""
+    import models  # torch is only needed for the #Params column
+    known = []
+    for run in runs:
+        net, att = run.identity.net, run.identity.att
+        unknown = ([f"network {net!r}"] if net not in models.list_models() else []) + (
+            [f"attention module {att!r}"] if att not in models.list_attentions() else [])
+        if unknown:
+            print(f"skipped {run.folder}: this checkout has no {' and no '.join(unknown)} "
+                  f"(models/)", file=sys.stderr)
+        else:
+            known.append(run)
+    return known
+
+
 @functools.cache  # the table is rendered twice (printed, and table.md): build each model once
 def count_params(net: str, att: str, att_stages=None, classes=settings.NUM_CLASSES) -> str:
     import models  # torch is only needed for this column
@@ -410,7 +428,7 @@ def main(argv=None):
             f"error: no folder {checkpoint_dir}; train first (see README, 'Reproducing the table')",
             file=sys.stderr)
         return 2
-    rows = group(read_runs(checkpoint_dir))
+    rows = group(known_models(read_runs(checkpoint_dir)))
     print("\n".join(report_lines(rows, args.delta, args.markdown)))
     out = Path(args.out)
     written = [out / "table.md"]
@@ -437,4 +455,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while it reads or draws: one line, not a traceback
+        print("\nSIGINT: stopped", file=sys.stderr)
+        sys.exit(130)

@@ -104,9 +104,11 @@ class Trainer:
 
     def open_outputs(self):
         """The run folder, once everything given has been validated: nothing is written before."""
-        resumed_epoch = self.epoch if self.checkpoint else None
+        resumed_epoch, recorded = None, None
+        if self.checkpoint:
+            resumed_epoch, recorded = self.epoch, self.checkpoint["args"]
         self.out = run_folder.RunFolder(self.args, run_folder.folder_of(self.args),
-                                        self.processes.main, resumed_epoch)
+                                        self.processes.main, resumed_epoch, recorded)
         for note in self.notes:
             self.out.print(note)
         if self.checkpoint:  # metrics.csv as far as the checkpoint goes (an older may be resumed)

@@ -131,7 +131,7 @@ def test_each_default_passes_its_own_check(name):
     """What a new run records is what a resume accepts back."""
     default = OPTIONS[name].default
     if default is not None:
-        assert arguments.checked_value(name, default) == default
+        assert run_options.checked(name, default) == default
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -145,7 +145,7 @@ def test_each_default_passes_its_own_check(name):
 def test_a_recorded_value_is_checked_by_its_options_own_type(name, value, message):
     with pytest.raises(run_options.BadValue, match=message.replace("*", r"\*").replace("(", r"\(")
                        .replace(")", r"\)")):
-        arguments.checked_value(name, value)
+        run_options.checked(name, value)
 
 
 def test_a_recorded_run_whose_options_conflict_is_refused(tmp_path):
@@ -165,3 +165,9 @@ def test_a_resume_notes_only_what_it_ignores(finished_small_run, tmp_path, capsy
     assert "ignored: -lr\n" in capsys.readouterr().err
     assert resume(tmp_path, run, "--epochs", "2", "-b", "16") == 0
     assert "ignored" not in capsys.readouterr().err
+
+
+def test_the_tables_stages_are_the_models():
+    import models
+    assert run_options.RESNET_STAGES == models.ALL_STAGES
+    assert run_options.att_stages("4, 3") == "3,4" and run_options.att_stages("1,2,3,4") is None

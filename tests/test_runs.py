@@ -304,3 +304,28 @@ def test_a_partial_dataset_folder_is_never_overwritten(tmp_path):
     with pytest.raises(utils.UserError, match="not test"):
         cifar.ensure_cifar100(root)
     assert (root / "cifar-100-python" / "train").read_bytes() == train_bytes
+
+
+def test_an_extension_stopped_before_it_saves_leaves_the_finished_run(
+        finished_small_run, tmp_path, monkeypatch, capsys):
+    """--resume <finished run> --epochs 3, killed right after the banner: args.json still says
+    what last.pth holds, so table.py lists the run as finished, reproduce.py as done, and a resume
+    without --epochs says it is finished, as before the attempt."""
+    run = copy_run(finished_small_run, tmp_path, "extended")
+    before = (run / "args.json").read_text()
+
+    def killed(self, stop):
+        raise SystemError("killed")  # as a kill -9 right after the banner: nothing more runs
+
+    monkeypatch.setattr(train_cifar100.Trainer, "train_epoch", killed)
+    with pytest.raises(SystemError):
+        resume(tmp_path, run, "--epochs", "3")
+    monkeypatch.undo()
+    assert (run / "args.json").read_text() == before
+    assert run_records.read_run(run).finished
+    assert resume(tmp_path, run) == 0
+    assert "already finished 1/1 epochs" in capsys.readouterr().out
+    # Extended for real, args.json follows last.pth.
+    assert resume(tmp_path, run, "--epochs", "2") == 0
+    assert json.loads((run / "args.json").read_text())["epochs"] == 2
+    assert run_records.read_run(run).finished

@@ -502,3 +502,47 @@ def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
                                      "pass"])])
     assert reproduce.main(["--run"]) == 1
     assert "1 of 2 runs ended well; then" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, why", [
+    ({"att": "bam"}, "this checkout has no attention module 'bam' (models/)"),
+    ({"net": "vgg16"}, "this checkout has no network 'vgg16'"),
+    ({"att_stages": "5"}, "'att_stages' is '5' (argument --att-stages: expected distinct"),
+    ({"classes": 10 ** 9}, "'classes' is 1000000000, not a number of classes"),
+    ({"epochs": -5}, "'epochs' is -5 (argument --epochs: must be positive"),
+    ({"b": 0}, "'b' is 0 (argument -b/--b/--batch-size: must be positive"),
+    ({"lr": math.inf}, "'lr' is inf (argument -lr: must be positive"),
+    ({"seed": math.nan}, "'seed' is nan (argument --seed: expected a whole number"),
+    ({"amp": "fp8"}, "'amp' is 'fp8' (argument --amp: invalid choice"),
+])
+def test_one_run_the_table_cannot_interpret_is_skipped_and_the_rest_prints(
+        tmp_path, capsys, args, why):
+    """A branch's new module sharing checkpoint/, or values no run could have had: skipped with
+    one line naming the folder and why; the other runs still make the table."""
+    root = tmp_path / "checkpoint"
+    paper_run(root, "ema", 0, 80.0)
+    extra = {key: value for key, value in args.items() if key not in ("net", "att", "seed")}
+    odd = fake_run(root, args.get("net", "resnet50"), args.get("att", "ema"), args.get("seed", 1),
+                   [70.0], planned=1, run="odd", **extra)
+    captured = markdown(root, tmp_path, capsys)
+    assert cells(captured.out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped")]
+    assert skipped == [f"skipped {odd}: " + skipped[0].split(": ", 1)[1]] and why in skipped[0]
+
+
+@pytest.mark.parametrize("column, value", [("test_top1", -3.0), ("test_top5", 140.0),
+                                           ("train_loss", -1.0), ("lr", -0.1)])
+def test_metrics_no_run_writes_are_skipped(tmp_path, capsys, column, value):
+    root = tmp_path / "checkpoint"
+    paper_run(root, "ema", 0, 80.0)
+    odd = paper_run(root, "ema", 1, 81.0, run="odd")
+    with open(odd / "metrics.csv") as f:
+        lines = f.read().splitlines()
+    header = lines[0].split(",")
+    row = lines[5].split(",")
+    row[header.index(column)] = str(value)
+    (odd / "metrics.csv").write_text("\n".join(lines[:5] + [",".join(row)] + lines[6:]) + "\n")
+    captured = markdown(root, tmp_path, capsys)
+    assert cells(captured.out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
+    assert (f"skipped {odd}: metrics.csv row 5: {column} is {value:g}, which no run writes"
+            in captured.err)

@@ -20,7 +20,7 @@ from typing import Optional
 
 from conf import settings
 from training import checkpoints, cli, options, run_data
-from training.options import OPTIONS, SWITCH, TOGGLE, BadValue
+from training.options import OPTIONS, BadValue
 from training.speed import SpeedSettings, cuda_graphs_obstacle, native_cpu_bf16
 from utils import Distributed, UserError
 
@@ -134,7 +134,7 @@ def checked_recorded(recorded, path: Path) -> dict:
         if value is None or option is None or not option.option or name in options.NOT_RESUMED:
             continue
         try:
-            values[name] = checked_value(name, value)
+            values[name] = options.checked(name, value)
         except BadValue as e:
             raise UserError(f"{path}: its recorded arguments cannot be resumed ({e})") from None
     # Checked as the run's own command line was: without where it was resumed from or started.
@@ -142,25 +142,6 @@ def checked_recorded(recorded, path: Path) -> dict:
     if problem:
         raise UserError(f"{path}: its recorded arguments cannot be resumed ({problem})")
     return values
-
-
-def checked_value(name: str, value):
-    """A recorded value as option `name` takes it from a command line, or BadValue."""
-    option = OPTIONS[name]
-    if option.form in (SWITCH, TOGGLE):
-        if not isinstance(value, bool):
-            raise BadValue(f"{name} is {value!r}, not true or false")
-        return value
-    where = f"argument {'/'.join(option.flags)}"
-    try:
-        parsed = option.type(str(value)) if option.type else str(value)
-    except BadValue as e:
-        raise BadValue(f"{where}: {e}") from None
-    allowed = option.allowed()
-    if allowed and parsed not in allowed:
-        choices = ", ".join(map(repr, allowed))
-        raise BadValue(f"{where}: invalid choice: {parsed!r} (choose from {choices})")
-    return parsed
 
 
 # ---------------------------------------------------------------- derived defaults

@@ -122,23 +122,26 @@ def run_name(text):
     return text
 
 
+RESNET_STAGES = (1, 2, 3, 4)  # models.ALL_STAGES, here without torch (a test holds them equal)
+
+
 def att_stages(text):
     """"3,4" -> "3,4" (sorted, as recorded); all four stages -> None, the paper's placement."""
-    import models  # here, not above: models imports torch, and table.py reads this file without it
-    try:
-        stages = models.parse_stages(text)
-    except ValueError as e:
-        raise BadValue(str(e)) from None
-    return None if stages == models.ALL_STAGES else ",".join(map(str, stages))
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(part in {str(s) for s in RESNET_STAGES} for part in parts) or \
+            len(set(parts)) != len(parts):
+        raise BadValue(f"expected distinct ResNet stages from 1 to 4 such as 3,4, got {text!r}")
+    stages = tuple(sorted(map(int, parts)))
+    return None if stages == RESNET_STAGES else ",".join(map(str, stages))
 
 
 def networks():
-    import models  # as in att_stages
+    import models  # here, not above: models imports torch, and table.py reads this file without it
     return models.list_models()
 
 
 def attentions():
-    import models  # as in att_stages
+    import models  # as in networks
     return models.list_attentions()
 
 
@@ -339,6 +342,27 @@ def arithmetic_on_resume(args: dict) -> list[str]:
 def flag(name: str) -> str:
     """The flag a person types for option `name`, e.g. --batch-size's '-b'."""
     return OPTIONS[name].flags[-1] if OPTIONS[name].flags else name
+
+
+def checked(name: str, value, registry: bool = True):
+    """A recorded value as option `name` takes it from a command line, or BadValue saying why not.
+    registry=False leaves -net and -att's choices (the models' registry, which imports torch)
+    unchecked."""
+    option = OPTIONS[name]
+    if option.form in (SWITCH, TOGGLE):
+        if not isinstance(value, bool):
+            raise BadValue(f"{name} is {value!r}, not true or false")
+        return value
+    where = f"argument {'/'.join(option.flags)}"
+    try:
+        parsed = option.type(str(value)) if option.type else str(value)
+    except BadValue as e:
+        raise BadValue(f"{where}: {e}") from None
+    allowed = option.allowed() if registry or not callable(option.choices) else None
+    if allowed and parsed not in allowed:
+        choices = ", ".join(map(repr, allowed))
+        raise BadValue(f"{where}: invalid choice: {parsed!r} (choose from {choices})")
+    return parsed
 
 
 def shown_default(option: Option) -> str:

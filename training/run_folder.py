@@ -95,9 +95,9 @@ class RunFolder:
             ("Test/loss", "test_loss"), ("Test/top1", "test_top1"), ("Test/top5", "test_top5"),
             ("Val/loss", "val_loss"), ("Val/top1", "val_top1"))  # Val: with --val only
 
-    def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None):
+    def __init__(self, args, ckpt_dir: Path, active: bool, resumed_epoch=None, recorded=None):
         """Open the run's folders; `resumed_epoch`: the epoch a resumed run's checkpoint holds, None
-        for a new run."""
+        for a new run; `recorded`: the arguments that checkpoint holds."""
         self.ckpt_dir = ckpt_dir
         log_name = event_log.log_name(ckpt_dir, args)
         self.log_dir = Path(args.log_dir) / f"{args.net}_{args.att}" / log_name
@@ -114,10 +114,16 @@ class RunFolder:
         self._write_owner(args)
         for leftover in self.ckpt_dir.glob("*.tmp"):  # a write that a crash interrupted
             leftover.unlink()
-        # The arguments in plain text, for table.py and for people; the checkpoints hold them too.
-        utils.write_atomic(self.ckpt_dir / "args.json",
-                           lambda f: f.write(json.dumps(vars(args), indent=2) + "\n"), text=True)
+        # A resumed run's args.json stays what its last.pth holds until it saves a new one: an
+        # extension (--epochs) killed before that leaves the finished run as it was.
+        self._write_args(vars(args) if resumed_epoch is None else recorded)
         self._open_log()
+
+    def _write_args(self, values: dict) -> None:
+        """args.json: the arguments in plain text, for table.py and for people (the checkpoints
+        hold them too)."""
+        utils.write_atomic(self.ckpt_dir / "args.json",
+                           lambda f: f.write(json.dumps(values, indent=2) + "\n"), text=True)
 
     def _make_writable(self) -> None:
         """Both folders made, and written to once: a read-only or full disk is said now."""
@@ -277,6 +283,8 @@ class RunFolder:
     def save(self, name, state):
         if self.active:
             utils.save_atomic(state, self.ckpt_dir / name)
+            if name == "last.pth":
+                self._write_args(state["args"])
 
     def print_epoch(self, row: dict, epochs: int, is_best: bool) -> None:
         val = ""

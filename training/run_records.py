@@ -129,6 +129,12 @@ def run_identity(args: dict) -> Identity:
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a number")
+    for key in [key for key in [*run_options.IDENTITY, "seed"] if key in run_options.FLAGS]:
+        value = values[key] if key in values else args[key]
+        try:  # a value that no command line could have given
+            None if value is None else run_options.checked(key, value, registry=False)
+        except run_options.BadValue as e:
+            raise UnreadableRun(f"'{key}' is {value!r} ({e})") from None
     for key, value in values.items():
         # a row is found by its identity, so every value must be hashable
         if isinstance(value, (list, dict)):
@@ -154,6 +160,15 @@ def number(text, where: str) -> float:
 
 
 NEEDED_COLUMNS = ("epoch", "test_top1", "test_top5")  # every version of the trainer wrote them
+MAX_CLASSES = 100_000  # table.py builds each row's network to count its parameters
+
+
+def in_range(key: str, value: float) -> bool:
+    """Whether a metrics.csv value could have been written: accuracies are percentages, losses,
+    learning rates and times are not negative."""
+    if key.endswith(("top1", "top5")):
+        return 0 <= value <= 100
+    return value >= 0 or not key.endswith(("loss", "lr", "seconds"))
 
 
 def read_metrics(path: Path) -> list:
@@ -179,6 +194,10 @@ def read_metrics(path: Path) -> list:
                 f"metrics.csv row {n} does not have {len(columns)} values (half-written?)")
         rows.append({key: number(text, f"metrics.csv row {n}: {key}")
                      for key, text in line.items()})
+        wrong = [key for key, value in rows[-1].items() if not in_range(key, value)]
+        if wrong:
+            raise UnreadableRun(f"metrics.csv row {n}: {wrong[0]} is {rows[-1][wrong[0]]:g}, which "
+                                f"no run writes")
     epochs = [row.get("epoch") for row in rows]
     if epochs != list(range(1, len(rows) + 1)):  # each row read by its epoch number
         shown = ", ".join(f"{e:g}" for e in epochs)
@@ -198,8 +217,9 @@ def read_run(folder: Path, args: dict = None) -> Run:
     identity = run_identity(args)
     metrics = folder / "metrics.csv"
     classes = args.get("classes") or settings.NUM_CLASSES
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-        raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
+        raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes (1 to "
+                            f"{MAX_CLASSES:,})")
     return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime,
                classes)
 

@@ -2,6 +2,7 @@
 placement ablations (--att-stages), their own data (--dataset cifar10 / folder), honest model
 selection (--val), deterministic runs (--deterministic; on the CPU: nothing changes) and export to
 ONNX (export.py; skipped where the ONNX packages are not installed)."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -219,6 +220,25 @@ def test_the_validation_split_is_stratified_fixed_and_exact():
     # shares 3.5, 2.1, 1.4: the largest remainders round up
     _, seven = run_data.validation_split(targets, 7)
     assert len(seven) == 7 and np.bincount(np.asarray(targets)[seven]).tolist() == [4, 2, 1]
+
+
+def test_a_subset_represents_every_class_and_says_how_it_was_drawn(tmp_path, capsys):
+    """An image folder is listed class by class: --subset takes every class's share (stratified,
+    seeded), not the first class or two, and records how; a run from before the draw was
+    recorded resumes on the first N it trained on."""
+    data = write_image_folder(tmp_path / "pets", n_train=24, n_test=6)
+    assert train_on(data, tmp_path, "few", "--dataset", "folder", "--subset", "6",
+                    "--epochs", "1") == 0
+    args = recorded(tmp_path, "few")
+    assert args["subset"] == 6 and args["subset_draw"] == "stratified"
+    splits = run_data.open_splits(argparse.Namespace(**args))
+    assert sorted(np.bincount(splits.train.targets).tolist()) == [2, 2, 2]
+    again = run_data.open_splits(argparse.Namespace(**args))
+    assert (again.train.data == splits.train.data).all()
+    older = {key: value for key, value in args.items() if key != "subset_draw"}
+    resumed = argparse.Namespace(**{**older, "resume": str(folder(tmp_path, "few"))})
+    assert run_data.open_splits(resumed).train.targets == [0] * 6
+    assert run_records.run_identity(older).subset_draw == "first"
 
 
 def test_val_trains_on_the_rest_and_picks_best_pth_on_validation(small_data, tmp_path, capsys):

@@ -196,8 +196,12 @@ OPTIONS = {
         identity=True, paper=recipe_warm, older=recipe_warm, number=True),
     "subset": Option(
         flags=("--subset",), type=positive_int, metavar="N", derived="all",
-        help="train on the first N images",
+        help="train on N images, every class its share (stratified, the same for every run)",
         identity=True, paper=None, older=None),
+    "subset_draw": Option(  # recorded by training/run_data.py with --subset
+        help="how --subset drew its images: stratified (every class its share, a fixed seed), or "
+             "first (the first N, before the draw was recorded)",
+        identity=True, paper=None, older=lambda args: "first" if args.get("subset") else None),
     "val": Option(
         flags=("--val",), type=positive_int, metavar="N", derived="none, the paper's",
         help="hold out N training images (stratified, the same for every run) as a validation "

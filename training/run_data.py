@@ -22,6 +22,7 @@ from utils import SINGLE_PROCESS, Distributed, UserError
 # --dataset (conf.settings.DATASETS): the CIFAR formats; "folder" is image_folder.py's.
 FORMATS = {"cifar100": cifar.CIFAR100, "cifar10": cifar.CIFAR10}
 VAL_SEED = 0  # the validation split's own: the same images for every run with the same N and data
+SUBSET_SEED = 0  # --subset's own, likewise
 
 
 def prepare(kind: str, root, chosen: bool = True):
@@ -81,21 +82,35 @@ def normalization_of(saved: dict) -> tuple[tuple, tuple]:
     return recipe["mean"], recipe["std"]
 
 
-def validation_split(targets: list, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices trained on, indices held out): n images, stratified by class (each class gives its
-    share, rounded by largest remainder so that the shares add up to n), drawn with VAL_SEED; both
-    in their original order. The same for every run with the same n and data."""
+def stratified(targets: list, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the other indices, n drawn indices): n images, stratified by class (each class gives its
+    share, rounded by largest remainder so that the shares add up to n), drawn with `seed`; both
+    in their original order. The same for every run with the same n, seed and data."""
     targets = np.asarray(targets)
     classes, counts = np.unique(targets, return_counts=True)
     exact = counts * n / len(targets)
     shares = np.floor(exact).astype(int)
     shares[np.argsort(-(exact - shares), kind="stable")[:n - shares.sum()]] += 1
-    rng = np.random.default_rng(VAL_SEED)
-    held = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share]
-                           for c, share in zip(classes, shares)])
+    rng = np.random.default_rng(seed)
+    drawn = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:share]
+                            for c, share in zip(classes, shares)])
     mask = np.zeros(len(targets), dtype=bool)
-    mask[held] = True
+    mask[drawn] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def validation_split(targets: list, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices trained on, indices held out): --val's n images, stratified, drawn with VAL_SEED."""
+    return stratified(targets, n, VAL_SEED)
+
+
+def subset_draw(args) -> str:
+    """How --subset draws its images: "stratified" (every class its share, SUBSET_SEED), or for a
+    run resumed from before the draw was recorded, "first" (the first N, as it trained)."""
+    recorded = getattr(args, "subset_draw", None)
+    if recorded is None and getattr(args, "resume", None):
+        return "first"
+    return recorded or "stratified"
 
 
 def select(split: ImageArray, indices) -> ImageArray:
@@ -132,7 +147,7 @@ def open_splits(args, processes: Distributed = SINGLE_PROCESS, notes: list = Non
                         f"trained on {args.classes}")
     mean, std = map(list, normalization(kind, args.recipe, train_set))
     facts = {"dataset": identity(kind, train_set.md5, test_set.md5), "classes": classes,
-             "mean": mean, "std": std, "subset": args.subset}
+             "mean": mean, "std": std, "subset": args.subset, "subset_draw": None}
     val_set = None
     if args.val:
         if args.val >= len(train_set):
@@ -145,7 +160,12 @@ def open_splits(args, processes: Distributed = SINGLE_PROCESS, notes: list = Non
                      f"({len(train_set):,} images): recorded as no subset")
         facts["subset"] = None
     if facts["subset"]:
-        train_set.truncate(args.subset)
+        facts["subset_draw"] = subset_draw(args)
+        if facts["subset_draw"] == "first":
+            train_set.truncate(args.subset)
+        else:  # every class, not the first one or two of a folder listed class by class
+            train_set = select(train_set, stratified(train_set.targets, args.subset,
+                                                     SUBSET_SEED)[1])
     return Splits(train_set, val_set, test_set, facts)
 
 

@@ -310,8 +310,12 @@ def test_two_seeds_started_in_the_same_second_get_two_folders(small_data, tmp_pa
                         "--log-dir", str(tmp_path / "runs")]
     assert train_cifar100.main(both + ["--seed", "0"]) == 0
     assert train_cifar100.main(both + ["--seed", "1"]) == 0
-    assert sorted(p.name for p in (tmp_path / "checkpoint" / f"{NET}_ema").iterdir()) == [
-        "2026-12-01T20-15-00-seed0", "2026-12-01T20-15-00-seed1"]
+    # A sweep launched at once: another learning rate, and the very same command again.
+    assert train_cifar100.main(both + ["--seed", "0", "-lr", "0.05"]) == 0
+    assert train_cifar100.main(both + ["--seed", "0"]) == 0
+    names = sorted(p.name for p in (tmp_path / "checkpoint" / f"{NET}_ema").iterdir())
+    assert len(names) == 4 and [name[:-7] for name in names].count("2026-12-01T20-15-00-seed0") == 3
+    assert [name[:-7] for name in names].count("2026-12-01T20-15-00-seed1") == 1
 
 
 def test_a_tensorboard_folder_belongs_to_its_run_wherever_its_checkpoints_live(

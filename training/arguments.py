@@ -157,9 +157,10 @@ def fill_run_defaults(values: dict) -> None:
     if values["warm"] is None:
         values["warm"] = options.recipe_warm(values)
     values["run_id"] = values.get("run_id") or uuid.uuid4().hex  # its TensorBoard folder's name
-    # The start time and the seed: two seeds started in the same second get two folders.
+    # The start time, the seed and the run id's first digits: runs started in the same second (a
+    # sweep launched at once) get folders of their own.
     started = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    values["run"] = values["run"] or f"{started}-seed{values['seed']}"
+    values["run"] = values["run"] or f"{started}-seed{values['seed']}-{values['run_id'][:6]}"
 
 
 def fill_device_defaults(values: dict, device, world: int) -> tuple[SpeedSettings, list[str]]:

@@ -292,7 +292,7 @@ OPTIONS = {
         help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)",
         docs="#pictures"),
     "run": Option(
-        flags=("--run-name",), type=run_name, metavar="NAME", derived="the start time and the seed",
+        flags=("--run-name",), type=run_name, metavar="NAME", derived="the start time, the seed and 6 random hex digits",
         help="run folder name; a new run never reuses a folder holding a checkpoint or results",
         resume=FOLDER),
     "resume": Option(

@@ -329,3 +329,26 @@ def test_an_extension_stopped_before_it_saves_leaves_the_finished_run(
     assert resume(tmp_path, run, "--epochs", "2") == 0
     assert json.loads((run / "args.json").read_text())["epochs"] == 2
     assert run_records.read_run(run).finished
+
+
+@pytest.mark.parametrize("given", ["folder", "best.pth"])
+def test_a_truncated_last_pth_resumes_from_best_pth_and_says_what_was_lost(
+        finished_small_run, tmp_path, capsys, given):
+    run = copy_run(finished_small_run, tmp_path, "truncated")
+    data = (run / "last.pth").read_bytes()
+    (run / "last.pth").write_bytes(data[:len(data) // 2])
+    target = run if given == "folder" else run / "best.pth"
+    assert resume(tmp_path, target, "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert f"cannot read checkpoint {run / 'last.pth'}" in out
+    assert f"resuming from {run / 'best.pth'} instead, the run's best epoch (1)" in out
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    assert run_records.read_run(run).finished and len(run_records.read_run(run).rows) == 2
+
+
+def test_an_empty_last_pth_is_one_line_that_says_so(tmp_path, capsys):
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert train_cifar100.main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read checkpoint") and "(truncated or damaged?)" in err
+    assert len(err.splitlines()) == 1

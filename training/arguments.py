@@ -41,11 +41,12 @@ def settle(given: Namespace, device, processes: Distributed) -> Settled:
     if given.resume is None:
         values, checkpoint = typed(given), None
     else:
-        path = checkpoint_to_resume(given)
-        checkpoint = checkpoints.load_checkpoint(path)
+        checkpoint, path, fallback = readable_checkpoint(checkpoint_to_resume(given))
         values = resumed_values(given, checkpoint["args"], path)
     fill_run_defaults(values)
     speed, notes = fill_device_defaults(values, device, processes.world)
+    if given.resume is not None and fallback:
+        notes.insert(0, fallback)
     splits = run_data.open_splits(Namespace(**values), processes, notes)
     values.update(splits.facts)
     if checkpoint:
@@ -82,10 +83,43 @@ def checkpoint_to_resume(given: Namespace) -> Path:
         path = max(originals, key=lambda p: p.stat().st_mtime)
     else:
         path = checkpoints.checkpoint_file(given.resume)
-    if path.name == "best.pth":  # resuming it would roll the run back over a newer last.pth
+    # Resuming best.pth would roll the run back over a newer last.pth: only where that cannot be
+    # read (readable_checkpoint falls back to best.pth then anyway).
+    if path.name == "best.pth" and unreadable(path.parent / "last.pth") is None:
         raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with "
                         f"--resume {path.parent}")
     return path
+
+
+def unreadable(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be read, or None when it can."""
+    try:
+        checkpoints.load_checkpoint(path)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def readable_checkpoint(path: Path) -> tuple[dict, Path, Optional[str]]:
+    """(the checkpoint to resume, its path, a warning or None). A last.pth that cannot be read
+    (truncated, damaged) falls back to the run's best.pth, a full training state of its best
+    epoch: the epochs after that one are trained again, and the warning says so."""
+    last, best = path.parent / "last.pth", path.parent / "best.pth"
+    if path == last:
+        try:
+            return checkpoints.load_checkpoint(last), last, None
+        except UserError as e:
+            if not best.is_file() or unreadable(best):
+                raise
+            why = str(e)
+    elif path == best:  # given where last.pth cannot be read (checkpoint_to_resume)
+        why = unreadable(last) if last.exists() else f"{last} is missing"
+    else:
+        return checkpoints.load_checkpoint(path), path, None
+    checkpoint = checkpoints.load_checkpoint(best)
+    return checkpoint, best, (f"warning: {why}; resuming from {best} instead, the run's best "
+                              f"epoch ({checkpoint['epoch']}): the epochs after it are trained "
+                              f"again")
 
 
 def recorded_name(folder: Path):

@@ -170,7 +170,10 @@ def load_checkpoint(path, ours_only: bool = True):
             f"refused to load {path}: it holds objects that only arbitrary code could rebuild "
             f"({needs_code[0]}); checkpoints are read with weights_only=True") from None
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        # One line: a truncated file's error is empty (EOFError) or a paragraph (zip reader).
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "the file ends early"
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail} "
+                        f"(truncated or damaged?)") from None
     if ours_only and not is_ours(checkpoint):
         raise UserError(f"{path} is not a checkpoint of this repo (no model weights and arguments)")
     return checkpoint

@@ -86,7 +86,8 @@ def export(args) -> None:
         proto = onnx.load(str(tmp))
         metadata = {"net": saved["net"], "att": saved["att"],
                     "att_stages": saved.get("att_stages"),  # None: all
-                    "classes": model_classes(model), "dataset": saved.get("dataset"),
+                    "classes": model_classes(model), "class_names": saved.get("class_names"),
+                    "dataset": saved.get("dataset"),
                     "recipe": saved["recipe"], "epoch": checkpoint.get("epoch"),
                     "mean": list(mean), "std": list(std), "checkpoint": str(path.resolve())}
         onnx.helper.set_model_props(proto,

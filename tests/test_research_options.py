@@ -135,6 +135,35 @@ def test_an_image_folder_trains_tests_and_resumes_and_is_decoded_once(
                              str(test_only)]) == 0
 
 
+def test_data_whose_class_names_differ_from_training_is_refused(tmp_path, capsys):
+    """The same number of classes under other names would be scored against the wrong labels
+    without a word: test.py (a test/-only folder too) and a resume refuse it, naming the first
+    label that differs."""
+    data = write_image_folder(tmp_path / "pets", n_train=6, n_test=3)
+    assert train_on(data, tmp_path, "pets", "--dataset", "folder", "--epochs", "1") == 0
+    run = folder(tmp_path, "pets")
+    assert recorded(tmp_path, "pets")["class_names"] == ["cat", "dog", "emu"]
+    other = write_image_folder(tmp_path / "other", n_train=6, n_test=3,
+                               classes=("cat", "cow", "emu"))
+    test_only = tmp_path / "test-only"
+    shutil.copytree(other / "test", test_only / "test")
+    capsys.readouterr()
+    assert test_script.main(["-weights", str(run), "--data", str(test_only)]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold the classes the run was trained on, in its order" in err
+    assert "label 1 is 'cow' there, 'dog' in training" in err
+    assert resume(tmp_path, run, "--epochs", "2", "--data", str(other)) == 2
+    assert "label 1 is 'cow' there, 'dog' in training" in capsys.readouterr().err
+
+
+def test_class_names_in_another_order_are_refused():
+    """CIFAR's names come from its meta file, whose order could differ from the run's."""
+    run_data.check_class_names(["a", "b"], None, "old run: nothing recorded")
+    run_data.check_class_names(["a", "b"], ["a", "b"], "the same")
+    with pytest.raises(run_data.UserError, match="label 0 is 'b' there, 'a' in training"):
+        run_data.check_class_names(["b", "a"], ["a", "b"], "data")
+
+
 def test_a_folder_split_equals_its_images_resized_once(tmp_path):
     from PIL import Image
     data = write_image_folder(tmp_path / "images")

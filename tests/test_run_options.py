@@ -40,7 +40,7 @@ def test_the_table_holds_only_the_parsers_options_and_what_the_trainer_records()
     parsed = set(parser_options(cli.train_parser()))
     assert {name for name, o in OPTIONS.items() if o.option} == parsed
     assert {name for name, o in OPTIONS.items() if not o.option} == {
-        "world", "dataset", "changed_on_resume", "run_id", "classes", "mean", "std",
+        "world", "dataset", "changed_on_resume", "run_id", "classes", "class_names", "mean", "std",
         "subset_draw"}
 
 

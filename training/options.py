@@ -254,6 +254,7 @@ OPTIONS = {
         docs="data.md#cifar-10-and-your-own-images---dataset"),
     # From the data (training/run_data.py).
     "classes": Option(help="the number of classes", resume=MAY_CHANGE),
+    "class_names": Option(help="the class names, in label order", resume=MAY_CHANGE),
     "mean": Option(help="the normalization's mean", resume=MAY_CHANGE),
     "std": Option(help="the normalization's standard deviation", resume=MAY_CHANGE),
     "loader": Option(

@@ -57,6 +57,19 @@ def checked_classes(kind: str, train: ImageArray, test: ImageArray) -> int:
     return len(train.classes)
 
 
+def check_class_names(found: list, trained, root) -> None:
+    """A UserError when the data's class names are not the ones a run recorded, in its label order
+    (the same number of other names, or the same names in another order, would score wrongly)."""
+    if not trained or list(found) == list(trained):
+        return
+    if len(found) != len(trained):
+        return  # said by the count checks, which name both counts
+    i = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
+    raise UserError(f"{root} does not hold the classes the run was trained on, in its order: label "
+                    f"{i} is {found[i]!r} there, {trained[i]!r} in training (args.json's "
+                    f"class_names)")
+
+
 def normalization(kind: str, recipe: str, train: ImageArray) -> tuple[tuple, tuple]:
     """(mean, std) per channel. CIFAR-100: the recipe's (the paper's recipe normalizes it with
     CIFAR-10's statistics, as its authors' script does); CIFAR-10: its own; a folder: its training
@@ -145,9 +158,11 @@ def open_splits(args, processes: Distributed = SINGLE_PROCESS, notes: list = Non
     if getattr(args, "classes", None) not in (None, classes):  # a resume on other data
         raise UserError(f"--data {args.data} has {classes} classes; the run being resumed was "
                         f"trained on {args.classes}")
+    check_class_names(train_set.classes, getattr(args, "class_names", None), args.data)
     mean, std = map(list, normalization(kind, args.recipe, train_set))
     facts = {"dataset": identity(kind, train_set.md5, test_set.md5), "classes": classes,
-             "mean": mean, "std": std, "subset": args.subset, "subset_draw": None}
+             "class_names": list(train_set.classes), "mean": mean, "std": std,
+             "subset": args.subset, "subset_draw": None}
     val_set = None
     if args.val:
         if args.val >= len(train_set):
@@ -212,6 +227,7 @@ def trained_on(saved: dict, data=None) -> ImageArray:
     if len(test_set.classes) != trained:  # the model could not even score its labels
         raise UserError(f"{root} holds {len(test_set.classes)} classes; the checkpoint was trained "
                         f"on {trained}")
+    check_class_names(test_set.classes, saved.get("class_names"), root)
     recorded = saved.get("dataset")
     if recorded:
         if kind in FORMATS:

@@ -68,6 +68,10 @@ def run_state(folder: Path, planned: dict) -> str:
     except run_records.UnreadableRun as e:
         print(f"skipped {folder}: {e}", file=sys.stderr)
         return "skipped"
+    values["seed"] = args.get("seed")
+    if planned.get("dataset") is None or not run_records.RECORDED_DATASET.fullmatch(
+            str(values["dataset"])):
+        planned = {key: value for key, value in planned.items() if key != "dataset"}  # unknown
     other = [f"{key}={values[key]} (planned: {value})"
              for key, value in planned.items() if values[key] != value]
     if other:
@@ -101,8 +105,20 @@ def planned_identity(training: list[str], net: str, att: str, recipe: str) -> di
     return fixed | {"data_format": given["data_format"]}
 
 
+def planned_dataset(root, kind: str):
+    """What --data holds, by the trainer's own name for it ("cifar-100", "custom-<8 hex>"), where
+    its CIFAR files are there; None where that cannot be told without training (not downloaded
+    yet, or a folder of images, whose name comes from decoding them)."""
+    from training import cifar, run_data  # torch: only to plan against runs already there
+    form, root = run_data.FORMATS.get(kind), Path(root)
+    if form is None or not form.complete_in(root):
+        return None
+    return cifar.identity_of(cifar.files_md5(root, form, "train"),
+                             cifar.files_md5(root, form, "test"), form)
+
+
 def plan(args) -> list[Job]:
-    jobs = []
+    jobs, datasets = [], {}
     rows = [(net, att) for net, att in ROWS if net in (args.net or [net])
             and att in (args.att or [att])]
     for recipe in args.recipe:
@@ -110,7 +126,12 @@ def plan(args) -> list[Job]:
             for net, att in rows:
                 name = f"{recipe}-seed{seed}"
                 folder = Path(args.checkpoint_dir) / f"{net}_{att}" / name
-                state = run_state(folder, planned_identity(args.training, net, att, recipe))
+                planned = planned_identity(args.training, net, att, recipe)
+                where = (args.data or settings.DATA_DIR, planned["data_format"])
+                if folder.exists() and where not in datasets:  # read once, where it matters
+                    datasets[where] = planned_dataset(*where)
+                planned |= {"seed": seed, "dataset": datasets.get(where)}
+                state = run_state(folder, planned)
                 command = ([sys.executable, str(TRAINER)] if args.run
                            else ["python", "train_cifar100.py"])
                 if state == "interrupted":

@@ -14,6 +14,7 @@ from training import run_records
 
 import reproduce
 import table
+from fake_cifar import write_fake_cifar100
 
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
           "seconds"]
@@ -546,3 +547,24 @@ def test_metrics_no_run_writes_are_skipped(tmp_path, capsys, column, value):
     assert cells(captured.out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
     assert (f"skipped {odd}: metrics.csv row 5: {column} is {value:g}, which no run writes"
             in captured.err)
+
+
+def test_reproduce_never_counts_a_run_on_other_data_or_of_another_seed_as_done(tmp_path, capsys):
+    """A folder named for seed 0 whose run recorded seed 5, or a run on CIFAR files other than
+    --data's (by the trainer's own dataset name): skipped with one line, never done."""
+    data = write_fake_cifar100(tmp_path / "data", n_train=8, n_test=8)  # a custom set
+    custom = reproduce.planned_dataset(data, "cifar100")
+    assert custom.startswith("custom-")
+    root = tmp_path / "checkpoint"
+    other_data = fake_run(root, "resnet50", "ema", 0, [10.0, 20.0], planned=2, dataset="cifar-100")
+    wrong_seed = fake_run(root, "resnet50", "ca", 5, [10.0, 20.0], planned=2, run="paper-seed0",
+                          dataset=custom)
+    fake_run(root, "resnet50", "none", 0, [10.0, 20.0], planned=2, dataset=custom)
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(root), "--epochs", "2",
+                           "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert (f"skipped {other_data}: it holds another run, dataset=cifar-100 (planned: {custom})"
+            in captured.err)
+    assert f"skipped {wrong_seed}: it holds another run, seed=5 (planned: 0)" in captured.err
+    assert "# resnet50 + none, paper, seed 0: done" in captured.out
+    assert "1 done, 0 to resume, 7 to start, 2 skipped" in captured.err

@@ -74,6 +74,9 @@ def export(args) -> None:
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write {out}: {out.parent} is not a folder we can write into")
     model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
+    diverged = checkpoints.non_finite_warning(model, path)
+    if diverged:
+        raise UserError(f"{diverged}; {out} not written")
     for module in model.modules():
         if isinstance(module, EMA):
             module.fused = False
@@ -154,6 +157,10 @@ def check_with_onnxruntime(model, path: Path):
             raise ExportMismatch(
                 f"onnxruntime's logits have shape {tuple(logits.shape)} at batch {batch}, "
                 f"not {tuple(expected.shape)}")
+        if not (torch.isfinite(logits).all() and torch.isfinite(expected).all()):
+            # A NaN's difference is never above a tolerance: checked apart.
+            raise ExportMismatch(f"the logits at batch {batch} are not all finite "
+                                 f"(onnxruntime's or PyTorch's)")
         largest = max(largest,
                       ((logits - expected).abs().max() / expected.abs().max().clamp(min=1)).item())
     return largest

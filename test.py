@@ -47,6 +47,9 @@ def test(args):
     model, checkpoint, path = checkpoints.load_trained_model(args.weights, args.net, args.att)
     saved = checkpoint["args"]
     net, att = saved["net"], saved["att"]
+    diverged = checkpoints.non_finite_warning(model, path)
+    if diverged:
+        print(f"warning: {diverged}; its scores below mean nothing", file=sys.stderr)
     # One pass over the test set: compiling would cost more time than it saves.
     speed = SpeedSettings.resolve(utils.default_device(), amp=args.amp, compile=False)
     model.to(speed.device, memory_format=speed.memory_format)

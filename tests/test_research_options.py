@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -367,6 +368,36 @@ def test_export_refuses_what_it_cannot_write_and_keeps_nothing_half_written(
     assert export.main(["-weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
     assert "differ from PyTorch's by up to 0.5 of their scale" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+def a_diverged_checkpoint(path: Path) -> tuple[Path, str]:
+    """a_checkpoint with one NaN weight, as a diverged run's; (its path, that weight's name)."""
+    weights = a_checkpoint(path, "ema")
+    checkpoint = torch.load(weights, weights_only=True)
+    name = "stem.0.weight"  # the first convolution
+    checkpoint["model"][name][0, 0, 0, 0] = math.nan
+    torch.save(checkpoint, weights)
+    return weights, name
+
+
+@needs_onnx
+def test_export_refuses_a_diverged_checkpoint(tmp_path, capsys):
+    """NaN weights: the comparison with onnxruntime would pass (a NaN difference is never above a
+    tolerance)."""
+    weights, name = a_diverged_checkpoint(tmp_path / "model.pth")
+    assert export.main(["-weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} holds NaN or infinite weights ({name}): a diverged run" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_test_py_flags_a_diverged_checkpoint(small_data, tmp_path, capsys):
+    """Its 0% top-1 would read as a result."""
+    weights, name = a_diverged_checkpoint(tmp_path / "model.pth")
+    assert test_script.main(["-weights", str(weights), "--data", str(small_data)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {weights} holds NaN or infinite weights ({name})" in err
+    assert "its scores below mean nothing" in err
 
 
 def test_export_without_the_onnx_packages_says_what_to_install(tmp_path, monkeypatch, capsys):

@@ -179,6 +179,22 @@ def load_checkpoint(path, ours_only: bool = True):
     return checkpoint
 
 
+def non_finite(model: nn.Module) -> list[str]:
+    """The names of the model's weights and buffers that hold a NaN or an infinity: a diverged
+    run's, which scores and exports as nonsense."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def non_finite_warning(model: nn.Module, path) -> str:
+    """'' or what non_finite found, in one phrase."""
+    bad = non_finite(model)
+    if not bad:
+        return ""
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"{path} holds NaN or infinite weights ({bad[0]}{more}): a diverged run"
+
+
 def check_training_state(checkpoint) -> None:
     """A ValueError unless epoch, step, best and history have the shapes train_cifar100.py
     writes."""

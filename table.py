@@ -428,6 +428,15 @@ def main(argv=None):
             f"error: no folder {checkpoint_dir}; train first (see README, 'Reproducing the table')",
             file=sys.stderr)
         return 2
+    try:
+        return report(checkpoint_dir, args)
+    except KeyboardInterrupt:  # Ctrl-C while it reads or draws: one line, not a traceback
+        print("\nSIGINT: stopped", file=sys.stderr)
+        return 130
+
+
+def report(checkpoint_dir: Path, args) -> int:
+    """Print the table, then write table.md, curves.png and deltas.png; the exit code."""
     rows = group(known_models(read_runs(checkpoint_dir)))
     print("\n".join(report_lines(rows, args.delta, args.markdown)))
     out = Path(args.out)
@@ -455,8 +464,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while it reads or draws: one line, not a traceback
-        print("\nSIGINT: stopped", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

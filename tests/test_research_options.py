@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,12 @@ def broken_folder(root: Path, how: str) -> Path:
         (root / "test" / "dog").rename(root / "test" / "wolf")
     elif how == "no train folder":
         (root / "train").rename(root / "training")
+    elif how == "a class folder not named in UTF-8":
+        os.mkdir(os.fsencode(root / "train") + b"/caf\xe9")
+        image = next((root / "train" / "cat").glob("*.png"))
+        os.rename(image, os.fsencode(root / "train") + b"/caf\xe9/" + os.fsencode(image.name))
+    elif how == "a FIFO among the images":
+        os.mkfifo(root / "train" / "dog" / "stream.png")
     return root
 
 
@@ -226,7 +233,9 @@ WHY = {"an empty class folder": "fox holds no images",
        "a file that is not an image": "notes.txt is not an image",
        "an unreadable image": "broken.png is not an image PIL can read",
        "other classes in test": "different classes (dog, wolf)",
-       "no train folder": "has no train/ folder"}
+       "no train folder": "has no train/ folder",
+       "a class folder not named in UTF-8": "a class folder whose name is not valid UTF-8",
+       "a FIFO among the images": "stream.png is not a regular file"}
 
 
 @pytest.mark.parametrize("how", WHY)

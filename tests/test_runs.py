@@ -352,3 +352,15 @@ def test_an_empty_last_pth_is_one_line_that_says_so(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read checkpoint") and "(truncated or damaged?)" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_folder_named_like_an_event_file_is_left_alone(finished_small_run, tmp_path, capsys):
+    """A directory (or a FIFO) in the run's log folder named like TensorBoard's event files: the
+    resume, which rewrites the event files, leaves it alone with one line."""
+    run = copy_run(finished_small_run, tmp_path, "odd-logs")
+    odd = folder(tmp_path, "odd-logs", "runs") / "events.out.tfevents.0.elsewhere"
+    odd.mkdir()
+    assert resume(tmp_path, run, "--epochs", "2") == 0
+    assert (f"note: {odd} is named like a TensorBoard event file but is not a file: left alone"
+            in capsys.readouterr().err)
+    assert odd.is_dir()

@@ -568,3 +568,14 @@ def test_reproduce_never_counts_a_run_on_other_data_or_of_another_seed_as_done(t
     assert f"skipped {wrong_seed}: it holds another run, seed=5 (planned: 0)" in captured.err
     assert "# resnet50 + none, paper, seed 0: done" in captured.out
     assert "1 done, 0 to resume, 7 to start, 2 skipped" in captured.err
+
+
+def test_ctrl_c_during_the_table_is_one_line(tmp_path, monkeypatch, capsys):
+    paper_run(tmp_path, "ema", 0, 80.0)
+
+    def interrupted(checkpoint_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table, "read_runs", interrupted)
+    assert table.main(["--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "SIGINT: stopped"

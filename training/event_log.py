@@ -4,6 +4,7 @@ when a run resumes from an earlier checkpoint, and TensorBoard's writer thread k
 disk (run_folder.RunFolder writes the log and says so in one line)."""
 import hashlib
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def forget_events_after(log_dir: Path, epoch: int) -> set:
     Returns the (tag, epoch) of the scalars the files still hold."""
     logged = set()
     for leftover in [*log_dir.glob(".rewrite-*.tmp"), *log_dir.glob("*tfevents*.tmp")]:
-        leftover.unlink()  # a rewrite that a kill interrupted
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        if leftover.is_file():
+            leftover.unlink()  # a rewrite that a kill interrupted
+    for path in event_files(log_dir):
         records = list(RawEventFileLoader(str(path)).Load())
         kept = [
             record for record in records if _still_valid(event_pb2.Event.FromString(record), epoch)]
@@ -63,6 +65,19 @@ def forget_events_after(log_dir: Path, epoch: int) -> set:
             # The temporary file's name without "tfevents": TensorBoard reads every such file.
             utils.write_atomic(path, lambda f: _write_records(f, kept), tmp=rewrite_file(path))
     return logged
+
+
+def event_files(log_dir: Path) -> list[Path]:
+    """The log folder's event files. Anything else named like one (a folder, a FIFO) is left
+    alone, with one line."""
+    files = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        if path.is_file():
+            files.append(path)
+        elif not path.name.endswith(".tmp"):
+            print(f"note: {path} is named like a TensorBoard event file but is not a file: left "
+                  f"alone", file=sys.stderr)
+    return files
 
 
 def _still_valid(event, epoch: int) -> bool:

@@ -52,6 +52,12 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                      and not entry.name.startswith("."))
     if not classes:
         raise UserError(f"{folder} holds no class folders; expected layout: {LAYOUT}")
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8
+            raise UserError(f"{folder / name!r}: a class folder whose name is not valid UTF-8 "
+                            f"(the run records class names as text): rename it") from None
     files = []
     for index, name in enumerate(classes):
         found = []
@@ -63,6 +69,9 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     raise UserError(
                         f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")
+                if not path.is_file():  # reading a FIFO would wait for a writer for ever
+                    raise UserError(f"{path} is not a regular file (a FIFO, a socket, a device, "
+                                    f"or a link to nothing): remove it")
                 found.append((path, index))
         if not found:
             raise UserError(

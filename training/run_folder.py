@@ -201,7 +201,7 @@ class RunFolder:
             raise UserError(
                 f"{self.ckpt_dir} already holds a run's results ({', '.join(results)}): choose "
                 f"another --run-name")
-        stale = list(self.log_dir.glob("events.out.tfevents.*"))
+        stale = event_log.event_files(self.log_dir)
         for events in stale:
             events.unlink()
         if stale:

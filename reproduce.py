@@ -17,6 +17,7 @@ line saying why. Then `python table.py`.
 import argparse
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ class Job:
 
     def shell(self, gpu=None) -> str:
         prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
-        return prefix + " ".join(self.command)
+        return prefix + shlex.join(self.command)  # paths with spaces paste as they are
 
 
 def run_state(folder: Path, planned: dict) -> str:

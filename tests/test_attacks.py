@@ -439,3 +439,34 @@ def test_a_relative_data_folder_is_found_from_any_folder(small_data, tmp_path, m
     capsys.readouterr()
     assert test_script.main(["-weights", str(run / "best.pth")]) == 0
     assert "16 test images" in capsys.readouterr().out
+
+
+def test_commands_printed_for_paths_with_spaces_work_when_pasted(small_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The resume command printed at a stop, and reproduce.py's commands, quote their paths."""
+    import shlex
+    original = train_cifar100.Trainer.check
+
+    def hang_up(self, watch, stop, *rest):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return original(self, watch, stop, *rest)
+
+    monkeypatch.setattr(train_cifar100.Trainer, "check", hang_up)
+    spaced = tmp_path / "my runs"
+    assert train_cifar100.main(SMALL_RUN + ["--data", str(small_data), "--epochs", "2",
+                                            "--run-name", "a b", "--checkpoint-dir",
+                                            str(spaced / "checkpoint"), "--log-dir",
+                                            str(spaced / "runs")]) == 128 + signal.SIGHUP
+    monkeypatch.undo()
+    printed = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(printed) if line.endswith("resume with:"))
+    command = shlex.split(printed[at + 1])
+    assert command[:2] == ["python", "train_cifar100.py"]
+    run = spaced / "checkpoint" / f"{NET}_ema" / "a b"
+    assert command[command.index("--resume") + 1] == str(run)
+    assert train_cifar100.main(command[2:]) == 0
+    capsys.readouterr()
+    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(spaced / "plan")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert shlex.split(first)[shlex.split(first).index("--checkpoint-dir") + 1] == str(
+        spaced / "plan")

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import gc
 import json
+import shlex
 import os
 import warnings
 from pathlib import Path
@@ -384,6 +385,9 @@ def repair_best(folder: RunFolder, checkpoint, best: dict) -> None:
 
 
 def resume_command(ckpt_dir, log_root, processes) -> str:
-    launcher = f"torchrun --nproc_per_node={processes.world}" if processes.enabled else "python"
-    logs = "" if log_root == settings.LOG_DIR else f" --log-dir {log_root}"
-    return f"{launcher} train_cifar100.py --resume {ckpt_dir}{logs}"
+    """The command that resumes the run, quoted for a shell: paths with spaces paste as they are."""
+    launcher = ["python"]
+    if processes.enabled:
+        launcher = ["torchrun", f"--nproc_per_node={processes.world}"]
+    logs = [] if log_root == settings.LOG_DIR else ["--log-dir", str(log_root)]
+    return shlex.join([*launcher, "train_cifar100.py", "--resume", str(ckpt_dir), *logs])

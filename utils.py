@@ -134,11 +134,15 @@ def why_not_written(error: Exception, path: Path, tmp: Path) -> str:
                    None) == errno.ENOSPC or free is not None and free < max(written, 2 ** 20)
     if not full:
         return getattr(error, "strerror", None) or str(error).splitlines()[0]
-    needed = path.stat().st_size if path.is_file() else written
     megabytes = lambda n: f"{n / 2 ** 20:.1f} MB"
-    return (
-        f"no space left on device ({'about ' + megabytes(needed) + ' needed, ' if needed else ''}"
-        f"{megabytes(free) if free is not None else 'unknown'} free in {path.parent})")
+    # What is needed is known only from an earlier file of the name; else what was written before
+    # the disk filled, which is less.
+    if path.is_file():
+        size = f"about {megabytes(path.stat().st_size)} needed, "
+    else:
+        size = f"{megabytes(written)} written before it filled, " if written else ""
+    return (f"no space left on device ({size}{megabytes(free) if free is not None else 'unknown'} "
+            f"free in {path.parent})")
 
 
 def folders_to_make(path: Path) -> list[Path]:

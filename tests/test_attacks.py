@@ -381,6 +381,11 @@ def test_a_full_disk_is_said_in_words(tmp_path, monkeypatch):
         f"needed, 0.0 MB free in {tmp_path}); the previous last.pth, if any, is unchanged")
     assert (tmp_path / "last.pth").read_bytes() == b"y" * 3 * 2 ** 20 and not list(
         tmp_path.glob("*.tmp"))
+    # A first checkpoint: what it needs is not known, only what was written before the disk filled.
+    with pytest.raises(utils.UserError) as error:
+        utils.save_atomic({}, tmp_path / "best.pth")
+    assert "(0.0 MB written before it filled, 0.0 MB free in" in str(error.value)
+    assert "needed" not in str(error.value)
 
 
 def test_test_py_evaluates_on_the_data_it_was_trained_on(

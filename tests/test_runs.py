@@ -122,6 +122,14 @@ def test_one_process_per_run_folder(small_data, tmp_path, capsys):
     finally:
         lock.release()
     assert train(small_data, tmp_path, "busy", "--epochs", "1") == 0  # free again
+    # A resume is refused as well, without the advice that only a new run can follow.
+    lock = run_folder.RunLock(run)
+    try:
+        assert resume(tmp_path, run, "--epochs", "2") == 2
+        err = capsys.readouterr().err
+        assert "in use by another training" in err and "--run-name" not in err
+    finally:
+        lock.release()
 
 
 def test_a_new_run_never_reuses_a_finished_runs_folder(small_data, tmp_path, capsys):

@@ -27,6 +27,8 @@ def fake_run(root, net, att, seed, top1s, planned, recipe="paper", run=None, **a
     args.json."""
     folder = root / f"{net}_{att}" / (run or f"{recipe}-seed{seed}")
     folder.mkdir(parents=True)
+    if args.get("subset") and "subset_draw" not in args:  # what the trainer records with it
+        args["subset_draw"] = "stratified"
     (folder / "args.json").write_text(json.dumps({"net": net, "att": att, "recipe": recipe,
                                                   "seed": seed,
                                                   "epochs": planned, **args}))
@@ -579,3 +581,13 @@ def test_ctrl_c_during_the_table_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(table, "read_runs", interrupted)
     assert table.main(["--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip() == "SIGINT: stopped"
+
+
+def test_a_run_stopped_inside_its_first_epoch_is_listed_unfinished(tmp_path, capsys):
+    root = tmp_path / "checkpoint"
+    paper_run(root, "ema", 0, 80.0)
+    started = fake_run(root, "resnet50", "ema", 1, [], planned=200)
+    (started / "metrics.csv").unlink()  # no epoch finished yet: args.json (and last.pth) only
+    out = markdown(root, tmp_path, capsys).out
+    assert cells(out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
+    assert f"- {started}: 0/200 epochs" in out

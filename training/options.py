@@ -116,7 +116,8 @@ def seed(text):
 def run_name(text):
     """A plain folder name: what table.py and -resume look for one level below <net>_<att>/."""
     if not text or text in (".", "..") or any(sep in text for sep in "/\\") or text.startswith("~"):
-        raise BadValue(f"must be a plain folder name (no /, \\, '.', '..'), got {text!r}")
+        raise BadValue(f"must be a plain folder name (no /, \\, '.', '..', no ~ first), got "
+                       f"{text!r}")
     if len(text.encode()) > MAX_RUN_NAME:
         raise BadValue(f"must be at most {MAX_RUN_NAME} bytes, got {len(text.encode())}")
     return text

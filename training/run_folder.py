@@ -107,7 +107,7 @@ class RunFolder:
         if not active:
             return
         self._make_writable()
-        self._lock()
+        self._lock(resuming=resumed_epoch is not None)
         if resumed_epoch is None:
             self._claim_new_run()
         else:
@@ -140,14 +140,14 @@ class RunFolder:
                 utils.remove_empty(made)
                 raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
 
-    def _lock(self) -> None:
+    def _lock(self, resuming: bool) -> None:
         """The run folder's lock, and the log folder's, which a copied run folder could share."""
-        self.lock = RunLock(self.ckpt_dir)
+        self.lock = RunLock(self.ckpt_dir, resuming)
         # --log-dir the same as --checkpoint-dir
         if self.log_dir.resolve() == self.ckpt_dir.resolve():
             return
         try:
-            self.log_lock = RunLock(self.log_dir)
+            self.log_lock = RunLock(self.log_dir, resuming)
         except UserError:
             self.lock.release()
             raise
@@ -335,7 +335,7 @@ class RunLock:
     targets the folder is refused, and the kernel drops the lock however the process ends. (No
     locking where fcntl does not exist, i.e. on Windows.)"""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, resuming: bool = False):
         self.file = open(folder / ".lock", "a+")
         if fcntl is None:
             return
@@ -345,9 +345,9 @@ class RunLock:
             self.file.seek(0)
             owner = self.file.read().strip() or "?"
             self.file.close()
-            raise UserError(
-                f"{folder} is in use by another training (process {owner}); wait for it to end, "
-                f"or use another --run-name") from None
+            other = "" if resuming else ", or use another --run-name"  # a resume has no other
+            raise UserError(f"{folder} is in use by another training (process {owner}); wait for "
+                            f"it to end{other}") from None
         try:
             self.file.seek(0)
             self.file.truncate()

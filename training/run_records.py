@@ -61,6 +61,8 @@ def label(identity: Identity) -> str:
     for key, value in differences(identity).items():
         if key == "dataset" and value is None:
             continue  # neither a dataset nor a --data path recorded: nothing to show
+        if key == "subset_draw" and value == "stratified":
+            continue  # how --subset draws today; only the older draw (first) is named
         unrecorded = key == "dataset" and not RECORDED_DATASET.fullmatch(str(value))
         parts.append(f"data={value}" if unrecorded else f"{key}={value}")
     return ", ".join(parts)
@@ -129,16 +131,16 @@ def run_identity(args: dict) -> Identity:
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a number")
+    for key, value in values.items():
+        # a row is found by its identity, so every value must be hashable
+        if isinstance(value, (list, dict)):
+            raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
     for key in [key for key in [*run_options.IDENTITY, "seed"] if key in run_options.FLAGS]:
         value = values[key] if key in values else args[key]
         try:  # a value that no command line could have given
             None if value is None else run_options.checked(key, value, registry=False)
         except run_options.BadValue as e:
             raise UnreadableRun(f"'{key}' is {value!r} ({e})") from None
-    for key, value in values.items():
-        # a row is found by its identity, so every value must be hashable
-        if isinstance(value, (list, dict)):
-            raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
     # A list or a dict (an option with several values) as its JSON text: a row is found by its
     # identity.
     unclassified = tuple((key, json.dumps(args[key],
@@ -220,6 +222,9 @@ def read_run(folder: Path, args: dict = None) -> Run:
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
         raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes (1 to "
                             f"{MAX_CLASSES:,})")
+    if not metrics.exists():  # stopped inside its first epoch: no epoch to read yet
+        started = folder / "args.json" if (folder / "args.json").exists() else folder / "last.pth"
+        return Run(folder, identity, args["seed"], [], started.stat().st_mtime, classes)
     return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime,
                classes)
 
@@ -227,11 +232,14 @@ def read_run(folder: Path, args: dict = None) -> Run:
 def read_runs(checkpoint_dir: Path) -> list[Run]:
     """Every usable run; a folder that is not is skipped with one line saying why."""
     runs = []
-    for metrics in sorted(checkpoint_dir.glob("*/*/metrics.csv")):
+    # Run folders: those with epochs, and those stopped inside their first (Unfinished 0/N).
+    folders = {path.parent for name in ("metrics.csv", "args.json", "last.pth")
+               for path in checkpoint_dir.glob(f"*/*/{name}")}
+    for folder in sorted(folders):
         try:
-            runs.append(read_run(metrics.parent))
+            runs.append(read_run(folder))
         except UnreadableRun as e:
-            print(f"skipped {metrics.parent}: {e}", file=sys.stderr)
+            print(f"skipped {folder}: {e}", file=sys.stderr)
     return runs
 
 

@@ -38,7 +38,7 @@ from utils import UserError
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
 # GPU runs ahead of Python in between.
 CHECK_EVERY = 50
-ESTIMATE_AFTER = 6  # steps timed for the CPU's time estimate
+ESTIMATE_AFTER = 2  # steps timed for the CPU's first time estimate
 
 
 def main(argv=None, stops: StopSignals = None) -> int:
@@ -162,8 +162,10 @@ class Trainer:
             timed = self.step - first_step
             if (timed == ESTIMATE_AFTER or self.step == steps) and not self.estimated:
                 self.estimated = True  # above the bar
-                seconds = (time.time() - self.epoch_start) / timed * steps
-                tqdm.write(engine.cpu_estimate(seconds, args.epochs - self.epoch))
+                image_seconds = (time.time() - self.epoch_start) / (timed * args.b)
+                seconds = image_seconds * (steps * args.b + self.data.evaluated_images / 3)
+                tqdm.write(engine.cpu_estimate(seconds, args.epochs - self.epoch)
+                           + " (a first estimate, from the first steps; evaluation included)")
         bar.close()
         return stop_signal
 

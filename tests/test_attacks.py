@@ -230,11 +230,12 @@ def test_metrics_csv_never_lists_an_epoch_that_no_checkpoint_holds(
 # 6: more steps than an epoch has, timed over the epoch
 @pytest.mark.parametrize("estimate_after", [1, 6])
 def test_the_cpu_estimate_is_printed_once_a_run_in_its_unit(
-        small_data, tmp_path, monkeypatch, capsys,
-        estimate_after):
+        small_data, tmp_path, monkeypatch, capsys, estimate_after):
     monkeypatch.setattr(train_cifar100, "ESTIMATE_AFTER", estimate_after)
     assert train(small_data, tmp_path, "est", "--epochs", "3") == 0
-    assert capsys.readouterr().out.count("warning: no GPU; about") == 1
+    out = capsys.readouterr().out
+    assert out.count("warning: no GPU; about") == 1
+    assert "(a first estimate, from the first steps; evaluation included)" in out
     assert (engine.cpu_estimate(30, 1)
             == "warning: no GPU; about 30 s per epoch, 30 s for the remaining 1 epoch")
     assert (engine.cpu_estimate(600, 200)
@@ -475,3 +476,15 @@ def test_commands_printed_for_paths_with_spaces_work_when_pasted(small_data, tmp
     first = capsys.readouterr().out.splitlines()[0]
     assert shlex.split(first)[shlex.split(first).index("--checkpoint-dir") + 1] == str(
         spaced / "plan")
+
+
+def test_resume_newest_refuses_a_run_of_another_module_in_its_folder(
+        finished_small_run, tmp_path, capsys):
+    """-resume -net X -att Y picks the newest run under X_Y/: one moved there from another
+    module's folder is named, not resumed as Y."""
+    moved = tmp_path / "checkpoint" / f"{NET}_se" / "moved"
+    shutil.copytree(copy_run(finished_small_run, tmp_path, "run"), moved)
+    assert train_cifar100.main(["-net", NET, "-att", "se", "-resume", "--epochs", "2",
+                                "--checkpoint-dir", str(tmp_path / "checkpoint")]) == 2
+    err = capsys.readouterr().err
+    assert f"the newest run of {NET} + se, {moved}, records {NET} + ema" in err

@@ -402,3 +402,4 @@ def test_paper_recipe_uses_the_nam_scripts_exact_statistics():
     paper = settings.RECIPES["paper"]
     assert paper["mean"] == (0.49139968, 0.48215827, 0.44653124)
     assert paper["std"] == (0.24703233, 0.24348505, 0.26158768)
+

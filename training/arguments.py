@@ -42,6 +42,8 @@ def settle(given: Namespace, device, processes: Distributed) -> Settled:
         values, checkpoint = typed(given), None
     else:
         checkpoint, path, fallback = readable_checkpoint(checkpoint_to_resume(given))
+        if given.resume == "newest":
+            check_picked(given, checkpoint["args"], path)
         values = resumed_values(given, checkpoint["args"], path)
     fill_run_defaults(values)
     speed, notes = fill_device_defaults(values, device, processes.world)
@@ -120,6 +122,16 @@ def readable_checkpoint(path: Path) -> tuple[dict, Path, Optional[str]]:
     return checkpoint, best, (f"warning: {why}; resuming from {best} instead, the run's best "
                               f"epoch ({checkpoint['epoch']}): the epochs after it are trained "
                               f"again")
+
+
+def check_picked(given: Namespace, recorded, path: Path) -> None:
+    """-resume alone picks the newest run of <net>_<att>/: a UserError when the run there records
+    another network or module (a folder moved between them)."""
+    wanted = (given.net or OPTIONS["net"].default, given.att or OPTIONS["att"].default)
+    if isinstance(recorded, dict) and (recorded.get("net"), recorded.get("att")) != wanted:
+        raise UserError(f"the newest run of {wanted[0]} + {wanted[1]}, {path.parent}, records "
+                        f"{recorded.get('net')} + {recorded.get('att')}: resume it by its folder "
+                        f"(--resume {path.parent}) if it is the one")
 
 
 def recorded_name(folder: Path):

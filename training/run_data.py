@@ -194,6 +194,11 @@ class TrainingData:
     gate_images: object  # the first 8 test images (--gate-images), else None
     recipe: dict  # the recipe, with this data's normalization
 
+    @property
+    def evaluated_images(self) -> int:
+        """The images each epoch's evaluation runs on: the test split, and --val's."""
+        return len(self.test.dataset) + (len(self.val.dataset) if self.val is not None else 0)
+
 
 def training_data(args, splits: Splits, device,
                   processes: Distributed = SINGLE_PROCESS) -> TrainingData:

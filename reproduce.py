@@ -73,8 +73,9 @@ def run_state(folder: Path, planned: dict) -> str:
     if planned.get("dataset") is None or not run_records.RECORDED_DATASET.fullmatch(
             str(values["dataset"])):
         planned = {key: value for key, value in planned.items() if key != "dataset"}  # unknown
-    other = [f"{key}={values[key]} (planned: {value})"
-             for key, value in planned.items() if values[key] != value]
+    other = [f"{key}={values[key]} (planned: {value})" for key, value in planned.items()
+             if values[key] != value
+             and not (key == "dataset" and run_records.same_dataset(values[key], value))]
     if other:
         print(
             f"skipped {folder}: it holds another run, {', '.join(other)}; move it away, or give "

@@ -70,6 +70,24 @@ def test_cifar10_trains_tests_and_resumes_with_its_own_classes_and_statistics(tm
     assert "after 2 epochs, 20 test images" in capsys.readouterr().out
 
 
+def test_a_custom_cifar10_set_is_named_so_and_older_records_of_it_still_match(tmp_path, capsys):
+    """table.py shows CIFAR-10 runs as CIFAR-10, not like a custom CIFAR-100 folder; a run that
+    recorded the set before it was named so resumes as the same data, not as a mixed run."""
+    data = write_fake_cifar10(tmp_path / "data")
+    assert train_on(data, tmp_path, "ten", "--dataset", "cifar10", "--epochs", "1") == 0
+    named = recorded(tmp_path, "ten")["dataset"]
+    assert named.startswith("custom-cifar-10-") and len(named) == len("custom-cifar-10-") + 8
+    assert f"dataset={named}" in run_records.label(run_records.run_identity(
+        recorded(tmp_path, "ten")))
+    last = folder(tmp_path, "ten") / "last.pth"
+    state = torch.load(last, weights_only=True)
+    state["args"]["dataset"] = "custom-" + named[-8:]  # as recorded before
+    torch.save(state, last)
+    assert resume(tmp_path, folder(tmp_path, "ten"), "--epochs", "2") == 0
+    assert "mixed run" not in capsys.readouterr().out
+    assert "changed_on_resume" not in recorded(tmp_path, "ten")
+
+
 def test_the_other_cifar_in_data_is_named_with_its_flag(small_data, tmp_path, monkeypatch, capsys):
     """--dataset cifar100 (the default) on a folder of CIFAR-10: the refusal says --dataset cifar10
     where the command chose the dataset; a resume and test.py, which follow the run's, say whose it

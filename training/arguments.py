@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from conf import settings
-from training import checkpoints, cli, options, run_data
+from training import checkpoints, cli, options, run_data, run_records
 from training.options import OPTIONS, BadValue
 from training.speed import SpeedSettings, cuda_graphs_obstacle, native_cpu_bf16
 from utils import Distributed, UserError
@@ -245,7 +245,8 @@ def fill_device_defaults(values: dict, device, world: int) -> tuple[SpeedSetting
 def changed_arguments(saved: dict, now: dict, names) -> list[str]:
     """'name then -> now' for each of `names` whose recorded value is not this run's."""
     return [f"{name} {saved.get(name)} -> {now.get(name)}" for name in names
-            if saved.get(name) != now.get(name)]
+            if saved.get(name) != now.get(name)
+            and not (name == "dataset" and run_records.same_dataset(saved[name], now[name]))]
 
 
 def resume_notes(checkpoint, values: dict, device_type: str, world: int) -> tuple:

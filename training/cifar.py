@@ -129,15 +129,19 @@ def file_md5(path: Path) -> str:
 
 
 def dataset_identity(train: CifarFolder, test: CifarFolder) -> str:
-    """"cifar-100" or "cifar-10" for the official files, else "custom-" and 8 hex digits of the two
-    splits' MD5s: what table.py groups runs by, whatever folder the data sits in."""
+    """"cifar-100" or "cifar-10" for the official files, else "custom-" (CIFAR-10's format:
+    "custom-cifar-10-") and 8 hex digits of the two splits' MD5s: what table.py groups runs by,
+    whatever folder the data sits in."""
     return identity_of(train.md5, test.md5, train.form)
 
 
 def identity_of(train_md5: str, test_md5: str, form: CifarFormat = CIFAR100) -> str:
     if (train_md5, test_md5) == (form.official_md5("train"), form.official_md5("test")):
         return form.name.lower()
-    return "custom-" + hashlib.md5((train_md5 + test_md5).encode()).hexdigest()[:8]
+    # Runs before CIFAR-10 was named here recorded "custom-<8 hex>" for both formats; the hex
+    # digits tell the files apart (run_records.same_dataset).
+    named = "" if form is CIFAR100 else f"{form.name.lower()}-"
+    return f"custom-{named}" + hashlib.md5((train_md5 + test_md5).encode()).hexdigest()[:8]
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -69,9 +69,11 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     raise UserError(
                         f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")
-                if not path.is_file():  # reading a FIFO would wait for a writer for ever
-                    raise UserError(f"{path} is not a regular file (a FIFO, a socket, a device, "
-                                    f"or a link to nothing): remove it")
+                # Reading a FIFO would wait for a writer for ever. (A dangling link is said when
+                # it is read.)
+                if path.exists() and not path.is_file():
+                    raise UserError(f"{path} is not a regular file (a FIFO, a socket or a "
+                                    f"device): remove it")
                 found.append((path, index))
         if not found:
             raise UserError(

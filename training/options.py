@@ -129,8 +129,8 @@ RESNET_STAGES = (1, 2, 3, 4)  # models.ALL_STAGES, here without torch (a test ho
 def att_stages(text):
     """"3,4" -> "3,4" (sorted, as recorded); all four stages -> None, the paper's placement."""
     parts = [part.strip() for part in str(text).split(",")]
-    if not all(part in {str(s) for s in RESNET_STAGES} for part in parts) or \
-            len(set(parts)) != len(parts):
+    known = {str(stage) for stage in RESNET_STAGES}
+    if not all(part in known for part in parts) or len(set(parts)) != len(parts):
         raise BadValue(f"expected distinct ResNet stages from 1 to 4 such as 3,4, got {text!r}")
     stages = tuple(sorted(map(int, parts)))
     return None if stages == RESNET_STAGES else ",".join(map(str, stages))
@@ -294,7 +294,8 @@ OPTIONS = {
         help="every K epochs, log EMA's spatial gates on fixed test images to TensorBoard (0: off)",
         docs="#pictures"),
     "run": Option(
-        flags=("--run-name",), type=run_name, metavar="NAME", derived="the start time, the seed and 6 random hex digits",
+        flags=("--run-name",), type=run_name, metavar="NAME",
+        derived="the start time, the seed and 6 random hex digits",
         help="run folder name; a new run never reuses a folder holding a checkpoint or results",
         resume=FOLDER),
     "resume": Option(

@@ -22,7 +22,14 @@ from training.options import OPTIONS, REQUIRED
 # The identity options, then the unclassified keys as sorted (key, value) pairs.
 Identity = namedtuple("Identity", [*run_options.IDENTITY, "unclassified"])
 # what the trainer writes as "dataset"
-RECORDED_DATASET = re.compile(r"cifar-100|cifar-10|(custom|folder)-[0-9a-f]{8}")
+RECORDED_DATASET = re.compile(r"cifar-100|cifar-10|(custom|custom-cifar-10|folder)-[0-9a-f]{8}")
+
+
+def same_dataset(a, b) -> bool:
+    """Whether two recorded datasets are the same files: equal, or the same custom CIFAR-10 set
+    recorded before and after it was named so ("custom-<h>", "custom-cifar-10-<h>")."""
+    custom = lambda value: str(value).startswith("custom-") and str(value)[-8:]
+    return a == b or bool(custom(a)) and custom(a) == custom(b)
 
 
 def paper_configuration(recipe: str) -> dict:

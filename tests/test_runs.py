@@ -372,3 +372,13 @@ def test_a_folder_named_like_an_event_file_is_left_alone(finished_small_run, tmp
     assert (f"note: {odd} is named like a TensorBoard event file but is not a file: left alone"
             in capsys.readouterr().err)
     assert odd.is_dir()
+
+
+def test_a_finished_run_resumed_with_fewer_epochs_says_so_plainly(finished_small_run, tmp_path,
+                                                                  capsys):
+    run = copy_run(finished_small_run, tmp_path, "two")
+    assert resume(tmp_path, run, "--epochs", "2") == 0
+    capsys.readouterr()
+    assert resume(tmp_path, run, "--epochs", "1") == 0
+    out = capsys.readouterr().out
+    assert "already finished 2 epochs, more than --epochs 1; raise --epochs" in out

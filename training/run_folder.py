@@ -48,9 +48,10 @@ def finished_already(args, epoch: int, step: int, steps: int, main: bool) -> boo
             f"{args.resume} stopped in epoch {epoch + 1} (step {step} of {steps}): give --epochs "
             f"{epoch + 1} or more")
     if epoch >= args.epochs and main:
-        print(
-            f"{args.resume} already finished {epoch}/{args.epochs} epochs; raise --epochs to "
-            "continue")
+        done = f"{epoch}/{args.epochs} epochs"
+        if epoch > args.epochs:  # a run extended before, resumed with a smaller --epochs
+            done = f"{epoch} epochs, more than --epochs {args.epochs}"
+        print(f"{args.resume} already finished {done}; raise --epochs to continue")
     return epoch >= args.epochs
 
 

@@ -50,6 +50,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    diverged = checkpoints.non_finite_warning(model, path)
+    if diverged:
+        print(f"warning: {diverged}; its maps mean nothing", file=sys.stderr)
     device = utils.default_device()
     model.to(device).eval()
     recipe = run_data.recipe_of(checkpoint["args"])

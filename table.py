@@ -337,7 +337,9 @@ def report_lines(rows: list[Row], delta: float, markdown: bool) -> list[str]:
     if unfinished:
         lines += ["", "Unfinished (not in the table):"]
         lines += [
-            f"- {run.folder}: {len(run.rows)}/{run.identity.epochs} epochs" for run in unfinished]
+            f"- {run.folder}: {len(run.rows)}/{run.identity.epochs} epochs"
+            + ("" if (run.folder / "last.pth").exists() else " (no last.pth to resume)")
+            for run in unfinished]
     return lines
 
 

@@ -99,16 +99,20 @@ def default_device() -> torch.device:
 
 # ---------------------------------------------------------------- files
 
-def write_atomic(path: Path, write, text: bool = False, tmp: Path = None) -> None:
+def write_atomic(path: Path, write, text: bool = False, tmp: Path = None,
+                 rename: bool = True) -> Path:
     """write(file) into a temporary file beside `path` (`tmp`, or path.tmp), then rename: a crash
-    never leaves half a file, and a failed write (a full disk) leaves no temporary file behind."""
+    never leaves half a file, and a failed write (a full disk) leaves no temporary file behind.
+    rename=False leaves the renaming to the caller; the temporary file is returned."""
     tmp = tmp or path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if rename:
+            os.replace(tmp, path)
+        return tmp
     except BaseException as e:
         # Measured while the temporary file still fills the disk.
         why = why_not_written(e, path, tmp) if isinstance(e, (OSError, RuntimeError)) else None

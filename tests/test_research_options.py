@@ -216,6 +216,9 @@ def broken_folder(root: Path, how: str) -> Path:
         os.rename(image, os.fsencode(root / "train") + b"/caf\xe9/" + os.fsencode(image.name))
     elif how == "a FIFO among the images":
         os.mkfifo(root / "train" / "dog" / "stream.png")
+    elif how == "an image not named in UTF-8":
+        image = next((root / "train" / "dog").glob("*.png"))
+        os.rename(image, os.fsencode(root / "train" / "dog") + b"/x\xfe.png")
     return root
 
 
@@ -253,7 +256,8 @@ WHY = {"an empty class folder": "fox holds no images",
        "other classes in test": "different classes (dog, wolf)",
        "no train folder": "has no train/ folder",
        "a class folder not named in UTF-8": "a class folder whose name is not valid UTF-8",
-       "a FIFO among the images": "stream.png is not a regular file"}
+       "a FIFO among the images": "stream.png is not a regular file",
+       "an image not named in UTF-8": "a file whose name is not valid UTF-8"}
 
 
 @pytest.mark.parametrize("how", WHY)

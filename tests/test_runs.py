@@ -2,8 +2,10 @@
 inputs are validated; best.pth consistent with the record; TensorBoard without duplicated steps."""
 import io
 import json
+import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,17 +341,20 @@ def test_an_extension_stopped_before_it_saves_leaves_the_finished_run(
     assert run_records.read_run(run).finished
 
 
-@pytest.mark.parametrize("given", ["folder", "best.pth"])
+@pytest.mark.parametrize("given", ["folder", "best.pth", "missing"])
 def test_a_truncated_last_pth_resumes_from_best_pth_and_says_what_was_lost(
         finished_small_run, tmp_path, capsys, given):
     run = copy_run(finished_small_run, tmp_path, "truncated")
     data = (run / "last.pth").read_bytes()
     (run / "last.pth").write_bytes(data[:len(data) // 2])
-    target = run if given == "folder" else run / "best.pth"
+    if given == "missing":
+        (run / "last.pth").unlink()
+    target = run / "best.pth" if given == "best.pth" else run
     assert resume(tmp_path, target, "--epochs", "2") == 0
-    out = capsys.readouterr().out
-    assert f"cannot read checkpoint {run / 'last.pth'}" in out
-    assert f"resuming from {run / 'best.pth'} instead, the run's best epoch (1)" in out
+    err = capsys.readouterr().err  # at once: a resume that finds the run finished says it too
+    assert (f"cannot read checkpoint {run / 'last.pth'}" if given != "missing"
+            else f"{run / 'last.pth'} is missing") in err
+    assert f"resuming from {run / 'best.pth'} instead, the run's best epoch (1)" in err
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
     assert run_records.read_run(run).finished and len(run_records.read_run(run).rows) == 2
 
@@ -382,3 +387,37 @@ def test_a_finished_run_resumed_with_fewer_epochs_says_so_plainly(finished_small
     assert resume(tmp_path, run, "--epochs", "1") == 0
     out = capsys.readouterr().out
     assert "already finished 2 epochs, more than --epochs 1; raise --epochs" in out
+
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_lock_file_that_is_not_a_file_is_one_line(finished_small_run, tmp_path, capsys, kind):
+    run = copy_run(finished_small_run, tmp_path, "locked")
+    lock = run / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    assert resume(tmp_path, run, "--epochs", "2") == 2
+    assert f"{lock} is not a file" in capsys.readouterr().err
+
+
+def test_last_pth_and_args_json_land_together_even_with_a_second_ctrl_c(tmp_path, monkeypatch):
+    """A second stop signal between the two renames waits for both: args.json never says one
+    run's epochs beside another's last.pth."""
+    folder_ = run_folder.RunFolder.__new__(run_folder.RunFolder)
+    folder_.active, folder_.ckpt_dir = True, tmp_path
+    real_replace, renamed = os.replace, []
+
+    def interrupted_between(source, target):
+        real_replace(source, target)
+        renamed.append(Path(target).name)
+        if len(renamed) == 1:  # as if a second Ctrl-C came right after the first rename
+            with stopping.StopSignals() as stops:
+                with stops.training(announce=False):
+                    stops.signal = signal.SIGINT
+                    stops._handle(signal.SIGINT, None)
+
+    monkeypatch.setattr(run_folder.os, "replace", interrupted_between)
+    with pytest.raises(stopping.Interrupted):
+        folder_.save("last.pth", {"args": {"epochs": 3}, "epoch": 2})
+    assert sorted(renamed) == ["args.json", "last.pth"]
+    assert json.loads((tmp_path / "args.json").read_text())["epochs"] == 3

@@ -12,9 +12,7 @@ from PIL import Image
 from conf import settings
 from training import run_records
 
-import reproduce
 import table
-from fake_cifar import write_fake_cifar100
 
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
           "seconds"]
@@ -401,112 +399,6 @@ def test_unreadable_folders_are_skipped_with_one_line_each(runs, tmp_path, capsy
     assert "Traceback" not in captured.err
 
 
-# ---------------------------------------------------------------- reproduce.py
-
-def test_reproduce_prints_every_row(tmp_path, capsys):
-    assert reproduce.main(["--seeds", "2", "--recipe", "paper", "classic",
-                           "--checkpoint-dir", str(tmp_path), "--gpus", "0,1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    expected = {(net, att) for net, att, *_ in settings.PAPER_TABLE if att != "ssa"}
-    assert len(expected) == 10
-    seen = set()
-    for line in lines:
-        words = line.split()
-        assert words[0] in ("CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1")
-        value = lambda flag: words[words.index(flag) + 1]
-        seen.add((value("-net"), value("-att"), value("--recipe"), value("--seed")))
-        assert value("--run-name") == f"{value('--recipe')}-seed{value('--seed')}"
-    assert seen == {(net, att, recipe, seed) for net, att in expected
-                    for recipe in ("paper", "classic") for seed in ("0", "1")}
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--first-seed", "-1"], "must be between 0 and 2**63 - 1"),
-    (["--seeds", "0"], "must be positive"),
-    (["--gpus", "0,0"], "expected distinct GPU numbers"),
-    (["--gpus", "cuda:0"], "expected distinct GPU numbers"),
-])
-def test_reproduce_refuses_bad_flags(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        reproduce.main(flags + ["--checkpoint-dir", str(tmp_path)])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_reproduce_skips_finished_and_resumes_interrupted(tmp_path, capsys):
-    fake_run(tmp_path, "resnet50", "ema", 0, [10.0, 20.0], planned=2)  # finished
-    interrupted = fake_run(tmp_path, "resnet101", "ca", 0, [10.0], planned=2)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2"]) == 0
-    captured = capsys.readouterr()
-    assert "# resnet50 + ema, paper, seed 0: done" in captured.out
-    assert f"python train_cifar100.py --resume {interrupted} --epochs 2   # resumes" in captured.out
-    assert "1 done, 1 to resume, 8 to start" in captured.err
-
-
-def test_reproduce_never_takes_a_small_trials_runs_for_the_campaigns(tmp_path, capsys):
-    """A campaign tried small (--epochs 2 --subset 64) and then run in full: the trial's folders are
-    neither done nor resumed, but skipped with one line each."""
-    done = fake_run(tmp_path, "resnet50", "ema", 0, [10.0, 20.0], planned=2, subset=64)
-    interrupted = fake_run(tmp_path, "resnet101", "ca", 0, [10.0], planned=2, subset=64)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path)]) == 0
-    captured = capsys.readouterr()
-    for run in (done, interrupted):
-        assert (
-            f"skipped {run}: it holds another run, epochs=2 (planned: 200), subset=64 (planned: "
-            "None); "
-            in captured.err) and str(run) not in captured.out
-    assert "0 done, 0 to resume, 8 to start, 2 skipped" in captured.err
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2",
-                           "--subset", "64"]) == 0
-    assert "1 done, 1 to resume, 8 to start" in capsys.readouterr().err
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2",
-                           "--subset", "64",
-                           "--dataset", "cifar10"]) == 0
-    assert "data_format=cifar100 (planned: cifar10)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("how",
-                         ["corrupt args.json", "half-written metrics.csv", "args.json a list",
-                          "empty metrics.csv"])
-def test_reproduce_skips_an_unreadable_folder_with_one_line(tmp_path, capsys, how):
-    folder = fake_run(tmp_path, "resnet50", "ema", 0, [79.0, 79.0], planned=2)
-    break_folder(folder, how)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(tmp_path), "--epochs", "2"]) == 0
-    captured = capsys.readouterr()
-    warnings = [line for line in captured.err.splitlines() if str(folder) in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"skipped {folder}: ") and WHY[
-        how] in warnings[0]
-    assert "Traceback" not in captured.err
-    assert str(folder) not in captured.out and len(captured.out.splitlines()) == 9
-    assert "0 done, 0 to resume, 9 to start, 1 skipped" in captured.err
-
-
-@pytest.mark.parametrize("stop",
-                         ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)",  # killed: -15
-                          "raise SystemExit(143)"])  # handled, as train_cifar100.py does
-def test_reproduce_starts_nothing_more_after_a_job_stopped_by_a_signal(
-        stop, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "plan", lambda args: [
-        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
-                      [sys.executable, "-c", code])
-        for seed, code in enumerate(["pass", stop, "pass"])])
-    assert reproduce.main(["--run"]) == 1
-    out = capsys.readouterr().out
-    assert f"done: {tmp_path / '0'}" in out and f": {tmp_path / '1'}" in out and str(
-        tmp_path / "2") not in out
-    assert "1 of 3 runs ended well; 1 not started (rerun this command to continue)" in out
-
-
-def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
-    """A job that fails or crashes (here SIGSEGV) does not stop the others."""
-    monkeypatch.setattr(reproduce, "plan", lambda args: [
-        reproduce.Job("resnet50", "ema", "paper", seed, tmp_path / str(seed), "new",
-                      [sys.executable, "-c", code])
-        for seed, code in enumerate(["import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
-                                     "pass"])])
-    assert reproduce.main(["--run"]) == 1
-    assert "1 of 2 runs ended well; then" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("args, why", [
     ({"att": "bam"}, "this checkout has no attention module 'bam' (models/)"),
     ({"net": "vgg16"}, "this checkout has no network 'vgg16'"),
@@ -517,6 +409,11 @@ def test_reproduce_goes_on_after_a_crash(tmp_path, monkeypatch, capsys):
     ({"lr": math.inf}, "'lr' is inf (argument -lr: must be positive"),
     ({"seed": math.nan}, "'seed' is nan (argument --seed: expected a whole number"),
     ({"amp": "fp8"}, "'amp' is 'fp8' (argument --amp: invalid choice"),
+    ({"recipe": ["paper"]}, "unknown recipe ['paper']"),
+    ({"world": 0}, "'world' is 0, not a number of processes"),
+    ({"classes": 0}, "'classes' is 0, not a number of classes"),
+    ({"net": "mobilenetv2", "att_stages": "3,4"}, "--att-stages places the attention module in"),
+    ({"att": "none", "att_stages": "3,4"}, "--att-stages places the attention module in"),
 ])
 def test_one_run_the_table_cannot_interpret_is_skipped_and_the_rest_prints(
         tmp_path, capsys, args, why):
@@ -551,27 +448,6 @@ def test_metrics_no_run_writes_are_skipped(tmp_path, capsys, column, value):
             in captured.err)
 
 
-def test_reproduce_never_counts_a_run_on_other_data_or_of_another_seed_as_done(tmp_path, capsys):
-    """A folder named for seed 0 whose run recorded seed 5, or a run on CIFAR files other than
-    --data's (by the trainer's own dataset name): skipped with one line, never done."""
-    data = write_fake_cifar100(tmp_path / "data", n_train=8, n_test=8)  # a custom set
-    custom = reproduce.planned_dataset(data, "cifar100")
-    assert custom.startswith("custom-")
-    root = tmp_path / "checkpoint"
-    other_data = fake_run(root, "resnet50", "ema", 0, [10.0, 20.0], planned=2, dataset="cifar-100")
-    wrong_seed = fake_run(root, "resnet50", "ca", 5, [10.0, 20.0], planned=2, run="paper-seed0",
-                          dataset=custom)
-    fake_run(root, "resnet50", "none", 0, [10.0, 20.0], planned=2, dataset=custom)
-    assert reproduce.main(["--seeds", "1", "--checkpoint-dir", str(root), "--epochs", "2",
-                           "--data", str(data)]) == 0
-    captured = capsys.readouterr()
-    assert (f"skipped {other_data}: it holds another run, dataset=cifar-100 (planned: {custom})"
-            in captured.err)
-    assert f"skipped {wrong_seed}: it holds another run, seed=5 (planned: 0)" in captured.err
-    assert "# resnet50 + none, paper, seed 0: done" in captured.out
-    assert "1 done, 0 to resume, 7 to start, 2 skipped" in captured.err
-
-
 def test_ctrl_c_during_the_table_is_one_line(tmp_path, monkeypatch, capsys):
     paper_run(tmp_path, "ema", 0, 80.0)
 
@@ -591,3 +467,31 @@ def test_a_run_stopped_inside_its_first_epoch_is_listed_unfinished(tmp_path, cap
     out = markdown(root, tmp_path, capsys).out
     assert cells(out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
     assert f"- {started}: 0/200 epochs" in out
+
+
+
+@pytest.mark.parametrize("how", ["metrics.csv a FIFO", "args.json a folder", "args.json nested",
+                                 "more epochs than planned", "metrics.csv with a BOM"])
+def test_odd_run_files_are_one_line_each_and_never_hang(tmp_path, capsys, how):
+    root = tmp_path / "checkpoint"
+    paper_run(root, "ema", 0, 80.0)
+    odd = fake_run(root, "resnet50", "ema", 1, [70.0, 71.0], planned=2, run="odd")
+    if how == "metrics.csv a FIFO":
+        (odd / "metrics.csv").unlink()
+        os.mkfifo(odd / "metrics.csv")
+    elif how == "args.json a folder":
+        (odd / "args.json").unlink()
+        (odd / "args.json").mkdir()
+    elif how == "args.json nested":
+        (odd / "args.json").write_text("[" * 100000 + "]" * 100000)
+    elif how == "more epochs than planned":
+        args = json.loads((odd / "args.json").read_text())
+        (odd / "args.json").write_text(json.dumps({**args, "epochs": 1}))
+    else:
+        (odd / "metrics.csv").write_bytes(b"\xef\xbb\xbf" + (odd / "metrics.csv").read_bytes())
+    captured = markdown(root, tmp_path, capsys)
+    if how == "metrics.csv with a BOM":  # as Excel saves it: read
+        assert "skipped" not in captured.err and cells(captured.out, "ResNet50 + EMA")[4] == "1"
+        return
+    assert cells(captured.out, "ResNet50 + EMA")[4:6] == ["1", "80.00"]
+    assert [line for line in captured.err.splitlines() if line.startswith(f"skipped {odd}: ")]

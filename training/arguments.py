@@ -45,10 +45,10 @@ def settle(given: Namespace, device, processes: Distributed) -> Settled:
         if given.resume == "newest":
             check_picked(given, checkpoint["args"], path)
         values = resumed_values(given, checkpoint["args"], path)
+    if given.resume is not None and fallback:  # at once: also before "already finished"
+        print(fallback, file=sys.stderr)
     fill_run_defaults(values)
     speed, notes = fill_device_defaults(values, device, processes.world)
-    if given.resume is not None and fallback:
-        notes.insert(0, fallback)
     splits = run_data.open_splits(Namespace(**values), processes, notes)
     values.update(splits.facts)
     if checkpoint:
@@ -83,6 +83,8 @@ def checkpoint_to_resume(given: Namespace) -> Path:
                   (path.parent.name, None) and recorded_name(path.parent) in names]
         originals = [p for p in candidates if p not in copies] or candidates
         path = max(originals, key=lambda p: p.stat().st_mtime)
+    elif lost_last_pth(Path(given.resume)):
+        path = Path(given.resume) / "best.pth"
     else:
         path = checkpoints.checkpoint_file(given.resume)
     # Resuming best.pth would roll the run back over a newer last.pth: only where that cannot be
@@ -91,6 +93,12 @@ def checkpoint_to_resume(given: Namespace) -> Path:
         raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with "
                         f"--resume {path.parent}")
     return path
+
+
+def lost_last_pth(folder: Path) -> bool:
+    """A run folder whose last.pth is gone (deleted, lost) but whose best.pth is there."""
+    last, best = folder / "last.pth", folder / "best.pth"
+    return folder.is_dir() and not last.exists() and best.is_file()
 
 
 def unreadable(path: Path) -> Optional[str]:
@@ -138,7 +146,7 @@ def recorded_name(folder: Path):
     """The run name that a run folder's args.json records, or None."""
     try:
         return json.loads((folder / "args.json").read_text()).get("run")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 

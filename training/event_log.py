@@ -32,8 +32,8 @@ def log_name(ckpt_dir: Path, args) -> str:
         owner = json.loads((logs / OWNER).read_text())
     # from before .owner: a resumed run's own; a new run does not take its logs
     except (OSError, ValueError):
-        return unique if not args.resume and list(
-            logs.glob("events.out.tfevents.*")) else ckpt_dir.name
+        taken = any(path.is_file() for path in logs.glob("events.out.tfevents.*"))
+        return unique if not args.resume and taken else ckpt_dir.name
     if not isinstance(owner, dict) or owner.get("folder") == str(ckpt_dir.resolve()):
         return ckpt_dir.name
     # The same run id: this run and its logs copied or moved together (the .owner names other logs),

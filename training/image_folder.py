@@ -66,6 +66,11 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             folders[:] = sorted(f for f in folders if not f.startswith("."))
             for file in sorted(n for n in names if not n.startswith(".")):
                 path = Path(parent) / file
+                try:
+                    file.encode("utf-8")
+                except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8
+                    raise UserError(f"{path!r}: a file whose name is not valid UTF-8: rename "
+                                    f"it") from None
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     raise UserError(
                         f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")

@@ -66,8 +66,8 @@ def check_class_names(found: list, trained, root) -> None:
         return  # said by the count checks, which name both counts
     i = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
     raise UserError(f"{root} does not hold the classes the run was trained on, in its order: label "
-                    f"{i} is {found[i]!r} there, {trained[i]!r} in training (args.json's "
-                    f"class_names)")
+                    f"{i} is {found[i]!a} there, {trained[i]!a} in training (args.json's "
+                    f"class_names)")  # !a: names that look alike show their code points
 
 
 def normalization(kind: str, recipe: str, train: ImageArray) -> tuple[tuple, tuple]:

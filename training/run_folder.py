@@ -12,8 +12,8 @@ import contextlib
 import csv
 import gc
 import json
-import shlex
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch.utils.tensorboard.summary import hparams
 
 import utils
 from conf import settings
-from training import checkpoints, engine, event_log, pictures
+from training import checkpoints, engine, event_log, pictures, stopping
 from utils import UserError
 
 try:
@@ -121,11 +121,12 @@ class RunFolder:
         self._write_args(vars(args) if resumed_epoch is None else recorded)
         self._open_log()
 
-    def _write_args(self, values: dict) -> None:
+    def _write_args(self, values: dict, rename: bool = True) -> Path:
         """args.json: the arguments in plain text, for table.py and for people (the checkpoints
         hold them too)."""
-        utils.write_atomic(self.ckpt_dir / "args.json",
-                           lambda f: f.write(json.dumps(values, indent=2) + "\n"), text=True)
+        return utils.write_atomic(self.ckpt_dir / "args.json",
+                                  lambda f: f.write(json.dumps(values, indent=2) + "\n"),
+                                  text=True, rename=rename)
 
     def _make_writable(self) -> None:
         """Both folders made, and written to once: a read-only or full disk is said now."""
@@ -283,10 +284,23 @@ class RunFolder:
             self._log(lambda writer: writer.add_image(f"EMA gates/{name}", grid, epoch))
 
     def save(self, name, state):
-        if self.active:
-            utils.save_atomic(state, self.ckpt_dir / name)
-            if name == "last.pth":
-                self._write_args(state["args"])
+        if not self.active:
+            return
+        path = self.ckpt_dir / name
+        if name != "last.pth":
+            utils.save_atomic(state, path)
+            return
+        # last.pth and args.json land together: both written first, then both renamed with stop
+        # signals held back, so that table.py never reads one run's epochs beside another's state.
+        checkpoint = utils.write_atomic(path, lambda f: torch.save(state, f), rename=False)
+        try:
+            args = self._write_args(state["args"], rename=False)
+        except BaseException:
+            checkpoint.unlink(missing_ok=True)
+            raise
+        with stopping.held():
+            os.replace(args, self.ckpt_dir / "args.json")
+            os.replace(checkpoint, path)
 
     def print_epoch(self, row: dict, epochs: int, is_best: bool) -> None:
         val = ""
@@ -337,7 +351,11 @@ class RunLock:
     locking where fcntl does not exist, i.e. on Windows.)"""
 
     def __init__(self, folder: Path, resuming: bool = False):
-        self.file = open(folder / ".lock", "a+")
+        lock = folder / ".lock"
+        if os.path.lexists(lock) and not lock.is_file():  # a folder, a FIFO: open fails or waits
+            raise UserError(f"{lock} is not a file (a folder, a FIFO, or a link to nothing): "
+                            f"remove it")
+        self.file = open(lock, "a+")
         if fcntl is None:
             return
         try:

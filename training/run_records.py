@@ -9,6 +9,7 @@ one that lacks the key). Seeds are averaged only within one identity.
 import csv
 import json
 import math
+import os
 import re
 import sys
 from collections import namedtuple
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conf import settings
+from training import cli
 from training import options as run_options
 from training.options import OPTIONS, REQUIRED
 
@@ -106,11 +108,13 @@ class Run:
 
 def run_args(folder: Path) -> dict:
     """The run's arguments: args.json, or for runs older than it, those inside last.pth."""
+    if os.path.lexists(folder / "args.json") and not (folder / "args.json").is_file():
+        raise UnreadableRun("args.json is not a file (a folder, a FIFO, or a link to nothing)")
     if (folder / "args.json").is_file():
         try:
             args = json.loads((folder / "args.json").read_text())
-        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
-            raise UnreadableRun(f"args.json is not valid JSON ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not text
+            raise UnreadableRun(f"args.json is not valid JSON ({type(e).__name__})") from None
     elif (folder / "last.pth").is_file():
         from training import checkpoints  # torch is only needed for this fallback
         try:
@@ -129,7 +133,7 @@ def run_identity(args: dict) -> Identity:
     for key in [key for key in run_options.IDENTITY if OPTIONS[key].older == REQUIRED] + ["seed"]:
         if key not in args:
             raise UnreadableRun(f"its arguments lack '{key}'")
-    if args["recipe"] not in settings.RECIPES:
+    if not isinstance(args["recipe"], str) or args["recipe"] not in settings.RECIPES:
         raise UnreadableRun(f"unknown recipe {args['recipe']!r}")
     values = {key: args[key] if key in args else run_options.value(OPTIONS[key].older, args)
               for key in run_options.IDENTITY}
@@ -142,6 +146,12 @@ def run_identity(args: dict) -> Identity:
         # a row is found by its identity, so every value must be hashable
         if isinstance(value, (list, dict)):
             raise UnreadableRun(f"'{key}' is {value!r}, not a single value")
+    world = values["world"]
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise UnreadableRun(f"'world' is {world!r}, not a number of processes")
+    problem = cli.conflict({**args, "resume": None, "init_from": None})
+    if problem:  # options together that no command line could have given
+        raise UnreadableRun(problem)
     for key in [key for key in [*run_options.IDENTITY, "seed"] if key in run_options.FLAGS]:
         value = values[key] if key in values else args[key]
         try:  # a value that no command line could have given
@@ -183,7 +193,7 @@ def in_range(key: str, value: float) -> bool:
 def read_metrics(path: Path) -> list:
     """metrics.csv as one dict of floats per epoch."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # as Excel saves it, too
             reader = csv.DictReader(f)
             # fieldnames reads the header: not after closing
             columns, lines = reader.fieldnames, list(reader)
@@ -225,15 +235,20 @@ def read_run(folder: Path, args: dict = None) -> Run:
     args = run_args(folder) if args is None else args
     identity = run_identity(args)
     metrics = folder / "metrics.csv"
-    classes = args.get("classes") or settings.NUM_CLASSES
+    classes = args["classes"] if args.get("classes") is not None else settings.NUM_CLASSES
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
         raise UnreadableRun(f"'classes' is {classes!r}, not a number of classes (1 to "
                             f"{MAX_CLASSES:,})")
+    if os.path.lexists(metrics) and not metrics.is_file():
+        raise UnreadableRun("metrics.csv is not a file (a folder, a FIFO, or a link to nothing)")
     if not metrics.exists():  # stopped inside its first epoch: no epoch to read yet
         started = folder / "args.json" if (folder / "args.json").exists() else folder / "last.pth"
         return Run(folder, identity, args["seed"], [], started.stat().st_mtime, classes)
-    return Run(folder, identity, args["seed"], read_metrics(metrics), metrics.stat().st_mtime,
-               classes)
+    rows = read_metrics(metrics)
+    if len(rows) > identity.epochs:  # an args.json that is not this metrics.csv's run
+        raise UnreadableRun(f"metrics.csv lists {len(rows)} epochs, more than its args.json's "
+                            f"epochs ({identity.epochs})")
+    return Run(folder, identity, args["seed"], rows, metrics.stat().st_mtime, classes)
 
 
 def read_runs(checkpoint_dir: Path) -> list[Run]:

@@ -39,6 +39,24 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class _Held:
+    depth, pending = 0, None
+
+
+@contextlib.contextmanager
+def held():
+    """Within the block a stop signal that would stop at once waits for its end: for writes that
+    must land together (last.pth and args.json)."""
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+        if not _Held.depth and _Held.pending:
+            signum, _Held.pending = _Held.pending, None
+            raise Interrupted(signum)
+
+
 class StopSignals:
     """The handler of the stop signals for one run of the script. install() at the top of a script
     (LOADING); `with stops:` around main's work (STARTING, the previous handlers back on exit);
@@ -77,6 +95,9 @@ class StopSignals:
                   flush=True)
             os._exit(128 + signum)
         if self.phase == STARTING or self.signal is not None:
+            if _Held.depth:
+                _Held.pending = signum
+                return
             raise Interrupted(signum)
         self.signal = signum
         if self.announce:

@@ -12,11 +12,22 @@ paper picks the best epoch on the test set; the final one is the honest number),
 to the same net's baseline and EMA rows with a 95% Welch interval. Unfinished runs are listed apart,
 with epochs done / planned, and never averaged in.
 """
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Ctrl-C while the script still loads: one line, as later (main() handles it from there on).
+    def stopped_while_loading(signum, frame):
+        print("\nSIGINT: stopped", file=sys.stderr)
+        sys.exit(130)
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a job started with & ignores it
+        signal.signal(signal.SIGINT, stopped_while_loading)
+
 import argparse
 import functools
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,4 +477,6 @@ def report(checkpoint_dir: Path, args) -> int:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is stopped_while_loading:  # loaded: main() takes over
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -111,7 +111,7 @@ class Trainer:
                                         self.processes.main, resumed_epoch, recorded)
         for note in self.notes:
             self.out.print(note)
-        if self.checkpoint:  # metrics.csv as far as the checkpoint goes (an older may be resumed)
+        if self.checkpoint:  # metrics.csv up to the checkpoint (an older one may be resumed)
             run_folder.repair_best(self.out, self.checkpoint, self.best)
             self.out.write_metrics(self.history)
             self.out.log_epoch(self.history)  # the epochs a full log disk kept out, if any

@@ -98,9 +98,7 @@ def planned_identity(training: list[str], net: str, att: str, recipe: str) -> di
     the files)."""
     typed = vars(cli.train_parser().parse_args(training
                                                + ["-net", net, "-att", att, "--recipe", recipe]))
-    given = {**options.NEW_RUN_DEFAULTS,
-             **{key: value for key, value in typed.items() if value is not None}}
-    given["warm"] = options.recipe_warm(given) if given["warm"] is None else given["warm"]
+    given = options.with_defaults(typed)
     fixed = {key: given[key] for key in options.IDENTITY
              if key in given and options.OPTIONS[key].resume in (options.KEPT, options.EXTENDS)}
     # which --dataset: kept on resume, as the identity

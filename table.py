@@ -226,11 +226,11 @@ def known_models(runs: list[Run]) -> list[Run]:
     building it); the others, e.g. a branch's new module sharing checkpoint/, skipped with one
     line."""
     import models  # torch is only needed for the #Params column
-    known = []
+    nets, attentions, known = models.list_models(), models.list_attentions(), []
     for run in runs:
         net, att = run.identity.net, run.identity.att
-        unknown = ([f"network {net!r}"] if net not in models.list_models() else []) + (
-            [f"attention module {att!r}"] if att not in models.list_attentions() else [])
+        unknown = ([f"network {net!r}"] if net not in nets else []) + (
+            [f"attention module {att!r}"] if att not in attentions else [])
         if unknown:
             print(f"skipped {run.folder}: this checkout has no {' and no '.join(unknown)} "
                   f"(models/)", file=sys.stderr)

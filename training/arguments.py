@@ -42,11 +42,11 @@ def settle(given: Namespace, device, processes: Distributed) -> Settled:
         values, checkpoint = typed(given), None
     else:
         checkpoint, path, fallback = readable_checkpoint(checkpoint_to_resume(given))
+        if fallback:  # at once: also before "already finished"
+            print(fallback, file=sys.stderr)
         if given.resume == "newest":
             check_picked(given, checkpoint["args"], path)
         values = resumed_values(given, checkpoint["args"], path)
-    if given.resume is not None and fallback:  # at once: also before "already finished"
-        print(fallback, file=sys.stderr)
     fill_run_defaults(values)
     speed, notes = fill_device_defaults(values, device, processes.world)
     splits = run_data.open_splits(Namespace(**values), processes, notes)
@@ -87,11 +87,6 @@ def checkpoint_to_resume(given: Namespace) -> Path:
         path = Path(given.resume) / "best.pth"
     else:
         path = checkpoints.checkpoint_file(given.resume)
-    # Resuming best.pth would roll the run back over a newer last.pth: only where that cannot be
-    # read (readable_checkpoint falls back to best.pth then anyway).
-    if path.name == "best.pth" and unreadable(path.parent / "last.pth") is None:
-        raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run with "
-                        f"--resume {path.parent}")
     return path
 
 
@@ -101,33 +96,33 @@ def lost_last_pth(folder: Path) -> bool:
     return folder.is_dir() and not last.exists() and best.is_file()
 
 
-def unreadable(path: Path) -> Optional[str]:
-    """Why the checkpoint at `path` cannot be read, or None when it can."""
-    try:
-        checkpoints.load_checkpoint(path)
-    except UserError as e:
-        return str(e)
-    return None
-
-
 def readable_checkpoint(path: Path) -> tuple[dict, Path, Optional[str]]:
     """(the checkpoint to resume, its path, a warning or None). A last.pth that cannot be read
     (truncated, damaged) falls back to the run's best.pth, a full training state of its best
     epoch: the epochs after that one are trained again, and the warning says so."""
     last, best = path.parent / "last.pth", path.parent / "best.pth"
-    if path == last:
-        try:
-            return checkpoints.load_checkpoint(last), last, None
-        except UserError as e:
-            if not best.is_file() or unreadable(best):
-                raise
-            why = str(e)
-    elif path == best:  # given where last.pth cannot be read (checkpoint_to_resume)
-        why = unreadable(last) if last.exists() else f"{last} is missing"
-    else:
+    if path not in (last, best):
         return checkpoints.load_checkpoint(path), path, None
-    checkpoint = checkpoints.load_checkpoint(best)
-    return checkpoint, best, (f"warning: {why}; resuming from {best} instead, the run's best "
+    try:  # each file is read once: a checkpoint can be hundreds of MB
+        if not last.exists():
+            raise UserError(f"{last} is missing")
+        checkpoint = checkpoints.load_checkpoint(last)
+    except UserError as e:
+        if path == last and not best.is_file():
+            raise
+        lost = e
+    else:
+        if path == best:  # resuming it would roll the run back over a newer last.pth
+            raise UserError(f"{path} is the best epoch's weights, for test.py; resume the run "
+                            f"with --resume {path.parent}")
+        return checkpoint, last, None
+    try:
+        checkpoint = checkpoints.load_checkpoint(best)
+    except UserError:
+        if path == last:
+            raise lost from None  # what was asked for is what cannot be read
+        raise
+    return checkpoint, best, (f"warning: {lost}; resuming from {best} instead, the run's best "
                               f"epoch ({checkpoint['epoch']}): the epochs after it are trained "
                               f"again")
 
@@ -201,15 +196,11 @@ def checked_recorded(recorded, path: Path) -> dict:
 # ---------------------------------------------------------------- derived defaults
 
 def fill_run_defaults(values: dict) -> None:
-    """The defaults of what is unset (a resumed run has its own): the table's, then the derived
-    ones: data path, warm-up, run name and id."""
-    for name, default in options.NEW_RUN_DEFAULTS.items():
-        if values.get(name) is None:
-            values[name] = default
+    """The defaults of what is unset (a resumed run has its own): the table's and the warm-up,
+    then the derived ones: data path, run name and id."""
+    values.update(options.with_defaults(values))
     # Recorded as an absolute path: test.py, gradcam.py and a resume find it from any folder.
     values["data"] = os.path.abspath(values["data"] or settings.DATA_DIR)
-    if values["warm"] is None:
-        values["warm"] = options.recipe_warm(values)
     values["run_id"] = values.get("run_id") or uuid.uuid4().hex  # its TensorBoard folder's name
     # The start time, the seed and the run id's first digits: runs started in the same second (a
     # sweep launched at once) get folders of their own.

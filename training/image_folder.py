@@ -45,6 +45,14 @@ def split_folder(root, train: bool) -> Path:
         f"{LAYOUT}")
 
 
+def check_utf8(path: Path, what: str, why: str = "") -> None:
+    """A UserError when the file system gave `path`'s name as bytes that are not UTF-8."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{path!r}: {what} whose name is not valid UTF-8{why}: rename it") from None
+
+
 def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class names, sorted; every image file with its class index). Hidden files are left out; an
     empty class folder or a file that is not an image by its name is an error."""
@@ -53,11 +61,7 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if not classes:
         raise UserError(f"{folder} holds no class folders; expected layout: {LAYOUT}")
     for name in classes:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8
-            raise UserError(f"{folder / name!r}: a class folder whose name is not valid UTF-8 "
-                            f"(the run records class names as text): rename it") from None
+        check_utf8(folder / name, "a class folder", " (the run records class names as text)")
     files = []
     for index, name in enumerate(classes):
         found = []
@@ -66,11 +70,7 @@ def listing(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             folders[:] = sorted(f for f in folders if not f.startswith("."))
             for file in sorted(n for n in names if not n.startswith(".")):
                 path = Path(parent) / file
-                try:
-                    file.encode("utf-8")
-                except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8
-                    raise UserError(f"{path!r}: a file whose name is not valid UTF-8: rename "
-                                    f"it") from None
+                check_utf8(path, "a file")
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     raise UserError(
                         f"{path} is not an image (expected one of {' '.join(IMAGE_EXTENSIONS)})")

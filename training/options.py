@@ -341,6 +341,17 @@ NOT_RESUMED = [name for name, o in OPTIONS.items() if o.resume in (WHERE, FOLDER
 NEW_RUN_DEFAULTS = {name: OPTIONS[name].default for name in FLAGS}
 
 
+def with_defaults(values: dict) -> dict:
+    """`values` with the table's defaults where they are missing or None, and the recipe's
+    warm-up: what a command line stands for before anything depends on the device or the data
+    (training/arguments.py fills those; reproduce.py plans with this alone)."""
+    filled = {**values, **{name: default for name, default in NEW_RUN_DEFAULTS.items()
+                           if values.get(name) is None}}
+    if filled["warm"] is None:
+        filled["warm"] = recipe_warm(filled)
+    return filled
+
+
 def arithmetic_on_resume(args: dict) -> list[str]:
     """The options a resume may change that change the arithmetic, for these arguments."""
     return [name for name in RESUMABLE_OVERRIDES if value(OPTIONS[name].arithmetic, args)]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from conf import settings
-from training import cifar, image_folder, run_records
+from training import cifar, image_folder, options, run_records
 from training.loaders import ImageArray, make_loader
 from utils import SINGLE_PROCESS, Distributed, UserError
 
@@ -121,8 +121,8 @@ def subset_draw(args) -> str:
     """How --subset draws its images: "stratified" (every class its share, SUBSET_SEED), or for a
     run resumed from before the draw was recorded, "first" (the first N, as it trained)."""
     recorded = getattr(args, "subset_draw", None)
-    if recorded is None and getattr(args, "resume", None):
-        return "first"
+    if recorded is None and getattr(args, "resume", None):  # what such a record stands for
+        return options.value(options.OPTIONS["subset_draw"].older, vars(args))
     return recorded or "stratified"
 
 

@@ -6,8 +6,8 @@ docs/reference.md, 2.2 EMA. Two classes compute it, with the same parameters and
 
 - EMA, the module the networks use: the paper's steps in order, on (B, C, H, W) as it comes,
   computing only what the output uses (the 3x3 branch's map is never made: its two uses come from
-  x by algebra), or (option `fused`, not in the paper) the whole module in one Triton kernel each
-  way (ema_fused.py);
+  x by algebra), or (option `fused`, not in the paper) Triton kernels that stream each group's
+  maps (ema_fused.py);
 - FoldedEMA, the authors' formulation (the G groups folded into the batch, adaptive pools, the k ->
   k 3x3 convolution, two matmuls), the reference for the tests and the benchmark, and what params.py
   counts FLOPs of.
@@ -43,10 +43,10 @@ class EMA(nn.Module):
     matrices.
 
     ``fused`` (not in the paper) picks how it is computed, never what: the same parameters, state
-    dict and function either way. None: the fused kernels where they apply (on CUDA with Triton,
-    maps they hold, and only once ema_fused.ON_CUDA_BY_DEFAULT says a GPU has checked them), else
-    PyTorch; True: the kernels, or a ValueError saying why not (on the CPU they need
-    TRITON_INTERPRET=1); False: PyTorch.
+    dict and function either way. None: the fused kernels on CUDA at the shapes where a
+    measurement on this GPU found them correct and faster (ema_fused.CHOSEN, filled by the trainer:
+    docs/speed.md), else PyTorch; True: the kernels, or a ValueError saying why not (on the CPU they
+    need TRITON_INTERPRET=1); False: PyTorch.
     """
 
     def __init__(self, channels: int, factor: int = 32, fused=None, *, device=None, dtype=None):
@@ -131,8 +131,8 @@ class EMA(nn.Module):
                     "EMA(fused=True) needs ema_fused.py beside ema.py, which is not there")
             return False
         if self.fused is None:
-            return x.is_cuda and ema_fused.ON_CUDA_BY_DEFAULT and ema_fused.unsupported(
-                x, self.groups) is None
+            return (x.is_cuda and ema_fused.CHOSEN.get(ema_fused.choice_key(x, self.groups), False)
+                    and ema_fused.unsupported(x, self.groups) is None)
         why = ema_fused.unsupported(x, self.groups)
         if why is not None:
             raise ValueError(f"EMA(fused=True) cannot run on this input: {why}")

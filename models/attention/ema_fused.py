@@ -1,20 +1,28 @@
-"""EMA fused: the whole module in one Triton kernel forward and one backward, for CUDA.
+"""EMA fused: EMA's forward and backward as Triton kernels for CUDA, on the algebra of ema.py.
 
-Everything EMA computes is local to one (image, group) tile of k x H x W values (8x32x32 at most in
-a CIFAR ResNet50): one program holds its tile whole and computes the seven steps of
-docs/reference.md 2.2 without writing an intermediate to memory. The forward reads x and writes the
-output; the backward reads x and the output's gradient, recomputes the forward's values (cheaper
-than storing and reading them back), and writes the input's gradient and one row of
-parameter-gradient partials per tile, which torch then sums: no float atomics, so two runs on one
-GPU give the same gradients. The 3x3 convolution runs inside the kernels, tap by tap over the input
-channels, reading x's neighbours from memory (cache); its backward writes the 3x3 branch's gradient
-once to a scratch buffer and reads it back shifted.
+EMA's large tensors are x, the output and their gradients, (B, C, H, W); everything else is small:
+per-channel strips (k x H and k x W per (image, group) tile), per-channel sums, k x 9 window sums
+and the shared weights. The kernels stream each tile a chunk of channels at a time, whole maps
+only, so that every per-channel statistic (strip sums, GroupNorm's mean and variance, the sums the
+backward needs) is computed where its map is held, and nothing larger than a chunk lives in
+registers. The small tensors are mixed across channels by the shared weights in PyTorch between
+the kernels. Each program writes its own rows of partial sums, and torch sums them in a fixed
+order: no float atomics, so two runs on one GPU give the same gradients.
+
+- forward: `_strips_kernel` (row, column and window sums of x), then PyTorch (the gates, the
+  channel descriptors, the k -> 1 filter of step 6), then `_forward_kernel` (GroupNorm, step 6's
+  map, the gate, the output: two passes over the tile).
+- backward: the same first two, then `_backward_maps_kernel` (the gate's map, the gradient that
+  reaches it, and per-channel sums of it), PyTorch (the parameters' gradients, and what the
+  strips, the window sums and the descriptors pass back), then `_backward_input_kernel` (x's
+  gradient, one chunk per program).
 
 `ema_fused(x, ...)` is a torch.library custom op with an autograd formula and a fake (meta)
 implementation, so torch.compile traces it without a graph break and CUDA graphs capture it. On the
 CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), float64 included: that is how
-the tests prove them. Without Triton (the CPU build of torch) this module imports, and `available()`
-says False.
+the tests prove them; tests/compile_check.py compiles them for GPUs without one. Without Triton
+(the CPU build of torch) this module imports, and `available()` says False. Whether EMA(fused=None)
+takes them on a GPU is measured on that GPU (training/ema_kernels.py): `CHOSEN` holds the verdicts.
 """
 import os
 
@@ -26,15 +34,16 @@ try:
 except ImportError:  # the CPU build of torch has no Triton
     triton = None
 
-# The largest tile one program holds, in blocks (below): ResNet50's first stage, 8 x 32 x 32
-# channels and positions, is 16 x 32 x 32. Larger maps (detectors: 8 x 80 x 80 is 16 x 128 x 128)
-# take the PyTorch path.
-MAX_TILE = 16384
+# A chunk: as many whole maps (in blocks: powers of two) as fit CHUNK values, 4 a thread at 4 warps.
+# A larger map takes more warps, up to MAX_MAP values (32 x 32) at 8; a map larger than that (a
+# detector's 80 x 80 is 128 x 128 blocks) takes the PyTorch path.
+CHUNK = 512
+MAX_MAP = 1024
 
-# Whether EMA(fused=None) takes these kernels on CUDA. Off until a GPU has run tests/test_gpu.py's
-# fused tests and benchmark.py on them (docs/speed.md, The GPU check): proven under the interpreter
-# only.
-ON_CUDA_BY_DEFAULT = False
+# The shapes at which EMA(fused=None) takes these kernels on CUDA: {(k, H, W, dtype): True or
+# False}, filled by a measurement on the GPU at hand (training/ema_kernels.py). A shape not in it
+# takes the PyTorch path.
+CHOSEN: dict = {}
 
 
 def available() -> bool:
@@ -47,11 +56,15 @@ def interpreted() -> bool:
 
 
 def blocks(k: int, h: int, w: int) -> tuple[int, int, int]:
-    """The kernel's block sizes: powers of two, at least 16 channels and 16 positions (the smallest
-    product tl.dot takes on a GPU), the width widened first."""
+    """The kernels' block sizes (chunk channels, rows, columns): powers of two covering the map,
+    as many channels as fit CHUNK values, at most the group's k rounded up."""
     bk, bh, bw = (1 << max(0, n - 1).bit_length() for n in (k, h, w))
-    bh = max(2, bh)
-    return max(16, bk), bh, max(bw, 16 // bh)
+    return max(1, min(bk, CHUNK // (bh * bw))), bh, bw
+
+
+def choice_key(x: torch.Tensor, groups: int) -> tuple:
+    """The key of CHOSEN for input x: the group's k, the map, the dtype."""
+    return (x.shape[1] // groups, x.shape[2], x.shape[3], str(x.dtype).removeprefix("torch."))
 
 
 def unsupported(x: torch.Tensor, groups: int):
@@ -66,11 +79,10 @@ def unsupported(x: torch.Tensor, groups: int):
         return f"the kernels run on CUDA, not {x.device.type}"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"the kernels take floating-point input, got {x.dtype}"
-    bk, bh, bw = blocks(x.shape[1] // groups, *x.shape[2:])
-    if bk * bh * bw > MAX_TILE:
-        return (
-            f"a group's tile of {x.shape[1] // groups} x {x.shape[2]} x {x.shape[3]} values "
-            f"(blocks {bk}x{bh}x{bw}) is larger than the kernels hold ({MAX_TILE})")
+    _, bh, bw = blocks(1, *x.shape[2:])
+    if bh * bw > MAX_MAP:
+        return (f"a map of {x.shape[2]} x {x.shape[3]} (blocks {bh}x{bw}) is larger than the "
+                f"kernels hold ({MAX_MAP} values)")
     return None
 
 
@@ -79,214 +91,286 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# every output the kernels write is allocated here (the tests poison it)
+# every buffer the kernels write is allocated here (the tests poison it)
 _new_like = torch.empty_like
 _new = torch.empty
 
 
 if triton is not None:
     @triton.jit
-    def _shifted(ptr, c, i, j, di, dj, sc, sh, sw, K, H, W, DTYPE: tl.constexpr):
-        """The tile's values at (c, i + di, j + dj), 0 outside the map: (BK, BH, BW)."""
-        ii, jj = i + di, j + dj
-        inside = (c < K) & (i < H) & (j < W) & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-        return tl.load(ptr + c * sc + ii * sh + jj * sw, mask=inside, other=0).to(DTYPE)
-
-    @triton.jit
-    def _tap(w3_ptr, kk, t, K, DTYPE: tl.constexpr):
-        """The 3x3 convolution's (k out x k in) weights at tap t, 0 on padded channels."""
-        return tl.load(w3_ptr + kk[:, None] * K * 9 + kk[None, :] * 9 + t,
-                       mask=(kk[:, None] < K) & (kk[None, :] < K),
-                       other=0).to(DTYPE)
-
-    @triton.jit
-    def _tap_product(w, xs, BK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                     DOT: tl.constexpr):
-        """w (BK, BK) applied to each position of xs (BK, BH, BW), on the tensor cores where DOT is
-        16-bit."""
-        flat = tl.reshape(xs, (BK, BH * BW))
-        out = tl.dot(w.to(DOT), flat.to(DOT), input_precision="ieee", out_dtype=xs.dtype)
-        return tl.reshape(out, (BK, BH, BW))
-
-    @triton.jit
-    def _tile(x_ptr, w1_ptr, b1_ptr, gamma_ptr, beta_ptr, w3_ptr, b3_ptr, base, sxc, sxh, sxw, K, H,
-              W, eps,
-              BK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr,
-              DOT: tl.constexpr):
-        """The forward's values for one tile (each (BK, BH, BW) unless named otherwise)."""
-        kk = tl.arange(0, BK)
-        c = kk[:, None, None]
+    def _chunk(c0, K, H, W, CB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+        """Indices of a chunk of CB channels from c0, (CB, 1, 1), (1, BH, 1), (1, 1, BW), and
+        where it lies inside the tile."""
+        c = c0 + tl.arange(0, CB)[:, None, None]
         i = tl.arange(0, BH)[None, :, None]
         j = tl.arange(0, BW)[None, None, :]
-        valid = (c < K) & (i < H) & (j < W)
-        x = tl.load(x_ptr + base + c * sxc + i * sxh + j * sxw, mask=valid, other=0).to(DTYPE)
-        # 2. Strip pooling and the shared 1x1 convolution, (BK, BH) and (BK, BW).
-        xh = tl.sum(x, axis=2) / W
-        xw = tl.sum(x, axis=1) / H
-        w1 = tl.load(w1_ptr + kk[:, None] * K + kk[None, :],
-                     mask=(kk[:, None] < K) & (kk[None, :] < K),
-                     other=0).to(DTYPE)
-        b1 = tl.load(b1_ptr + kk, mask=kk < K, other=0).to(DTYPE)
-        gh = 1 / (1 + tl.exp(-(tl.sum(w1[:, :, None] * xh[None, :, :], axis=1) + b1[:, None])))
-        gw = 1 / (1 + tl.exp(-(tl.sum(w1[:, :, None] * xw[None, :, :], axis=1) + b1[:, None])))
-        # 3. GroupNorm branch: one channel per group, statistics over the valid H x W only.
+        return c, i, j, (c < K) & (i < H) & (j < W)
+
+    @triton.jit
+    def _read_by_tap(i, j, di, dj, H, W):
+        """Where input pixel (i, j) is read by tap (di, dj) of a 3x3 convolution (zero padding)."""
+        return (i - di >= 0) & (i - di < H) & (j - dj >= 0) & (j - dj < W)
+
+    @triton.jit
+    def _per_channel(ptr, tile, c0, K, CB: tl.constexpr, DTYPE: tl.constexpr):
+        """(CB,) values of a (B * C) buffer for the chunk's channels."""
+        c = c0 + tl.arange(0, CB)
+        return tl.load(ptr + tile * K + c, mask=c < K, other=0).to(DTYPE)
+
+    @triton.jit
+    def _strip_index(c0, K, L, CB: tl.constexpr, BL: tl.constexpr):
+        """(CB, 1) channels from c0 and (1, BL) positions along a strip of length L, and where they
+        lie inside the tile."""
+        c, n = c0 + tl.arange(0, CB)[:, None], tl.arange(0, BL)[None, :]
+        return c, n, (c < K) & (n < L)
+
+    @triton.jit
+    def _strips(ptr, tile, c0, K, L, CB: tl.constexpr, BL: tl.constexpr, DTYPE: tl.constexpr):
+        """A chunk's (CB, BL) strips of a (B * C, L) buffer (rows: L = H, columns: L = W)."""
+        c, n, inside = _strip_index(c0, K, L, CB, BL)
+        return tl.load(ptr + (tile * K + c) * L + n, mask=inside, other=0).to(DTYPE)
+
+    @triton.jit
+    def _store_strips(ptr, values, tile, c0, K, L, CB: tl.constexpr, BL: tl.constexpr):
+        c, n, inside = _strip_index(c0, K, L, CB, BL)
+        tl.store(ptr + (tile * K + c) * L + n, values, mask=inside)
+
+    @triton.jit
+    def _normalized(x, gh, gw, valid, n, eps):
+        """Step 3 on a chunk: y = x times both gates, each map normalised by its own mean and
+        variance (two passes: exact). (x̂, mean, rstd)."""
         y = x * gh[:, :, None] * gw[:, None, :]
-        mu = tl.sum(tl.sum(y, axis=2), axis=1) / (H * W)
+        mu = tl.sum(tl.sum(y, axis=2), axis=1) / n
         d = tl.where(valid, y - mu[:, None, None], 0)
-        rstd = 1 / tl.sqrt(tl.sum(tl.sum(d * d, axis=2), axis=1) / (H * W) + eps)
-        gamma = tl.load(gamma_ptr + kk, mask=kk < K, other=0).to(DTYPE)
-        beta = tl.load(beta_ptr + kk, mask=kk < K, other=0).to(DTYPE)
-        xhat = d * rstd[:, None, None]
-        x1 = xhat * gamma[:, None, None] + beta[:, None, None]
-        # 4. 3x3 branch: one (k x k) @ (k x H*W) product per tap, neighbours read from memory.
-        x2 = tl.zeros((BK, BH, BW), DTYPE) + tl.load(b3_ptr + kk, mask=kk < K,
-                                                     other=0).to(DTYPE)[:, None, None]
-        for t in tl.static_range(9):
-            xs = _shifted(x_ptr + base, c, i, j, t // 3 - 1, t % 3 - 1, sxc, sxh, sxw, K, H, W,
-                          DTYPE)
-            x2 += _tap_product(_tap(w3_ptr, kk, t, K, DTYPE), xs, BK, BH, BW, DOT)
-        x2 = tl.where(valid, x2, 0)
-        # 5. Channel descriptors: softmax over the k channels; a1 = softmax(beta) (each map of x1
-        # has mean exactly its bias), a2 = softmax of x2's map means. (BK,) each, 0 on padded
-        # channels.
-        b_ = tl.where(kk < K, beta, float("-inf"))
-        a1 = tl.exp(b_ - tl.max(b_, axis=0))
-        a1 = a1 / tl.sum(a1, axis=0)
-        z = tl.where(kk < K, tl.sum(tl.sum(x2, axis=2), axis=1) / (H * W), float("-inf"))
-        a2 = tl.exp(z - tl.max(z, axis=0))
-        a2 = a2 / tl.sum(a2, axis=0)
-        # 6. Cross-spatial learning, (BH, BW); 7's gate is sigmoid of it.
-        m = tl.sum(a1[:, None, None] * x2 + a2[:, None, None] * tl.where(valid, x1, 0), axis=0)
+        rstd = 1 / tl.sqrt(tl.sum(tl.sum(d * d, axis=2), axis=1) / n + eps)
+        return d * rstd[:, None, None], mu, rstd
+
+    @triton.jit
+    def _logits(xt, sxc, sxh, sxw, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, beta_ptr, v_ptr, tile, c0,
+                K, H, W, eps, CB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                DTYPE: tl.constexpr):
+        """A chunk's share of step 6's map, (BH, BW): Σ_c a2_c x1_c plus x through the k -> 1
+        filter v (9 taps, neighbours read from memory); and the chunk's x."""
+        c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+        x = tl.load(xt + c * sxc + i * sxh + j * sxw, mask=valid, other=0).to(DTYPE)
+        gh = _strips(gh_ptr, tile, c0, K, H, CB, BH, DTYPE)
+        gw = _strips(gw_ptr, tile, c0, K, W, CB, BW, DTYPE)
+        xhat, _, _ = _normalized(x, gh, gw, valid, H * W, eps)
+        gamma = _per_channel(gamma_ptr, 0, c0, K, CB, DTYPE)
+        beta = _per_channel(beta_ptr, 0, c0, K, CB, DTYPE)
+        a2 = _per_channel(a2_ptr, tile, c0, K, CB, DTYPE)
+        weighted = tl.where(valid, xhat * (a2 * gamma)[:, None, None] + (a2 * beta)[:, None, None],
+                            0)
+        for t in range(9):  # a loop, not unrolled: one tap's values live at a time
+            di, dj = t // 3 - 1, t % 3 - 1
+            inside = valid & (i + di >= 0) & (i + di < H) & (j + dj >= 0) & (j + dj < W)
+            shifted = tl.load(xt + c * sxc + (i + di) * sxh + (j + dj) * sxw, mask=inside,
+                              other=0).to(DTYPE)
+            vt = tl.load(v_ptr + c * 9 + t, mask=c < K, other=0).to(DTYPE)
+            weighted += vt * shifted
+        return tl.sum(weighted, axis=0), x
+
+    @triton.jit
+    def _strips_kernel(x_ptr, rows_ptr, cols_ptr, windows_ptr, sxb, sxc, sxh, sxw, G, K, H, W,
+                       CB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr):
+        """For one chunk of one tile: each map's row sums, column sums, and the sums over the
+        pixels each of the 9 taps reads (the window sums)."""
+        tile, c0 = tl.program_id(0), tl.program_id(1) * CB
+        c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+        x = tl.load(x_ptr + (tile // G) * sxb + (tile % G) * K * sxc + c * sxc + i * sxh
+                    + j * sxw, mask=valid, other=0).to(DTYPE)
+        _store_strips(rows_ptr, tl.sum(x, axis=2), tile, c0, K, H, CB, BH)
+        _store_strips(cols_ptr, tl.sum(x, axis=1), tile, c0, K, W, CB, BW)
+        one = c0 + tl.arange(0, CB)
+        for t in range(9):  # a loop, not unrolled: one tap's values live at a time
+            read = _read_by_tap(i, j, t // 3 - 1, t % 3 - 1, H, W)
+            tl.store(windows_ptr + (tile * K + one) * 9 + t,
+                     tl.sum(tl.sum(tl.where(read, x, 0), axis=2), axis=1), mask=one < K)
+
+    @triton.jit
+    def _forward_kernel(x_ptr, out_ptr, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, beta_ptr, v_ptr,
+                        shift_ptr, sxb, sxc, sxh, sxw, sob, soc, soh, sow, G, K, H, W, eps,
+                        CB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                        DTYPE: tl.constexpr):
+        """One tile: step 6's map over all channels, its sigmoid (step 7's gate), the output."""
+        tile = tl.program_id(0)
+        b, g = tile // G, tile % G
+        xt = x_ptr + b * sxb + g * K * sxc
+        m = tl.zeros((BH, BW), DTYPE) + tl.load(shift_ptr).to(DTYPE)
+        for c0 in range(0, K, CB):
+            part, _ = _logits(xt, sxc, sxh, sxw, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, beta_ptr,
+                              v_ptr, tile, c0, K, H, W, eps, CB, BH, BW, DTYPE)
+            m += part
         s = 1 / (1 + tl.exp(-m))
-        return x, valid, xh, xw, w1, gh, gw, rstd, xhat, gamma, x1, x2, a1, a2, s
+        for c0 in range(0, K, CB):
+            c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+            x = tl.load(xt + c * sxc + i * sxh + j * sxw, mask=valid, other=0).to(DTYPE)
+            tl.store(out_ptr + b * sob + (g * K + c) * soc + i * soh + j * sow,
+                     (x * s[None, :, :]).to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _forward_kernel(x_ptr, out_ptr, w1_ptr, b1_ptr, gamma_ptr, beta_ptr, w3_ptr, b3_ptr,
-                        sxb, sxc, sxh, sxw, sob, soc, soh, sow, G, K, H, W, eps,
-                        BK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr,
-                        DOT: tl.constexpr):
-        pid = tl.program_id(0)
-        b, g = pid // G, pid % G
-        x, valid, _, _, _, _, _, _, _, _, _, _, _, _, s = _tile(
-            x_ptr, w1_ptr, b1_ptr, gamma_ptr, beta_ptr, w3_ptr, b3_ptr, b * sxb + g * K * sxc, sxc,
-            sxh, sxw,
-            K, H, W, eps, BK, BH, BW, DTYPE, DOT)
-        c = tl.arange(0, BK)[:, None, None]
-        i = tl.arange(0, BH)[None, :, None]
-        j = tl.arange(0, BW)[None, None, :]
-        out = x * s[None, :, :]  # 7. gate
-        tl.store(out_ptr + b * sob + (g * K + c) * soc + i * soh + j * sow,
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=valid)
+    def _backward_maps_kernel(x_ptr, go_ptr, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, beta_ptr, v_ptr,
+                              shift_ptr, s_ptr, dm_ptr, dm_sum_ptr, sxb, sxc, sxh, sxw, sgb, sgc,
+                              sgh, sgw, G, K, H, W, eps, CB: tl.constexpr, BH: tl.constexpr,
+                              BW: tl.constexpr, DTYPE: tl.constexpr):
+        """One tile: the gate s and the gradient dm that reaches its logits, maps that the kernels
+        after it read, and dm's sum."""
+        tile = tl.program_id(0)
+        b, g = tile // G, tile % G
+        xt, got = x_ptr + b * sxb + g * K * sxc, go_ptr + b * sgb + g * K * sgc
+        m = tl.zeros((BH, BW), DTYPE) + tl.load(shift_ptr).to(DTYPE)
+        p = tl.zeros((BH, BW), DTYPE)  # Σ_c go_c·x_c
+        for c0 in range(0, K, CB):
+            part, x = _logits(xt, sxc, sxh, sxw, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, beta_ptr,
+                              v_ptr, tile, c0, K, H, W, eps, CB, BH, BW, DTYPE)
+            m += part
+            c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+            go = tl.load(got + c * sgc + i * sgh + j * sgw, mask=valid, other=0).to(DTYPE)
+            p += tl.sum(go * x, axis=0)
+        s = 1 / (1 + tl.exp(-m))
+        dm = s * (1 - s) * p  # 0 outside the map, where p is
+        map_i, map_j = tl.arange(0, BH)[:, None], tl.arange(0, BW)[None, :]
+        on_map = (map_i < H) & (map_j < W)
+        tl.store(s_ptr + tile * H * W + map_i * W + map_j, s, mask=on_map)
+        tl.store(dm_ptr + tile * H * W + map_i * W + map_j, dm, mask=on_map)
+        tl.store(dm_sum_ptr + tile, tl.sum(tl.sum(dm, axis=1), axis=0))
 
     @triton.jit
-    def _backward_kernel(x_ptr, go_ptr, dx_ptr, scratch_ptr, part_ptr, w1_ptr, b1_ptr, gamma_ptr,
-                         beta_ptr,
-                         w3_ptr, b3_ptr, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw,
-                         G, K, H, W, eps, P,
-                         BK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr,
-                        DOT: tl.constexpr):
-        pid = tl.program_id(0)
-        b, g = pid // G, pid % G
-        base = b * sxb + g * K * sxc
-        x, valid, xh, xw, w1, gh, gw, rstd, xhat, gamma, x1, x2, a1, a2, s = _tile(
-            x_ptr, w1_ptr, b1_ptr, gamma_ptr, beta_ptr, w3_ptr, b3_ptr, base, sxc, sxh, sxw,
-            K, H, W, eps, BK, BH, BW, DTYPE, DOT)
-        kk = tl.arange(0, BK)
-        c = kk[:, None, None]
-        i = tl.arange(0, BH)[None, :, None]
-        j = tl.arange(0, BW)[None, None, :]
+    def _backward_channels_kernel(x_ptr, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, dm_ptr, dm_sum_ptr,
+                                  mu_ptr, rstd_ptr, a_ptr, dgh_ptr, dgw_ptr, q_ptr, sxb, sxc, sxh,
+                                  sxw, G, K, H, W, eps, CB: tl.constexpr, BH: tl.constexpr,
+                                  BW: tl.constexpr, DTYPE: tl.constexpr):
+        """One chunk of one tile, per channel: GroupNorm's mean and rstd, A = Σ dm·x̂, the gates'
+        gradients (GroupNorm's backward), and Q[c, t] = Σ dm·(x_c read by tap t)."""
+        tile, c0 = tl.program_id(0), tl.program_id(1) * CB
+        c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+        xt = x_ptr + (tile // G) * sxb + (tile % G) * K * sxc
+        x = tl.load(xt + c * sxc + i * sxh + j * sxw, mask=valid, other=0).to(DTYPE)
+        dm = tl.load(dm_ptr + tile * H * W + i * W + j, mask=(i < H) & (j < W), other=0).to(DTYPE)
+        gh = _strips(gh_ptr, tile, c0, K, H, CB, BH, DTYPE)
+        gw = _strips(gw_ptr, tile, c0, K, W, CB, BW, DTYPE)
+        n = H * W
+        xhat, mu, rstd = _normalized(x, gh, gw, valid, n, eps)
+        a = tl.sum(tl.sum(dm * xhat, axis=2), axis=1)
+        alpha = rstd * _per_channel(a2_ptr, tile, c0, K, CB, DTYPE) * _per_channel(
+            gamma_ptr, 0, c0, K, CB, DTYPE)
+        # GroupNorm's backward: the gradient reaching y = x·gh·gw, times x
+        dy_x = tl.where(valid, alpha[:, None, None] * (
+            dm - tl.load(dm_sum_ptr + tile).to(DTYPE) / n - xhat * (a / n)[:, None, None]), 0) * x
+        one = c0 + tl.arange(0, CB)
+        tl.store(mu_ptr + tile * K + one, mu, mask=one < K)
+        tl.store(rstd_ptr + tile * K + one, rstd, mask=one < K)
+        tl.store(a_ptr + tile * K + one, a, mask=one < K)
+        _store_strips(dgh_ptr, tl.sum(dy_x * gw[:, None, :], axis=2), tile, c0, K, H, CB, BH)
+        _store_strips(dgw_ptr, tl.sum(dy_x * gh[:, :, None], axis=1), tile, c0, K, W, CB, BW)
+        for t in range(9):  # a loop, not unrolled: one tap's values live at a time
+            di, dj = t // 3 - 1, t % 3 - 1
+            inside = valid & (i + di >= 0) & (i + di < H) & (j + dj >= 0) & (j + dj < W)
+            shifted = tl.load(xt + c * sxc + (i + di) * sxh + (j + dj) * sxw, mask=inside,
+                              other=0).to(DTYPE)
+            tl.store(q_ptr + (tile * K + one) * 9 + t,
+                     tl.sum(tl.sum(dm * shifted, axis=2), axis=1), mask=one < K)
+
+    @triton.jit
+    def _backward_input_kernel(x_ptr, go_ptr, dx_ptr, gh_ptr, gw_ptr, a2_ptr, gamma_ptr, v_ptr,
+                               s_ptr, dm_ptr, dm_sum_ptr, mu_ptr, rstd_ptr, a_ptr, dxh_ptr,
+                               dxw_ptr, dwin_ptr, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
+                               sdb, sdc, sdh, sdw, G, K, H, W, CB: tl.constexpr,
+                               BH: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr):
+        """x's gradient for one chunk of one tile, every path summed: the output's gate, GroupNorm
+        (through the gates' product), step 6's filter (dm read back shifted), the window sums of
+        the descriptors a2, and the strips of the gates."""
+        tile, c0 = tl.program_id(0), tl.program_id(1) * CB
+        b, g = tile // G, tile % G
+        c, i, j, valid = _chunk(c0, K, H, W, CB, BH, BW)
+        x = tl.load(x_ptr + b * sxb + (g * K + c) * sxc + i * sxh + j * sxw, mask=valid,
+                    other=0).to(DTYPE)
         go = tl.load(go_ptr + b * sgb + (g * K + c) * sgc + i * sgh + j * sgw, mask=valid,
                      other=0).to(DTYPE)
-        # 7. out = x * s
-        dx = go * s[None, :, :]
-        dm = tl.sum(go * x, axis=0) * s * (1 - s)
-        # 6. m = sum_c a1 x2 + a2 x1
-        da1 = tl.sum(tl.sum(dm[None, :, :] * x2, axis=2), axis=1)
-        da2 = tl.sum(tl.sum(dm[None, :, :] * tl.where(valid, x1, 0), axis=2), axis=1)
-        # 5. a2 = softmax(mean x2): its gradient spreads evenly over each valid map.
-        dz = a2 * (da2 - tl.sum(a2 * da2, axis=0))
-        dx2 = tl.where(valid, a1[:, None, None] * dm[None, :, :] + dz[:, None, None] / (H * W), 0)
-        dx1 = a2[:, None, None] * dm[None, :, :]
-        # 3. GroupNorm: x1 = xhat * gamma + beta
-        dgamma = tl.sum(tl.sum(dx1 * xhat, axis=2), axis=1)
-        dbeta = tl.sum(tl.sum(dx1, axis=2), axis=1)
-        dxhat = dx1 * gamma[:, None, None]
-        mean_dxhat = tl.sum(tl.sum(dxhat, axis=2), axis=1) / (H * W)
-        mean_dxhat_xhat = tl.sum(tl.sum(dxhat * xhat, axis=2), axis=1) / (H * W)
-        dy = tl.where(valid, rstd[:, None, None] * (dxhat - mean_dxhat[:, None, None]
-                                                    - xhat * mean_dxhat_xhat[:, None, None]), 0)
-        # y = x * gh * gw
-        dx += dy * gh[:, :, None] * gw[:, None, :]
-        dsh = tl.sum(dy * x * gw[:, None, :], axis=2) * gh * (1 - gh)
-        dsw = tl.sum(dy * x * gh[:, :, None], axis=1) * gw * (1 - gw)
-        # 2. gh = sigmoid(w1 @ xh + b1), gw likewise; xh, xw the strip means.
-        dw1 = tl.sum(dsh[:, None, :] * xh[None, :, :],
-                     axis=2) + tl.sum(dsw[:, None, :] * xw[None, :, :], axis=2)
-        db1 = tl.sum(dsh, axis=1) + tl.sum(dsw, axis=1)
-        dxh = tl.sum(w1[:, :, None] * dsh[:, None, :], axis=0)
-        dxw = tl.sum(w1[:, :, None] * dsw[:, None, :], axis=0)
-        dx += dxh[:, :, None] / W + dxw[:, None, :] / H
-        # 4. x2 = conv3x3(x) + b3: dx2 through the scratch buffer, read back shifted.
-        db3 = tl.sum(tl.sum(dx2, axis=2), axis=1)
-        sbase = pid * K * H * W
-        tl.store(scratch_ptr + sbase + c * H * W + i * W + j, dx2, mask=valid)
-        tl.debug_barrier()
-        row = pid * P  # this tile's row of parameter-gradient partials
-        dx2_flat = tl.reshape(dx2, (BK, BH * BW))
-        for t in tl.static_range(9):
+        maps = tile * H * W + i * W + j  # (1, BH, BW)
+        on_map = (i < H) & (j < W)
+        s = tl.load(s_ptr + maps, mask=on_map, other=0).to(DTYPE)
+        dm = tl.load(dm_ptr + maps, mask=on_map, other=0).to(DTYPE)
+        gh = _strips(gh_ptr, tile, c0, K, H, CB, BH, DTYPE)
+        gw = _strips(gw_ptr, tile, c0, K, W, CB, BW, DTYPE)
+        mu = _per_channel(mu_ptr, tile, c0, K, CB, DTYPE)
+        rstd = _per_channel(rstd_ptr, tile, c0, K, CB, DTYPE)
+        a = _per_channel(a_ptr, tile, c0, K, CB, DTYPE)
+        alpha = rstd * _per_channel(a2_ptr, tile, c0, K, CB, DTYPE) * _per_channel(
+            gamma_ptr, 0, c0, K, CB, DTYPE)
+        n = H * W
+        gates = gh[:, :, None] * gw[:, None, :]
+        xhat = (x * gates - mu[:, None, None]) * rstd[:, None, None]
+        dy = alpha[:, None, None] * (dm - tl.load(dm_sum_ptr + tile).to(DTYPE) / n
+                                     - xhat * (a / n)[:, None, None])
+        dx = go * s + dy * gates + _strips(dxh_ptr, tile, c0, K, H, CB, BH, DTYPE)[:, :, None]
+        dx += _strips(dxw_ptr, tile, c0, K, W, CB, BW, DTYPE)[:, None, :]
+        for t in range(9):  # a loop, not unrolled: one tap's values live at a time
             di, dj = t // 3 - 1, t % 3 - 1
-            xs = tl.reshape(_shifted(x_ptr + base, c, i, j, di, dj, sxc, sxh, sxw, K, H, W, DTYPE),
-                            (BK, BH * BW))
-            dw3 = tl.dot(dx2_flat.to(DOT), tl.trans(xs).to(DOT), input_precision="ieee",
-                         out_dtype=DTYPE)
-            tl.store(part_ptr + row + 5 * K + K * K + kk[:, None] * K * 9 + kk[None, :] * 9 + t,
-                     dw3,
-                     mask=(kk[:, None] < K) & (kk[None, :] < K))
-            ds = _shifted(scratch_ptr + sbase, c, i, j, -di, -dj, H * W, W, 1, K, H, W, DTYPE)
-            dx += _tap_product(tl.trans(_tap(w3_ptr, kk, t, K, DTYPE)), ds, BK, BH, BW, DOT)
+            read = _read_by_tap(i, j, di, dj, H, W)
+            back = tl.load(dm_ptr + tile * H * W + (i - di) * W + (j - dj), mask=read & on_map,
+                           other=0).to(DTYPE)
+            vt = tl.load(v_ptr + c * 9 + t, mask=c < K, other=0).to(DTYPE)
+            wt = tl.load(dwin_ptr + (tile * K + c) * 9 + t, mask=c < K, other=0).to(DTYPE)
+            dx += vt * back + tl.where(read, wt, 0)
         tl.store(dx_ptr + b * sdb + (g * K + c) * sdc + i * sdh + j * sdw,
-                 dx.to(dx_ptr.dtype.element_ty),
-                 mask=valid)
-        one = kk < K
-        tl.store(part_ptr + row + kk, dgamma, mask=one)
-        tl.store(part_ptr + row + K + kk, dbeta, mask=one)
-        tl.store(part_ptr + row + 2 * K + kk, da1, mask=one)
-        tl.store(part_ptr + row + 3 * K + kk, db1, mask=one)
-        tl.store(part_ptr + row + 4 * K + kk, db3, mask=one)
-        tl.store(part_ptr + row + 5 * K + kk[:, None] * K + kk[None, :], dw1,
-                 mask=one[:, None] & one[None, :])
+                 dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch_args(x, k):
-    bk, bh, bw = blocks(k, *x.shape[2:])
+def _launch(x, k):
+    cb, bh, bw = blocks(k, *x.shape[2:])
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    # The 3x3 products on the tensor cores in x's 16-bit dtype (as autocast's convolution), else
-    # exact.
-    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, compute)
-    if interpreted():  # the interpreter's 16-bit tl.dot gives wrong sums: float32 there
-        dot = compute
-    return dict(BK=bk, BH=bh, BW=bw, DTYPE=compute, DOT=dot,
-                num_warps=8 if bk * bh * bw >= 8192 else 4)
+    return dict(CB=cb, BH=bh, BW=bw, DTYPE=compute, num_warps=warps(cb * bh * bw))
 
 
-def _flat_params(params):
-    """The parameters as contiguous tensors (the kernels index them as (k, k) and (k, k, 9))."""
-    return [p.contiguous() for p in params]
+def warps(chunk: int) -> int:
+    """Warps for a chunk of that many values: 4 values a thread."""
+    return max(4, chunk // 128)
+
+
+class _Small:
+    """The small tensors both directions share, for x (B, C, H, W) in groups of k channels, in the
+    compute dtype: row, column and window sums (B, G, k, H | W | 9), the gates (B * C, H | W), the
+    descriptors a1 (k) and a2 (B, G, k), step 6's k -> 1 filter v (k, 9) and its constant a1·b3."""
+
+    def __init__(self, x, w1, b1, gamma, beta, w3, b3, groups):
+        b, channels, h, w = x.shape
+        k, compute = channels // groups, _compute_dtype(x.dtype)
+        self.k, self.h, self.w, self.launch = k, h, w, _launch(x, k)
+        self.params = [p.to(compute).contiguous() for p in (w1, b1, gamma, beta, w3, b3)]
+        w1, b1, gamma, beta, w3, b3 = self.params
+        self.rows = _new((b, groups, k, h), dtype=compute, device=x.device)
+        self.cols = _new((b, groups, k, w), dtype=compute, device=x.device)
+        self.windows = _new((b, groups, k, 9), dtype=compute, device=x.device)
+        cb = self.launch["CB"]
+        _strips_kernel[(b * groups, triton.cdiv(k, cb))](
+            x, self.rows, self.cols, self.windows, *x.stride(), groups, k, h, w, **self.launch)
+        # 2. the shared 1x1 convolution on the strip means, and a sigmoid
+        self.means = torch.cat([self.rows / w, self.cols / h], dim=3)
+        gates = (w1.view(k, k) @ self.means + b1[:, None]).sigmoid()
+        self.gh, self.gw = (part.contiguous() for part in gates.split([h, w], dim=3))
+        # 5. a1 = softmax(GroupNorm's bias); a2 = softmax of the 3x3 branch's map means
+        self.a1 = beta.softmax(0)
+        w3 = w3.view(k, k, 9)
+        self.w3 = w3
+        self.a2 = (b3 + torch.einsum("cdt,bgdt->bgc", w3, self.windows) / (h * w)).softmax(-1)
+        # 6. a1ᵀ·x2 is x through the one filter v = a1ᵀ·W3, plus a1·b3
+        self.v = torch.einsum("c,cdt->dt", self.a1, w3).contiguous()
+        self.shift = (self.a1 @ b3).reshape(1)
 
 
 @torch.library.custom_op("ema::fused", mutates_args=())
 def ema_fused(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gamma: torch.Tensor,
-              beta: torch.Tensor,
-              w3: torch.Tensor, b3: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+              beta: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, groups: int,
+              eps: float) -> torch.Tensor:
     """EMA's output for x (B, C, H, W) with the shared weights of a group of k = C / groups
     channels."""
-    b, channels, h, w = x.shape
-    k = channels // groups
+    small = _Small(x, w1, b1, gamma, beta, w3, b3, groups)
+    _, gamma, beta, _, _ = small.params[1:]
     out = _new_like(x)
-    _forward_kernel[(b * groups,)](x, out, *_flat_params((w1, b1, gamma, beta, w3, b3)),
-                                   *x.stride(),
-                                   *out.stride(), groups, k, h, w, eps, **_launch_args(x, k))
+    _forward_kernel[(x.shape[0] * groups,)](
+        x, out, small.gh, small.gw, small.a2, gamma, beta, small.v, small.shift, *x.stride(),
+        *out.stride(), groups, small.k, small.h, small.w, eps, **small.launch)
     return out
 
 
@@ -295,33 +379,51 @@ def _(x, w1, b1, gamma, beta, w3, b3, groups, eps):
     return torch.empty_like(x)
 
 
-# A tile's row of partials: dgamma, dbeta, da1, db1, db3 (k each), dw1 (k x k), dw3 (k x k x 9).
-
-
 @torch.library.custom_op("ema::fused_backward", mutates_args=())
 def ema_fused_backward(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                       gamma: torch.Tensor,
-                       beta: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, groups: int,
-                       eps: float) -> list[torch.Tensor]:
+                       gamma: torch.Tensor, beta: torch.Tensor, w3: torch.Tensor,
+                       b3: torch.Tensor, groups: int, eps: float) -> list[torch.Tensor]:
     """(dx, dw1, db1, dgamma, dbeta, dw3, db3)."""
-    b, channels, h, w = x.shape
-    k = channels // groups
-    compute = _compute_dtype(x.dtype)
-    tiles, width = b * groups, 5 * k + k * k + 9 * k * k
+    small = _Small(x, w1, b1, gamma, beta, w3, b3, groups)
+    w1_, _, gamma_, beta_, _, b3_ = small.params
+    b, _, h, w = x.shape
+    k, n, tiles, compute = small.k, h * w, b * groups, small.rows.dtype
+
+    def new(*size):
+        return _new(size, dtype=compute, device=x.device)
+
+    s, dm, dm_sum = new(tiles, h, w), new(tiles, h, w), new(b, groups)
+    _backward_maps_kernel[(tiles,)](
+        x, grad, small.gh, small.gw, small.a2, gamma_, beta_, small.v, small.shift, s, dm, dm_sum,
+        *x.stride(), *grad.stride(), groups, k, h, w, eps, **small.launch)
+    mu, rstd, a, q = new(b, groups, k), new(b, groups, k), new(b, groups, k), new(b, groups, k, 9)
+    dgh, dgw = new(b, groups, k, h), new(b, groups, k, w)
+    chunks = (tiles, triton.cdiv(k, small.launch["CB"]))
+    _backward_channels_kernel[chunks](
+        x, small.gh, small.gw, small.a2, gamma_, dm, dm_sum, mu, rstd, a, dgh, dgw, q, *x.stride(),
+        groups, k, h, w, eps, **small.launch)
+    a1, a2, w3_ = small.a1, small.a2, small.w3
+    # 6 and 5: the descriptors. a2 weighs x1 = x̂·gamma + beta, whose sum with dm is gamma·A +
+    # beta·Σdm; the softmax passes it to a2's logits z, the 3x3 branch's map means.
+    da2 = gamma_ * a + beta_ * dm_sum[..., None]
+    dz = a2 * (da2 - (a2 * da2).sum(-1, keepdim=True))
+    dgamma, total = (a2 * a).sum((0, 1)), dm_sum.sum()
+    dv = q.sum((0, 1))  # step 6's filter v = a1ᵀ·W3, and its constant a1·b3
+    dw3 = a1[:, None, None] * dv + torch.einsum("bgc,bgdt->cdt", dz, small.windows) / n
+    db3 = dz.sum((0, 1)) + a1 * total
+    da1 = torch.einsum("cdt,dt->c", w3_, dv) + b3_ * total
+    dbeta = (a2 * dm_sum[..., None]).sum((0, 1)) + a1 * (da1 - (a1 * da1).sum())
+    dwindows = (torch.einsum("cdt,bgc->bgdt", w3_, dz) / n).contiguous()
+    # 2. the gates' sigmoid, the shared 1x1 convolution, the strip means
+    dpre = torch.cat([dgh * small.gh * (1 - small.gh), dgw * small.gw * (1 - small.gw)], dim=3)
+    dw1 = torch.einsum("bgcp,bgdp->cd", dpre, small.means)
+    db1 = dpre.sum((0, 1, 3))
+    dmeans = w1_.view(k, k).T @ dpre
+    dxh, dxw = (dmeans[..., :h] / w).contiguous(), (dmeans[..., h:] / h).contiguous()
     dx = _new_like(x)
-    scratch = _new((tiles, k, h, w), dtype=compute, device=x.device)
-    partials = _new((tiles, width), dtype=compute, device=x.device)
-    _backward_kernel[(tiles,)](x, grad, dx, scratch, partials,
-                               *_flat_params((w1, b1, gamma, beta, w3, b3)),
-                               *x.stride(), *grad.stride(), *dx.stride(), groups, k, h, w, eps,
-                               width,
-                               **_launch_args(x, k))
-    sums = partials.sum(0)  # a reduction in a fixed order: deterministic, no atomics
-    dgamma, dbeta, da1, db1, db3 = sums[:5 * k].view(5, k)
-    dw1 = sums[5 * k:5 * k + k * k].view(k, k)
-    dw3 = sums[5 * k + k * k:].view(k, k, 3, 3)
-    a1 = beta.to(compute).softmax(0)
-    dbeta = dbeta + a1 * (da1 - (a1 * da1).sum())  # a1 = softmax(beta)
+    _backward_input_kernel[chunks](
+        x, grad, dx, small.gh, small.gw, a2, gamma_, small.v, s, dm, dm_sum, mu, rstd, a, dxh, dxw,
+        dwindows, *x.stride(), *grad.stride(), *dx.stride(), groups, k, h, w, **small.launch)
     # Copies: the outputs of a custom op may not be views of each other.
     return [dx] + [grad.to(p.dtype, copy=True).view_as(p) for grad, p in
                    ((dw1, w1), (db1, b1), (dgamma, gamma), (dbeta, beta), (dw3, w3), (db3, b3))]
@@ -330,8 +432,8 @@ def ema_fused_backward(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
 @ema_fused_backward.register_fake
 def _(grad, x, w1, b1, gamma, beta, w3, b3, groups, eps):
     return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(gamma),
-            torch.empty_like(beta), torch.empty_like(w3), torch.empty_like(b3)]
+            torch.empty_like(gamma), torch.empty_like(beta), torch.empty_like(w3),
+            torch.empty_like(b3)]
 
 
 def _setup_context(ctx, inputs, output):

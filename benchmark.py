@@ -25,7 +25,6 @@ and ATen operations per training step, graphs and graph breaks under torch.compi
 is measured here, never in tests.
 """
 import argparse
-import collections
 import os
 import platform
 import subprocess
@@ -43,7 +42,9 @@ from conf import settings
 from models.attention import EMA, ema_fused
 from models.attention.ema import FoldedEMA
 from training import cifar, cli, engine, loaders, options, recipes
-from training.speed import HostSyncCounter, OpCounter, SpeedSettings, graph_breaks, native_cpu_bf16
+from training.ema_kernels import ema_shapes, ema_step_ms
+from training.speed import (HostSyncCounter, OpCounter, SpeedSettings, graph_breaks,
+                            native_cpu_bf16, synchronize, timed)
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
 GPU_PEAK_FLOPS = {
@@ -106,25 +107,6 @@ def parse_args(argv=None):
                 "eagerly and their second records the graphs, neither of which a timed step should "
                 "include")
     return args
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(step, device, warmup: int, repeats: int) -> tuple[float, float]:
-    """step() `warmup` times, then `repeats` times on the clock: (seconds of the warm-up, seconds
-    per timed call)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmed = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    synchronize(device)
-    return warmed - start, (time.perf_counter() - warmed) / repeats
 
 
 def training_images(args) -> tuple[loaders.ImageArray, str]:
@@ -248,46 +230,10 @@ def ema_comparison(device, shape, compiled: bool, rounds: int) -> dict:
     return best
 
 
-def ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
+def net_ema_shapes(net: str) -> list[tuple[tuple[int, int, int], int]]:
     """Each distinct (C, H, W) that an EMA of `net` sees on CIFAR's 32x32 images, and how many
     do."""
-    model = models.create_model(net, "ema", settings.NUM_CLASSES).eval()
-    shapes = collections.Counter()
-    for module in model.modules():
-        if isinstance(module, EMA):
-            module.register_forward_hook(
-                lambda _, inputs, __: shapes.update([tuple(inputs[0].shape[1:])]))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
-    return list(shapes.items())
-
-
-def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int,
-                fused: bool = False) -> float:
-    """Milliseconds of one EMA's forward + backward on an input of `shape`, run the way the trainer
-    runs the model (autocast, layout, compile, CUDA graphs), with a bf16/fp16 input under autocast
-    as a block's last BatchNorm hands it over."""
-    torch.manual_seed(0)
-    torch._dynamo.reset()  # each shape compiled on its own, within dynamo's recompile limit
-    module = EMA(shape[1], fused=fused).to(speed.device)
-    speed.enable_fast_kernels()
-    step = speed.compiled(module)
-    x = torch.randn(shape, device=speed.device, dtype=speed.amp_dtype or torch.float32)
-    x = x.contiguous(memory_format=speed.memory_format)
-    x.requires_grad_()
-    grad = torch.randn_like(x)
-
-    def forward_backward():
-        # Freed before each forward as in engine.train_step: a gradient accumulated across replays
-        # would read a CUDA-graph output that the next replay overwrites.
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        with speed.autocast():
-            out = step(x)
-        out.backward(grad)
-
-    _, seconds = timed(forward_backward, speed.device, warmup, repeats)
-    return seconds * 1e3
+    return ema_shapes(models.create_model(net, "ema", settings.NUM_CLASSES))
 
 
 def commit() -> str:
@@ -513,7 +459,7 @@ def print_ema_as_trained(args, device, configs, rates):
           + (f"; this card copies at {bandwidth / 1e12:.2f} TB/s" if fused else "") + ":")
     paths = ("pytorch", "fused") if fused else ("pytorch",)
     totals, modules = dict.fromkeys(paths, 0.0), 0
-    for (c, h, w), count in ema_shapes(args.net):
+    for (c, h, w), count in net_ema_shapes(args.net):
         modules += count
         # The floor: a forward reads x and writes the output, a backward reads x and the output's
         # gradient and writes the input's: 5 tensors of x's size.
@@ -545,7 +491,7 @@ def print_ema_as_trained(args, device, configs, rates):
 def print_ema_comparison(args, device):
     """EMA alone against the authors' formulation, summed over the network's EMA modules: what the
     algebra of docs/reference.md 2.2 saves, eager and compiled."""
-    shapes = ema_shapes(args.net)
+    shapes = net_ema_shapes(args.net)
     modules = sum(count for _, count in shapes)
     # Compiling every shape twice takes minutes on a CPU: there, with --ema-alone only.
     for compiled in (False, True) if device.type == "cuda" or args.ema_alone else (False,):

@@ -5,6 +5,7 @@ speed tests and benchmark.py count without a GPU: host synchronisations, ATen op
 breaks.
 """
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -193,3 +194,22 @@ def graph_breaks(model: nn.Module, images: torch.Tensor, speed: SpeedSettings):
         explanation = torch._dynamo.explain(model)(images)
     reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
     return explanation.graph_count, explanation.graph_break_count, (reasons[0] if reasons else None)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, device, warmup: int, repeats: int) -> tuple[float, float]:
+    """step() `warmup` times, then `repeats` times on the clock: (seconds of the warm-up, seconds
+    per timed call)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmed = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    synchronize(device)
+    return warmed - start, (time.perf_counter() - warmed) / repeats

@@ -39,10 +39,11 @@ except ImportError:  # the CPU build of torch has no Triton
 # detector's 80 x 80 is 128 x 128 blocks) takes the PyTorch path.
 CHUNK = 512
 MAX_MAP = 1024
+MAX_REGISTERS = 128  # a thread's, at most (a quarter of an SM's 65,536 at 4 warps)
 
-# The shapes at which EMA(fused=None) takes these kernels on CUDA: {(k, H, W, dtype): True or
-# False}, filled by a measurement on the GPU at hand (training/ema_kernels.py). A shape not in it
-# takes the PyTorch path.
+# Where EMA(fused=None) takes these kernels on CUDA: {choice_key(x, groups): True or False}, filled
+# by a measurement on the GPU at hand (training/ema_kernels.py). An input not in it takes the
+# PyTorch path.
 CHOSEN: dict = {}
 
 
@@ -63,8 +64,8 @@ def blocks(k: int, h: int, w: int) -> tuple[int, int, int]:
 
 
 def choice_key(x: torch.Tensor, groups: int) -> tuple:
-    """The key of CHOSEN for input x: the group's k, the map, the dtype."""
-    return (x.shape[1] // groups, x.shape[2], x.shape[3], str(x.dtype).removeprefix("torch."))
+    """The key of CHOSEN for an input x: (channels, height, width, groups, dtype's name)."""
+    return (*x.shape[1:], groups, str(x.dtype).removeprefix("torch."))
 
 
 def unsupported(x: torch.Tensor, groups: int):
@@ -317,10 +318,19 @@ if triton is not None:
                  dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(x, k):
-    cb, bh, bw = blocks(k, *x.shape[2:])
-    compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    return dict(CB=cb, BH=bh, BW=bw, DTYPE=compute, num_warps=warps(cb * bh * bw))
+# The kernels that loop over a tile's chunks: left to itself, ptxas holds them at 80 registers and
+# spills (fp16); bounded at MAX_REGISTERS, they do not (tests/compile_check.py).
+LOOPING = ("_forward_kernel", "_backward_maps_kernel")
+
+
+def launch_settings(cb: int, bh: int, bw: int, kernel: str) -> dict:
+    """Triton's options for launching `kernel` at these blocks: its warps, one stage (no software
+    pipelining of the loads, which would hold a chunk per stage), and the looping kernels' register
+    bound."""
+    settings = dict(num_warps=warps(cb * bh * bw), num_stages=1)
+    if kernel in LOOPING:
+        settings["maxnreg"] = MAX_REGISTERS
+    return settings
 
 
 def warps(chunk: int) -> int:
@@ -336,15 +346,16 @@ class _Small:
     def __init__(self, x, w1, b1, gamma, beta, w3, b3, groups):
         b, channels, h, w = x.shape
         k, compute = channels // groups, _compute_dtype(x.dtype)
-        self.k, self.h, self.w, self.launch = k, h, w, _launch(x, k)
+        self.k, self.h, self.w = k, h, w
+        self.blocks = blocks(k, h, w)
         self.params = [p.to(compute).contiguous() for p in (w1, b1, gamma, beta, w3, b3)]
         w1, b1, gamma, beta, w3, b3 = self.params
         self.rows = _new((b, groups, k, h), dtype=compute, device=x.device)
         self.cols = _new((b, groups, k, w), dtype=compute, device=x.device)
         self.windows = _new((b, groups, k, 9), dtype=compute, device=x.device)
-        cb = self.launch["CB"]
-        _strips_kernel[(b * groups, triton.cdiv(k, cb))](
-            x, self.rows, self.cols, self.windows, *x.stride(), groups, k, h, w, **self.launch)
+        self.chunks = (b * groups, triton.cdiv(k, self.blocks[0]))
+        _strips_kernel[self.chunks](x, self.rows, self.cols, self.windows, *x.stride(), groups,
+                                    k, h, w, **self.launch("_strips_kernel"))
         # 2. the shared 1x1 convolution on the strip means, and a sigmoid
         self.means = torch.cat([self.rows / w, self.cols / h], dim=3)
         gates = (w1.view(k, k) @ self.means + b1[:, None]).sigmoid()
@@ -358,6 +369,12 @@ class _Small:
         self.v = torch.einsum("c,cdt->dt", self.a1, w3).contiguous()
         self.shift = (self.a1 @ b3).reshape(1)
 
+    def launch(self, kernel: str) -> dict:
+        """The blocks, the compute dtype, and Triton's options for launching `kernel`."""
+        cb, bh, bw = self.blocks
+        compute = tl.float64 if self.rows.dtype == torch.float64 else tl.float32
+        return dict(CB=cb, BH=bh, BW=bw, DTYPE=compute, **launch_settings(cb, bh, bw, kernel))
+
 
 @torch.library.custom_op("ema::fused", mutates_args=())
 def ema_fused(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gamma: torch.Tensor,
@@ -370,7 +387,7 @@ def ema_fused(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gamma: torch.
     out = _new_like(x)
     _forward_kernel[(x.shape[0] * groups,)](
         x, out, small.gh, small.gw, small.a2, gamma, beta, small.v, small.shift, *x.stride(),
-        *out.stride(), groups, small.k, small.h, small.w, eps, **small.launch)
+        *out.stride(), groups, small.k, small.h, small.w, eps, **small.launch("_forward_kernel"))
     return out
 
 
@@ -395,13 +412,13 @@ def ema_fused_backward(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
     s, dm, dm_sum = new(tiles, h, w), new(tiles, h, w), new(b, groups)
     _backward_maps_kernel[(tiles,)](
         x, grad, small.gh, small.gw, small.a2, gamma_, beta_, small.v, small.shift, s, dm, dm_sum,
-        *x.stride(), *grad.stride(), groups, k, h, w, eps, **small.launch)
+        *x.stride(), *grad.stride(), groups, k, h, w, eps,
+        **small.launch("_backward_maps_kernel"))
     mu, rstd, a, q = new(b, groups, k), new(b, groups, k), new(b, groups, k), new(b, groups, k, 9)
     dgh, dgw = new(b, groups, k, h), new(b, groups, k, w)
-    chunks = (tiles, triton.cdiv(k, small.launch["CB"]))
-    _backward_channels_kernel[chunks](
+    _backward_channels_kernel[small.chunks](
         x, small.gh, small.gw, small.a2, gamma_, dm, dm_sum, mu, rstd, a, dgh, dgw, q, *x.stride(),
-        groups, k, h, w, eps, **small.launch)
+        groups, k, h, w, eps, **small.launch("_backward_channels_kernel"))
     a1, a2, w3_ = small.a1, small.a2, small.w3
     # 6 and 5: the descriptors. a2 weighs x1 = x̂·gamma + beta, whose sum with dm is gamma·A +
     # beta·Σdm; the softmax passes it to a2's logits z, the 3x3 branch's map means.
@@ -421,9 +438,10 @@ def ema_fused_backward(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
     dmeans = w1_.view(k, k).T @ dpre
     dxh, dxw = (dmeans[..., :h] / w).contiguous(), (dmeans[..., h:] / h).contiguous()
     dx = _new_like(x)
-    _backward_input_kernel[chunks](
+    _backward_input_kernel[small.chunks](
         x, grad, dx, small.gh, small.gw, a2, gamma_, small.v, s, dm, dm_sum, mu, rstd, a, dxh, dxw,
-        dwindows, *x.stride(), *grad.stride(), *dx.stride(), groups, k, h, w, **small.launch)
+        dwindows, *x.stride(), *grad.stride(), *dx.stride(), groups, k, h, w,
+        **small.launch("_backward_input_kernel"))
     # Copies: the outputs of a custom op may not be views of each other.
     return [dx] + [grad.to(p.dtype, copy=True).view_as(p) for grad, p in
                    ((dw1, w1), (db1, b1), (dgamma, gamma), (dbeta, beta), (dw3, w3), (db3, b3))]

@@ -25,6 +25,7 @@ and ATen operations per training step, graphs and graph breaks under torch.compi
 is measured here, never in tests.
 """
 import argparse
+import math
 import os
 import platform
 import subprocess
@@ -42,6 +43,7 @@ from conf import settings
 from models.attention import EMA, ema_fused
 from models.attention.ema import FoldedEMA
 from training import cifar, cli, engine, loaders, options, recipes
+from training import ema_kernels
 from training.ema_kernels import ema_shapes, ema_step_ms
 from training.speed import (HostSyncCounter, OpCounter, SpeedSettings, graph_breaks,
                             native_cpu_bf16, synchronize, timed)
@@ -451,30 +453,46 @@ def time_table_rows(args, device, rows=settings.TRAINED_ROWS):
 def print_ema_as_trained(args, device, configs, rates):
     """An estimate of EMA's share of the training step: each of the network's EMA input shapes timed
     alone (compiled on its own, so without the fusions and launches it shares with its neighbours in
-    the network), in the settings the trainer uses by default on this device."""
+    the network), in the settings the trainer uses by default on this device. On a GPU with Triton,
+    by the trainer's own check (training/ema_kernels.py, in a child process): the kernels against
+    float64, both paths timed, and the path --ema-kernel auto would take at each shape."""
     speed = SpeedSettings.resolve(device, args.amp, attention="ema")
     fused = device.type == "cuda" and ema_fused.available()
     bandwidth = copy_bandwidth(device) if fused else None
     print(f"\nEMA alone as trained ({speed.describe()}), forward + backward, batch {args.b}"
           + (f"; this card copies at {bandwidth / 1e12:.2f} TB/s" if fused else "") + ":")
     paths = ("pytorch", "fused") if fused else ("pytorch",)
-    totals, modules = dict.fromkeys(paths, 0.0), 0
-    for (c, h, w), count in net_ema_shapes(args.net):
+    shapes = net_ema_shapes(args.net)
+    dtype = str(speed.amp_dtype or torch.float32).split(".")[-1]
+    items = [ema_kernels.EmaInput(c, h, w, 32, dtype) for (c, h, w), _ in shapes]
+    verdicts = ema_kernels.measure(items, args.b, speed) if fused else {}
+    totals, modules, chosen, failed = dict.fromkeys(paths, 0.0), 0, 0, 0
+    for item, (_, count) in zip(items, shapes):
         modules += count
+        c, h, w = item[:3]
         # The floor: a forward reads x and writes the output, a backward reads x and the output's
         # gradient and writes the input's: 5 tensors of x's size.
         floor = 5 * args.b * c * h * w * (
             torch.finfo(speed.amp_dtype).bits // 8 if speed.amp_dtype else 4)
+        verdict = verdicts.get(ema_kernels.key_of(item, args.b, speed))
+        if verdict is None:
+            ms = {"pytorch": ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3),
+                                         max(args.steps, 3))}
+        elif verdict.error:
+            failed += 1
+            ms = {"pytorch": ema_step_ms((args.b, c, h, w), speed, 3, 10), "fused": math.nan}
+        else:
+            ms = {"pytorch": verdict.pytorch_ms, "fused": verdict.triton_ms}
+            chosen += verdict.fused
         cells = []
         for path in paths:
-            ms = ema_step_ms((args.b, c, h, w), speed, max(args.warmup, 3), max(args.steps, 3),
-                             fused=path == "fused")
-            totals[path] += count * ms
-            cells.append(f"{path} {ms:8.3f} ms")
-        if fused:
-            cells.append(
-                f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused at "
-                f"{floor / (ms / 1e3) / bandwidth:5.1%} of the copy rate")
+            totals[path] += count * ms[path]
+            cells.append(f"{path} {ms[path]:8.3f} ms")
+        if verdict is not None:
+            cells.append(f"floor {floor / 1e6:6.1f} MB = {floor / bandwidth * 1e3:6.3f} ms, fused "
+                         f"at {floor / (ms['fused'] / 1e3) / bandwidth:5.1%} of the copy rate")
+            cells.append(f"kernels failed their check: {verdict.error}" if verdict.error else
+                         f"auto takes {'fused' if verdict.fused else 'pytorch'}")
         print(
             f"  input {f'({c}, {h}, {w})':<15} x {count:2d} "
             f"{'module ' if count == 1 else 'modules'}  "
@@ -486,6 +504,11 @@ def print_ema_as_trained(args, device, configs, rates):
         step = (f"; the {trained} training step above: {args.b / rates[trained] * 1e3:.2f} ms"
                 if trained else "")
         print(f"  {path} path, all {modules} modules: {totals[path]:.2f} ms a step{step}")
+    if fused:
+        print(f"  result: EMA kernels | {args.net} | {len(items) - failed} of {len(items)} shapes "
+              f"pass the check, auto takes the kernels at {chosen} | pytorch "
+              f"{totals['pytorch']:.2f} ms, fused {totals['fused']:.2f} ms a step | batch {args.b} "
+              f"| {device_name(device)} | commit {commit()}")
 
 
 def print_ema_comparison(args, device):

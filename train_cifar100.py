@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 import models
-import utils
-from training import arguments, checkpoints, engine, loaders, recipes, run_data, run_folder
+from training import (arguments, checkpoints, ema_kernels, engine, loaders, recipes, run_data,
+                      run_folder)
 from training.stopping import StopSignals
-from utils import UserError
+from utils import Distributed, UserError
 
 # Steps between checks for divergence and stop requests: each check waits for the device, so the
 # GPU runs ahead of Python in between.
@@ -43,7 +43,7 @@ ESTIMATE_AFTER = 2  # steps timed for the CPU's first time estimate
 
 def main(argv=None, stops: StopSignals = None) -> int:
     given = cli.parse_train_args(argv)
-    processes = utils.Distributed.from_environment()
+    processes = Distributed.from_environment()
     where = f" (rank {processes.rank} of {processes.world})" if processes.enabled else ""
     with stops or StopSignals() as stops:
         try:
@@ -88,6 +88,9 @@ class Trainer:
         self.recipe = self.data.recipe  # with this data's normalization
         self.model = recipes.build_model(args, self.recipe, device, self.speed.memory_format,
                                          processes.enabled, self.notes)
+        # EMA's Triton kernels or its PyTorch path (--ema-kernel), chosen before compiling
+        self.notes += ema_kernels.choose(self.model, lambda: self.speed.inputs(
+            next(iter(self.test_data))[0][:1]), args.ema_kernel, self.speed, args.b, processes)
         self.step_model, self.eval_model = self.speed.wrapped(self.model, processes)
         self.loss = recipes.loss_function(self.model, vars(args))
         self.optimizer = recipes.make_optimizer(self.model, args.lr, device)

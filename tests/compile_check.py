@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compiled code, not the interpreter
+if __name__ == "__main__":  # compiled code, not the interpreter (read as the kernels are defined)
+    os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

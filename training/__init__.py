@@ -10,6 +10,7 @@ these modules:
     run_data.py     the data: --dataset, the --val split, the normalization, the loaders
       cifar.py, image_folder.py, loaders.py    the formats on disk and the batches
     recipes.py      the model built and initialised, the loss, SGD, the LR schedule, the seeds
+    ema_kernels.py  EMA's Triton kernels or its PyTorch path, chosen by measurement on the GPU
     engine.py       a training step, the divergence watch, evaluation
     run_folder.py   checkpoints, metrics.csv, args.json, the lock, the TensorBoard log
       event_log.py, pictures.py, checkpoints.py

@@ -240,15 +240,16 @@ def ema_step_ms(shape, speed: SpeedSettings, warmup: int, repeats: int, fused: b
     return seconds * 1e3
 
 
-def choose(model, images, mode: str, speed: SpeedSettings, batch: int, processes) -> Optional[str]:
-    """Set how the model's EMA modules run, by --ema-kernel; the run header's line about it, or
-    None (no EMA, or auto where the kernels cannot run: the PyTorch path, as always)."""
+def choose(model, images, mode: str, speed: SpeedSettings, batch: int, processes) -> list:
+    """Set how the model's EMA modules run, by --ema-kernel; the run header's line about it, if any
+    (none without EMA, nor with auto where the kernels cannot run: the PyTorch path, as always).
+    images() gives an input batch, asked for only when the EMA inputs' shapes are needed."""
     modules = [module for module in model.modules() if isinstance(module, EMA)]
     if not modules:
-        return None
+        return []
     if mode != "auto":
         if mode == "triton":  # before any module is switched: the probe runs the PyTorch path
-            for item, _ in ema_inputs(model, images, speed):
+            for item, _ in ema_inputs(model, images(), speed):
                 probe = torch.empty((1,) + tuple(item[:3]), device=speed.device,
                                     dtype=getattr(torch, item.dtype))
                 why = ema_fused.unsupported(probe, item.groups)
@@ -257,16 +258,16 @@ def choose(model, images, mode: str, speed: SpeedSettings, batch: int, processes
         for module in modules:
             module.fused = mode == "triton"
         path = "Triton kernels" if mode == "triton" else "PyTorch path"
-        return f"EMA: the {path} (--ema-kernel {mode})"
+        return [f"EMA: the {path} (--ema-kernel {mode})"]
     if speed.device.type != "cuda":
-        return None
+        return []
     if not ema_fused.available():
-        return "EMA: the PyTorch path (this torch has no Triton for the kernels)"
-    found = ema_inputs(model, images, speed)
+        return ["EMA: the PyTorch path (this torch has no Triton for the kernels)"]
+    found = ema_inputs(model, images(), speed)
     verdicts, how = cached_or_measured([item for item, _ in found], batch, speed, processes)
     for item, _ in found:
         ema_fused.CHOSEN[tuple(item)] = verdicts[key_of(item, batch, speed)].fused
-    return header_line(found, verdicts, batch, speed, how)
+    return [header_line(found, verdicts, batch, speed, how)]
 
 
 def cached_or_measured(items, batch, speed, processes) -> tuple[dict, str]:

@@ -286,6 +286,13 @@ OPTIONS = {
              "bitwise (slower); on the CPU runs are deterministic already",
         docs="speed.md#deterministic-runs",
         resume=MAY_CHANGE, arithmetic=True),
+    "ema_kernel": Option(
+        flags=("--ema-kernel",), choices=("auto", "triton", "pytorch"), default="auto",
+        help="how EMA runs on CUDA: auto, its Triton kernels at the shapes where a check on this "
+             "GPU finds them correct and faster (measured once, cached); triton, the kernels; "
+             "pytorch, the PyTorch path",
+        docs="speed.md#emas-triton-kernels",
+        resume=MAY_CHANGE, arithmetic=lambda args: args.get("att") == "ema"),
     "gpu": Option(
         flags=("-gpu",), form=SWITCH, default=False,
         help="accepted for the classic CLI; the device is chosen automatically"),

@@ -4,6 +4,7 @@
     python reproduce.py --seeds 3 --run                  # run them one after another
     python reproduce.py --seeds 3 --gpus 0,1,2,3 --run   # one run per GPU at a time
     python reproduce.py --seeds 1 -net resnet101 --run --epochs 1 --subset 256   # tried small
+    python reproduce.py --seeds 3 --slurm --time 4:00:00 --submit   # a job array on a cluster
 
 Options reproduce.py does not know are passed on to every job (checked by the training parser
 first); -net and -att pick rows of the table. A SIGTERM or SIGHUP to reproduce.py is passed on to
@@ -13,6 +14,11 @@ Rerunning it is safe: finished runs are skipped and interrupted ones resumed, be
 a fixed folder, checkpoint/<net>_<att>/<recipe>-seed<S>/. A folder that cannot be read, or that
 holds another run (one of a campaign tried small: other epochs, subset, ...), is skipped with one
 line saying why. Then `python table.py`.
+
+With --slurm: a job-array script for the runs that still need work (one array task a run; those
+queued or running already are skipped and said), written under <checkpoint-dir>/slurm/; --submit
+sbatches it. On SLURM's warning before the time limit a run saves and its task requeues itself
+(training/slurm.py). Without --run or --slurm, the plan shows each run's SLURM state, if queued.
 """
 import argparse
 import os
@@ -22,11 +28,12 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf import settings
-from training import cli, options, run_records
+from training import cli, options, run_records, slurm
 from training.stopping import STOP_SIGNALS, handled
 
 ROWS = settings.TRAINED_ROWS
@@ -44,6 +51,8 @@ class Job:
     folder: Path
     state: str  # "new", "interrupted", "done" or "skipped" (unreadable)
     command: list
+    # the arguments that start the run (a SLURM task takes these, or a resume if it saved)
+    new_run: list = field(default_factory=list)
 
     def shell(self, gpu=None) -> str:
         prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
@@ -117,6 +126,11 @@ def planned_dataset(root, kind: str):
                              cifar.files_md5(root, form, "test"), form)
 
 
+def trainer_command() -> list[str]:
+    """How a job starts the trainer: this Python, the trainer's path (run from any folder)."""
+    return [sys.executable, str(TRAINER)]
+
+
 def plan(args) -> list[Job]:
     jobs, datasets = [], {}
     rows = [(net, att) for net, att in ROWS if net in (args.net or [net])
@@ -132,17 +146,13 @@ def plan(args) -> list[Job]:
                     datasets[where] = planned_dataset(*where)
                 planned |= {"seed": seed, "dataset": datasets.get(where)}
                 state = run_state(folder, planned)
-                command = ([sys.executable, str(TRAINER)] if args.run
-                           else ["python", "train_cifar100.py"])
-                if state == "interrupted":
-                    command += ["--resume", str(folder)]
-                else:
-                    command += ["-net", net, "-att", att, "--recipe", recipe, "--seed", str(seed),
-                                "--run-name", name,
-                                "--checkpoint-dir", args.checkpoint_dir]
-                    if args.data:
-                        command += ["--data", args.data]
-                jobs.append(Job(net, att, recipe, seed, folder, state, command + args.training))
+                command = trainer_command() if args.run else ["python", "train_cifar100.py"]
+                new_run = ["-net", net, "-att", att, "--recipe", recipe, "--seed", str(seed),
+                           "--run-name", name, "--checkpoint-dir", args.checkpoint_dir]
+                new_run += ["--data", args.data] if args.data else []
+                command += ["--resume", str(folder)] if state == "interrupted" else new_run
+                jobs.append(Job(net, att, recipe, seed, folder, state, command + args.training,
+                                new_run))
     return jobs
 
 
@@ -240,20 +250,31 @@ def main(argv=None):
                    help="only these networks' rows")
     p.add_argument("-att", nargs="+", choices=sorted({att for _, att in ROWS}),
                    help="only these modules' rows")
+    add_slurm_options(p)
     args, args.training = p.parse_known_args(argv)
     check_training_options(p, args.training)
+    if args.run and args.slurm:
+        p.error("--run runs the jobs here, --slurm on a cluster: give one of them")
+    if args.submit and not args.slurm:
+        p.error("--submit goes with --slurm")
 
     jobs = plan(args)
     pending = [job for job in jobs if job.state in ("new", "interrupted")]
+    if args.slurm:
+        return slurm_campaign(args, pending)
     if not args.run:
+        queue = slurm.queued()
         for job in jobs:
             gpu = None
             if args.gpus and job in pending:
                 gpu = args.gpus[pending.index(job) % len(args.gpus)]
+            state, task = queue.get(job.folder.resolve(), (None, None))
+            where = f"   # SLURM: {state.lower()} as {task}" if state else ""
             if job.state == "done":
                 print(f"# {job.net} + {job.att}, {job.recipe}, seed {job.seed}: done")
             elif job.state != "skipped":  # its warning is above
-                print(job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else ""))
+                print(job.shell(gpu) + ("   # resumes" if job.state == "interrupted" else "")
+                      + where)
         count = lambda state: sum(job.state == state for job in jobs)
         skipped = f", {count('skipped')} skipped" if count("skipped") else ""
         print(
@@ -265,6 +286,69 @@ def main(argv=None):
                  if started < len(pending) else "")
     print(f"{started - failed} of {len(pending)} runs ended well{unstarted}; then: python table.py")
     return 128 + stopped_by if stopped_by else 1 if failed else 0
+
+
+def add_slurm_options(p):
+    group = p.add_argument_group("on a SLURM cluster (docs/reproducing.md)")
+    group.add_argument("--slurm", action="store_true",
+                       help="write a job-array script for the runs that need work")
+    group.add_argument("--submit", action="store_true", help="and sbatch it")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--gpus-per-task", type=options.at_least_0, default=1,
+                       help="GPUs a run trains on (more than 1: torchrun); 0 on a CPU cluster")
+    group.add_argument("--cpus-per-task", type=cli.positive(int), default=None)
+    group.add_argument("--time", default=None, help="a task's time limit, e.g. 4:00:00")
+    group.add_argument("--warning", type=cli.positive(int), default=300, metavar="SECONDS",
+                       help="how long before the limit a run is told to save and stop")
+    group.add_argument("--max-requeues", type=options.at_least_0, default=10,
+                       help="requeues a task may make (a run that cannot finish stops there)")
+    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="more sbatch options for every task, e.g. --sbatch=--account=lab "
+                            "(repeat it)")
+
+
+def slurm_campaign(args, pending: list[Job]) -> int:
+    """Write (and with --submit, sbatch) the job-array script for the pending runs that are neither
+    queued nor running."""
+    if args.submit and not slurm.available():
+        print("error: --submit needs sbatch, which is not on this machine's PATH", file=sys.stderr)
+        return 2
+    queue, tasks = slurm.queued(), []
+    for job in pending:
+        state, task = queue.get(job.folder.resolve(), (None, None))
+        if state:
+            print(f"skipped {job.folder}: already in the queue ({state.lower()} as {task})")
+        elif slurm.locked(job.folder):
+            print(f"skipped {job.folder}: a training holds it now (its .lock)")
+        else:
+            tasks.append((job.folder, job.new_run))
+    if not tasks:
+        print(f"nothing to submit: {len(pending)} run(s) need work, all queued or running")
+        return 0
+    folder = Path(args.checkpoint_dir) / "slurm"
+    resources = slurm.Resources(args.partition, args.gpus_per_task, args.cpus_per_task, args.time,
+                                args.warning, args.max_requeues,
+                                [o if o.startswith("-") else f"--{o}" for o in args.sbatch])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / time.strftime("campaign-%Y%m%d-%H%M%S.sbatch")
+        path.write_text(slurm.script(tasks, resources, Path.cwd(), folder.resolve(),
+                                     trainer_command(), args.training))
+    except OSError as e:
+        print(f"error: cannot write the campaign script in {folder}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: {len(tasks)} array task(s), one run each")
+    if not args.submit:
+        print(f"submit it with: sbatch {shlex.quote(str(path))}")
+        return 0
+    try:
+        job = slurm.submit(path.resolve())
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted as array job {job}; its state: squeue --me -n {slurm.JOB_NAME}, or this "
+          f"command without --slurm; each run's log: slurm.log in its folder")
+    return 0
 
 
 if __name__ == "__main__":

@@ -130,8 +130,11 @@ def queued() -> dict:
     from squeue and the scripts they run (each names its tasks' folders); {} without squeue."""
     if not shutil.which("squeue"):
         return {}
-    done = subprocess.run(["squeue", "-h", "-r", "--me", "-n", JOB_NAME, "-o", "%i|%T|%o"],
-                          capture_output=True, text=True)
+    try:
+        done = subprocess.run(["squeue", "-h", "-r", "--me", "-n", JOB_NAME, "-o", "%i|%T|%o"],
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:  # a controller that does not answer: nothing known
+        return {}
     found, folders_of = {}, {}
     for line in done.stdout.splitlines() if done.returncode == 0 else []:
         task, state, command = line.split("|", 2)

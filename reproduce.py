@@ -263,7 +263,7 @@ def main(argv=None):
     if args.slurm:
         return slurm_campaign(args, pending)
     if not args.run:
-        queue = slurm.queued()
+        queue = slurm.queued(args.checkpoint_dir)
         for job in jobs:
             gpu = None
             if args.gpus and job in pending:
@@ -313,7 +313,7 @@ def slurm_campaign(args, pending: list[Job]) -> int:
     if args.submit and not slurm.available():
         print("error: --submit needs sbatch, which is not on this machine's PATH", file=sys.stderr)
         return 2
-    queue, tasks = slurm.queued(), []
+    queue, tasks = slurm.queued(args.checkpoint_dir), []
     for job in pending:
         state, task = queue.get(job.folder.resolve(), (None, None))
         if state:

@@ -73,7 +73,9 @@ def ptxas_usage(text: str) -> tuple[int, int, int]:
 
 
 def compile_kernel(name: str, blocks: tuple, dtype: str, target: int) -> Row:
-    """Compile one kernel for one target, as Triton would at run time, and read ptxas's counts."""
+    """Compile one kernel for one target with the module's launch options, every integer argument
+    unspecialised (Triton at run time may make a stride of 1 a constant and mark multiples of 16:
+    variants of this code), and read ptxas's counts."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

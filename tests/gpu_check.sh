@@ -17,11 +17,19 @@ git log -1 --format='commit %h %s' | tee -a "$logs/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$logs/device.txt"
 
-EMA_TEST_GPU=1 timeout 270 python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
-  | tee "$logs/test_gpu.txt" | tail -3
-timeout 210 python benchmark.py -net resnet50 -att ema --configs graphs graphs-fused --steps 30 \
-  --warmup 8 2>&1 | tee "$logs/benchmark_ema.txt" | grep -E "result:|EMA alone|input \(|path, all"
-timeout 90 python benchmark.py -net resnet50 -att none --configs graphs --steps 30 --warmup 8 2>&1 \
-  | tee "$logs/benchmark_none.txt" | grep -E "result:"
-echo; echo "== results"; grep -h "passed\|failed" "$logs/test_gpu.txt" | tail -1
+limited() {  # limited SECONDS LOG COMMAND...: the command's output in LOG, a line if cut short
+  local seconds=$1 log=$2; shift 2
+  timeout "$seconds" "$@" > "$log" 2>&1
+  [ $? = 124 ] && echo "result: stopped by its ${seconds} s limit: $*" | tee -a "$log"
+  return 0
+}
+EMA_TEST_GPU=1 limited 300 "$logs/test_gpu.txt" python -m pytest -q -p no:cacheprovider \
+  tests/test_gpu.py
+tail -3 "$logs/test_gpu.txt"
+limited 200 "$logs/benchmark_ema.txt" python benchmark.py -net resnet50 -att ema \
+  --configs graphs graphs-fused --steps 30 --warmup 8
+grep -E "result:|EMA alone|input \(|path, all" "$logs/benchmark_ema.txt"
+limited 80 "$logs/benchmark_none.txt" python benchmark.py -net resnet50 -att none \
+  --configs graphs --steps 30 --warmup 8
+echo; echo "== results"; grep -h "passed\|failed\|stopped by its" "$logs/test_gpu.txt" | tail -1
 grep -h "result:" "$logs"/benchmark_*.txt

@@ -163,3 +163,26 @@ def test_torch_compile_traces_the_fused_op_without_a_graph_break():
                                           grad), outputs_and_gradients(compiled, x, grad, fused)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=TOLERANCE)
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    """Under autocast the op's PyTorch glue still computes in float32, forward and backward: the
+    same output and gradients as without it (a float32 input)."""
+    _, fused = random_pair(16, 2)
+    fused = fused.float()
+    x, grad = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    plain = outputs_and_gradients(fused, x, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = outputs_and_gradients(fused, x, grad)
+    for name in plain:
+        assert torch.equal(plain[name], under[name]), name
+
+
+def test_inputs_beyond_32_bit_offsets_take_the_pytorch_path():
+    far = torch.empty(0, device="meta").as_strided((2, 16, 4, 4), (2**31, 16, 4, 1))
+    assert "32-bit offsets" in ema_fused.unsupported(far, 2, "cuda")
+    many = torch.empty(2**20 + 1, 64, 4, 8, device="meta", dtype=torch.bfloat16)  # > 2**31
+    assert "2,147,485,696 elements" in ema_fused.unsupported(many, 32, "cuda")
+    most = torch.empty(2**20, 64, 4, 8, device="meta", dtype=torch.bfloat16)  # offsets < 2**31
+    assert ema_fused.unsupported(most, 32, "cuda") is None
+    assert ema_fused.unsupported(torch.empty(2, 16, 4, 4, device="meta"), 2, "cuda") is None

@@ -127,7 +127,7 @@ def test_a_failed_check_a_crash_and_a_hang_mean_the_pytorch_path_and_say_why(mon
                                   {"triton_ms": 0.1, "pytorch_ms": 0.8}])
     (line,), _ = choose()
     assert ema_fused.CHOSEN == {(16, 4, 4, 2, "float32"): False, (32, 2, 2, 4, "float32"): True}
-    assert "16x4x4 PyTorch (kernels failed: output off by 3.0e-01" in line
+    assert "16x4x4 PyTorch (not the kernels: output off by 3.0e-01" in line
     # A crash after the first verdict: the second shape is against the kernels, with the reason.
     monkeypatch.setenv("XDG_CACHE_HOME", str(ema_kernels.cache_file(KEY).parents[2] / "other"))
     simulated_child(monkeypatch, [{"triton_ms": 0.1, "pytorch_ms": 0.8}, None], returncode=-11)
@@ -220,3 +220,82 @@ def test_the_trainer_takes_ema_kernel_and_says_it(small_data, tmp_path, capsys, 
     assert err.startswith("error: --ema-kernel triton: on the CPU the kernels run only under")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoint" / "resnet_tiny_ema" / "fused").exists()
+
+
+def test_crashes_and_hangs_are_checked_again_next_time_failed_comparisons_are_not(monkeypatch):
+    """A crash (or an exception in the child: out of memory, say) may pass: it is not cached. A
+    failed comparison with float64 is."""
+    requests = simulated_child(monkeypatch, [{"triton_ms": 0.1, "pytorch_ms": 0.8}, None],
+                               returncode=-11)
+    choose()
+    choose()
+    assert len(requests) == 2 and [len(r["items"]) for r in requests] == [2, 1]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(ema_kernels.cache_file(KEY).parents[2] / "other"))
+    requests = simulated_child(monkeypatch, [{"error": "output off by 1.0e+00", "lasting": True},
+                                             {"error": "OutOfMemoryError: ...", "lasting": False}])
+    choose()
+    choose()
+    # both shapes, then the second only: its out-of-memory may pass
+    assert [len(r["items"]) for r in requests] == [2, 1]
+
+
+def test_a_malformed_child_line_or_cache_entry_is_no_verdict(monkeypatch):
+    def run(command, **kwargs):
+        name = ema_kernels.key_of(EmaInput(16, 4, 4, 2, "float32"), 8, CUDA)
+        return subprocess.CompletedProcess(command, -9, ema_kernels.VERDICT_PREFIX + json.dumps(
+            [name, {"triton_ms": 0.1}]) + "\n" + ema_kernels.VERDICT_PREFIX + '["cut sho', "")
+
+    monkeypatch.setattr(ema_kernels.subprocess, "run", run)
+    (line,), _ = choose()
+    assert not any(ema_fused.CHOSEN.values()) and "the check crashed (exit -9" in line
+    path = ema_kernels.cache_file(KEY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": KEY, "verdicts": {"x": {}}}))
+    assert ema_kernels.read_cache(path, KEY) == {}
+    assert not Verdict().fused
+
+
+def test_a_map_the_kernels_cannot_hold_is_not_measured(monkeypatch):
+    requests = simulated_child(monkeypatch, [{"triton_ms": 0.1, "pytorch_ms": 0.8}])
+    monkeypatch.setattr(ema_fused, "MAX_MAP", 8)  # 16 values of a 4x4 map: too many now
+    (line,), _ = choose()
+    assert [len(r["items"]) for r in requests] == [1]  # the 2x2 map only
+    assert "16x4x4 PyTorch (not the kernels: they cannot run here: a map of 4 x 4" in line
+
+
+class Ranks:
+    """A stand-in for utils.Distributed under torchrun: records the barriers."""
+
+    def __init__(self, main):
+        self.enabled, self.main, self.barriers = True, main, 0
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_under_torchrun_the_main_process_measures_and_the_others_read(monkeypatch):
+    requests = simulated_child(monkeypatch, [{"triton_ms": 0.1, "pytorch_ms": 0.8}] * 2)
+    main = Ranks(main=True)
+    ema_kernels.choose(TwoEmas(), images, "auto", CUDA, 8, main)
+    assert main.barriers == 1 and len(requests) == 1
+    ema_fused.CHOSEN.clear()
+    other = Ranks(main=False)
+    ema_kernels.choose(TwoEmas(), images, "auto", CUDA, 8, other)
+    assert other.barriers == 1 and len(requests) == 1  # read, not measured
+    assert ema_fused.CHOSEN[(16, 4, 4, 2, "float32")] is True
+    # Where the main process cached nothing, the others take the PyTorch path, unmeasured.
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent/cache")
+    ema_fused.CHOSEN.clear()
+    ema_kernels.choose(TwoEmas(), images, "auto", CUDA, 8, Ranks(main=False))
+    assert ema_fused.CHOSEN == {(16, 4, 4, 2, "float32"): False, (32, 2, 2, 4, "float32"): False}
+
+
+def test_the_main_process_reaches_the_barrier_when_measuring_fails(monkeypatch):
+    def fail(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ema_kernels, "measure", fail)
+    main = Ranks(main=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        ema_kernels.choose(TwoEmas(), images, "auto", CUDA, 8, main)
+    assert main.barriers == 1

@@ -93,7 +93,7 @@ def finished_campaigns(cluster, tmp_path_factory):
         signalled = folders["main"] / "checkpoint" / "resnet_tiny_ema" / "paper-seed1"
         # Once its first epoch is saved, SIGTERM to its training process, mid-run.
         wait_for(lambda: (signalled / "metrics.csv").is_file(), "the first epoch", deadline)
-        task = slurm.queued()[signalled.resolve()][1]
+        task = slurm.queued(folders["main"] / "checkpoint")[signalled.resolve()][1]
         subprocess.run(["scancel", "--signal=TERM", task], check=True)
         wait_for(lambda: not queue(), "every task done", deadline)
     return folders, signalled, task, second.getvalue()
@@ -209,3 +209,16 @@ def test_submit_without_sbatch_is_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == (
         "error: --submit needs sbatch, which is not on this machine's PATH\n")
     assert not (tmp_path / "slurm").exists()
+
+
+def test_squeue_is_asked_only_where_a_campaign_was_written(tmp_path, monkeypatch):
+    """A machine with SLURM's client and no controller makes squeue wait: a plan without a
+    campaign script in its checkpoint folder does not ask."""
+    asked = []
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(slurm.subprocess, "run", lambda command, **kw: asked.append(command)
+                        or subprocess.CompletedProcess(command, 1, "", "no controller"))
+    assert slurm.queued(tmp_path) == {} and asked == []
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "campaign-1.sbatch").write_text("")
+    assert slurm.queued(tmp_path) == {} and len(asked) == 1

@@ -260,9 +260,9 @@ def resume_notes(checkpoint, values: dict, device_type: str, world: int) -> tupl
         now = f"{', '.join(changes)} at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
         changed = "; ".join(filter(None, [saved.get("changed_on_resume"), now]))
         notes.append(f"note: {now}: a mixed run, which table.py lists apart")
-    # --deterministic picks other kernels on CUDA only.
+    # --deterministic and --ema-kernel pick other kernels on CUDA only.
     arithmetic = [name for name in options.arithmetic_on_resume(values)
-                  if name != "deterministic" or device_type == "cuda"]
+                  if name not in ("deterministic", "ema_kernel") or device_type == "cuda"]
     changes = changed_arguments(saved, values, arithmetic)
     if checkpoint["format"] == 1:
         changes.append("a format-1 checkpoint (the remaining epochs draw their randomness anew)")

@@ -33,7 +33,9 @@ MODES = ("auto", "triton", "pytorch")
 # Relative error (norm of the difference / norm of the float64 reference) allowed in the output and
 # every gradient, by the input's dtype: tests/test_gpu.py's tolerances.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2, "float64": 1e-9}
-CHILD_TIMEOUT = 900  # seconds for the child's whole check (it compiles each shape's PyTorch path)
+# Seconds for the child's whole check (it compiles each shape's PyTorch path): under torchrun the
+# other ranks wait for it, within the process group's 10 minutes.
+CHILD_TIMEOUT = 480
 CACHE_NAME = "ema-cifar100"
 VERDICT_PREFIX = "verdict "  # the child's lines that carry a verdict (JSON follows)
 
@@ -43,14 +45,29 @@ EmaInput = collections.namedtuple("EmaInput", "channels height width groups dtyp
 @dataclasses.dataclass
 class Verdict:
     """The check of one EMA input: milliseconds of forward + backward each way, or why the kernels
-    may not be used there."""
+    may not be used there. Only a lasting verdict is cached: times and a failed comparison, not a
+    crash, a hang or an exception (out of memory, say), which the next run checks again."""
     triton_ms: Optional[float] = None
     pytorch_ms: Optional[float] = None
     error: Optional[str] = None
+    lasting: bool = True
 
     @property
     def fused(self) -> bool:
-        return self.error is None and self.triton_ms < self.pytorch_ms
+        timed = all(isinstance(ms, (int, float)) for ms in (self.triton_ms, self.pytorch_ms))
+        return self.error is None and timed and self.triton_ms < self.pytorch_ms
+
+    @classmethod
+    def read(cls, fields) -> "Verdict":
+        """From JSON (the child's line, the cache); a ValueError if it is not a verdict."""
+        if not isinstance(fields, dict) or not fields.keys() <= {f.name for f in
+                                                                   dataclasses.fields(cls)}:
+            raise ValueError(f"not a verdict: {fields!r}")
+        verdict = cls(**fields)
+        if verdict.error is None and not (isinstance(verdict.triton_ms, (int, float))
+                                          and isinstance(verdict.pytorch_ms, (int, float))):
+            raise ValueError(f"a verdict without its times: {fields!r}")
+        return verdict
 
 
 def ema_inputs(model, images: torch.Tensor, speed: SpeedSettings) -> list:
@@ -108,7 +125,7 @@ def read_cache(path: Path, key: dict) -> dict:
         held = json.loads(path.read_text())
         if held.get("key") != key:
             return {}
-        return {name: Verdict(**fields) for name, fields in held["verdicts"].items()}
+        return {name: Verdict.read(fields) for name, fields in held["verdicts"].items()}
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return {}
 
@@ -116,7 +133,8 @@ def read_cache(path: Path, key: dict) -> dict:
 def write_cache(path: Path, key: dict, verdicts: dict) -> Optional[str]:
     """Merge the verdicts into the cache file (temp file, then an atomic replace); why not, or
     None."""
-    merged = {**read_cache(path, key), **verdicts}
+    merged = {**read_cache(path, key), **{name: verdict for name, verdict in verdicts.items()
+                                          if verdict.lasting}}
     body = {"key": key, "verdicts": {name: dataclasses.asdict(v) for name, v in merged.items()}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,11 +168,14 @@ def measure(items: list, batch: int, speed: SpeedSettings) -> dict:
     verdicts = {}
     for line in output.splitlines():
         if line.startswith(VERDICT_PREFIX):
-            name, fields = json.loads(line[len(VERDICT_PREFIX):])
-            verdicts[name] = Verdict(**fields)
+            try:  # a line cut short by a crash is no verdict
+                name, fields = json.loads(line[len(VERDICT_PREFIX):])
+                verdicts[name] = Verdict.read(fields)
+            except (ValueError, TypeError):
+                continue
     for item in items:
         verdicts.setdefault(key_of(item, batch, speed),
-                            Verdict(error=why or "the check gave no verdict"))
+                            Verdict(error=why or "the check gave no verdict", lasting=False))
     return verdicts
 
 
@@ -186,7 +207,7 @@ def check(item: EmaInput, batch: int, speed: SpeedSettings) -> Verdict:
     except Exception as e:  # noqa: BLE001  (any failure of the kernels is a verdict against them)
         where = traceback.extract_tb(e.__traceback__)[-1]
         return Verdict(error=f"{type(e).__name__}: {str(e)[:200]} ({Path(where.filename).name}:"
-                             f"{where.lineno})")
+                             f"{where.lineno})", lasting=False)
 
 
 def relative_errors(shape, groups: int, dtype: torch.dtype, device) -> dict:
@@ -250,9 +271,7 @@ def choose(model, images, mode: str, speed: SpeedSettings, batch: int, processes
     if mode != "auto":
         if mode == "triton":  # before any module is switched: the probe runs the PyTorch path
             for item, _ in ema_inputs(model, images(), speed):
-                probe = torch.empty((1,) + tuple(item[:3]), device=speed.device,
-                                    dtype=getattr(torch, item.dtype))
-                why = ema_fused.unsupported(probe, item.groups)
+                why = unsupported(item, speed)
                 if why:
                     raise UserError(f"--ema-kernel triton: {why}")
         for module in modules:
@@ -263,29 +282,49 @@ def choose(model, images, mode: str, speed: SpeedSettings, batch: int, processes
         return []
     if not ema_fused.available():
         return ["EMA: the PyTorch path (this torch has no Triton for the kernels)"]
+    speed.enable_fast_kernels()  # --deterministic's cuBLAS setting before the probe's first matmul
     found = ema_inputs(model, images(), speed)
-    verdicts, how = cached_or_measured([item for item, _ in found], batch, speed, processes)
+    cannot = {key_of(item, batch, speed): Verdict(error=f"they cannot run here: {why}",
+                                                  lasting=False)
+              for item, why in ((item, unsupported(item, speed)) for item, _ in found) if why}
+    verdicts, how = cached_or_measured(
+        [item for item, _ in found if key_of(item, batch, speed) not in cannot], batch, speed,
+        processes)
+    verdicts.update(cannot)
     for item, _ in found:
         ema_fused.CHOSEN[tuple(item)] = verdicts[key_of(item, batch, speed)].fused
     return [header_line(found, verdicts, batch, speed, how)]
 
 
+def unsupported(item: EmaInput, speed: SpeedSettings) -> Optional[str]:
+    """Why the kernels cannot run on this input (a map too large, say), or None."""
+    probe = torch.empty((1,) + tuple(item[:3]), device="meta", dtype=getattr(torch, item.dtype))
+    return ema_fused.unsupported(probe, item.groups, speed.device.type)
+
+
 def cached_or_measured(items, batch, speed, processes) -> tuple[dict, str]:
-    """The verdicts for these inputs, from the cache or measured now (by the main process first,
-    then by any other that still lacks one); and how they came."""
+    """The verdicts for these inputs, from the cache or measured now. Under torchrun the main
+    process measures while the others wait, then they read its verdicts; where it could not cache
+    one, they take the PyTorch path there rather than measure on their own."""
     key = machine_key(speed.device)
     path = cache_file(key)
     if processes.enabled and not processes.main:
         processes.barrier()  # the main process measures first
+        verdicts = read_cache(path, key)
+        return {key_of(item, batch, speed): verdicts.get(
+            key_of(item, batch, speed), Verdict(error="not measured on this rank", lasting=False))
+            for item in items}, f"the main process's verdicts, {path}"
     verdicts = read_cache(path, key)
     missing = [item for item in items if key_of(item, batch, speed) not in verdicts]
     how = f"cached in {path}"
-    if missing:
-        verdicts.update(measure(missing, batch, speed))
-        how = (f"measured now on this GPU for {len(missing)} of {len(items)} shapes, "
-               + (write_cache(path, key, verdicts) or f"cached in {path}"))
-    if processes.enabled and processes.main:
-        processes.barrier()
+    try:
+        if missing:
+            verdicts.update(measure(missing, batch, speed))
+            how = (f"measured now on this GPU for {len(missing)} of {len(items)} shapes, "
+                   + (write_cache(path, key, verdicts) or f"cached in {path}"))
+    finally:
+        if processes.enabled:  # reached however the measurement ends: no rank waits forever
+            processes.barrier()
     return verdicts, how
 
 
@@ -296,7 +335,7 @@ def header_line(found, verdicts: dict, batch: int, speed: SpeedSettings, how: st
         verdict = verdicts[key_of(item, batch, speed)]
         shape = f"{item.channels}x{item.height}x{item.width}"
         if verdict.error:
-            cells.append(f"{shape} PyTorch (kernels failed: {verdict.error})")
+            cells.append(f"{shape} PyTorch (not the kernels: {verdict.error})")
             continue
         fused += verdict.fused
         cells.append(f"{shape} {'Triton' if verdict.fused else 'PyTorch'} "

@@ -125,10 +125,12 @@ def submit(path: Path) -> str:
     return done.stdout.strip().split(";")[0]
 
 
-def queued() -> dict:
+def queued(checkpoint_dir) -> dict:
     """{run folder (resolved): (state, '<job>_<task>')} for this user's campaign tasks in the queue,
-    from squeue and the scripts they run (each names its tasks' folders); {} without squeue."""
-    if not shutil.which("squeue"):
+    from squeue and the scripts they run (each names its tasks' folders); {} without squeue, or
+    where no campaign script was ever written under checkpoint_dir (squeue is not even asked: a
+    machine with SLURM's client but no controller to answer makes it wait)."""
+    if not shutil.which("squeue") or not any((Path(checkpoint_dir) / "slurm").glob("*.sbatch")):
         return {}
     try:
         done = subprocess.run(["squeue", "-h", "-r", "--me", "-n", JOB_NAME, "-o", "%i|%T|%o"],

@@ -40,6 +40,7 @@ except ImportError:  # the CPU build of torch has no Triton
 CHUNK = 512
 MAX_MAP = 1024
 MAX_REGISTERS = 128  # a thread's, at most (a quarter of an SM's 65,536 at 4 warps)
+MAX_OFFSET = 2**31  # the kernels index x, its gradient and their buffers in 32-bit integers
 
 # Where EMA(fused=None) takes these kernels on CUDA: {choice_key(x, groups): True or False}, filled
 # by a measurement on the GPU at hand (training/ema_kernels.py). An input not in it takes the
@@ -68,23 +69,33 @@ def choice_key(x: torch.Tensor, groups: int) -> tuple:
     return (*x.shape[1:], groups, str(x.dtype).removeprefix("torch."))
 
 
-def unsupported(x: torch.Tensor, groups: int):
-    """Why the kernels cannot run on x, or None."""
+def unsupported(x: torch.Tensor, groups: int, device_type: str = None):
+    """Why the kernels cannot run on x (or on a meta tensor of its shape on device_type), or
+    None."""
+    device_type = device_type or x.device.type
     if triton is None:
         return "Triton is not installed (the CPU build of torch has none)"
     if x.dim() != 4:
         return f"the kernels take a (B, C, H, W) tensor, got {x.dim()} dimensions"
-    if x.device.type == "cpu" and not interpreted():
+    if device_type == "cpu" and not interpreted():
         return "on the CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1)"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"the kernels run on CUDA, not {x.device.type}"
+    if device_type not in ("cpu", "cuda"):
+        return f"the kernels run on CUDA, not {device_type}"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"the kernels take floating-point input, got {x.dtype}"
+    if max(x.numel(), farthest(x) + 1) > MAX_OFFSET:
+        return (f"an input of {x.numel():,} elements (or strides reaching that far) is more than "
+                f"the kernels' 32-bit offsets address")
     _, bh, bw = blocks(1, *x.shape[2:])
     if bh * bw > MAX_MAP:
         return (f"a map of {x.shape[2]} x {x.shape[3]} (blocks {bh}x{bw}) is larger than the "
                 f"kernels hold ({MAX_MAP} values)")
     return None
+
+
+def farthest(t: torch.Tensor) -> int:
+    """The largest element offset a tensor's strides reach."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -382,7 +393,8 @@ def ema_fused(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gamma: torch.
               eps: float) -> torch.Tensor:
     """EMA's output for x (B, C, H, W) with the shared weights of a group of k = C / groups
     channels."""
-    small = _Small(x, w1, b1, gamma, beta, w3, b3, groups)
+    with torch.autocast(x.device.type, enabled=False):  # the glue in the compute dtype, always
+        small = _Small(x, w1, b1, gamma, beta, w3, b3, groups)
     _, gamma, beta, _, _ = small.params[1:]
     out = _new_like(x)
     _forward_kernel[(x.shape[0] * groups,)](
@@ -401,6 +413,13 @@ def ema_fused_backward(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
                        gamma: torch.Tensor, beta: torch.Tensor, w3: torch.Tensor,
                        b3: torch.Tensor, groups: int, eps: float) -> list[torch.Tensor]:
     """(dx, dw1, db1, dgamma, dbeta, dw3, db3)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward(grad, x, w1, b1, gamma, beta, w3, b3, groups, eps)
+
+
+def _backward(grad, x, w1, b1, gamma, beta, w3, b3, groups, eps):
+    if farthest(grad) >= MAX_OFFSET:  # e.g. a gradient broadcast from a sum: x's checks hold
+        grad = grad.contiguous()
     small = _Small(x, w1, b1, gamma, beta, w3, b3, groups)
     w1_, _, gamma_, beta_, _, b3_ = small.params
     b, _, h, w = x.shape
@@ -460,9 +479,9 @@ def _setup_context(ctx, inputs, output):
     ctx.groups, ctx.eps = groups, eps
 
 
-def _backward(ctx, grad):
+def _autograd_backward(ctx, grad):
     grads = ema_fused_backward(grad, *ctx.saved_tensors, ctx.groups, ctx.eps)
     return (*grads, None, None)
 
 
-ema_fused.register_autograd(_backward, setup_context=_setup_context)
+ema_fused.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -323,7 +323,8 @@ def slurm_campaign(args, pending: list[Job]) -> int:
         else:
             tasks.append((job.folder, job.new_run))
     if not tasks:
-        print(f"nothing to submit: {len(pending)} run(s) need work, all queued or running")
+        print(f"nothing to submit: {len(pending)} run(s) need work"
+              + (", all queued or running" if pending else ""))
         return 0
     folder = Path(args.checkpoint_dir) / "slurm"
     resources = slurm.Resources(args.partition, args.gpus_per_task, args.cpus_per_task, args.time,
@@ -331,7 +332,7 @@ def slurm_campaign(args, pending: list[Job]) -> int:
                                 [o if o.startswith("-") else f"--{o}" for o in args.sbatch])
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / time.strftime("campaign-%Y%m%d-%H%M%S.sbatch")
+        path = folder / time.strftime(f"campaign-%Y%m%d-%H%M%S-{os.getpid()}.sbatch")
         path.write_text(slurm.script(tasks, resources, Path.cwd(), folder.resolve(),
                                      trainer_command(), args.training))
     except OSError as e:

@@ -10,6 +10,7 @@ last.pth and exits 143, and the task requeues itself, that array task only (<arr
 most --max-requeues times. A finished run exits 0; a failed one (exit 1 or 2) is not requeued.
 """
 import fcntl
+import json
 import re
 import shlex
 import shutil
@@ -53,7 +54,7 @@ def script(tasks: list, resources: Resources, root: Path, logs: Path, python: li
         launch = [python[0], "-m", "torch.distributed.run", "--standalone",
                   f"--nproc_per_node={resources.gpus}"] + python[1:]
     options = [f"--job-name={JOB_NAME}", f"--array=0-{len(tasks) - 1}",
-               f"--output={logs / 'slurm-%A_%a.out'}", "--open-mode=append", "--requeue",
+               f"--output={json.dumps(str(logs / 'slurm-%A_%a.out'))}", "--open-mode=append", "--requeue",
                f"--signal=TERM@{resources.warning}"]
     options += [f"--partition={resources.partition}"] if resources.partition else []
     options += [f"--gpus-per-task={resources.gpus}"] if resources.gpus else []

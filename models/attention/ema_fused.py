@@ -124,6 +124,14 @@ if triton is not None:
         return (i - di >= 0) & (i - di < H) & (j - dj >= 0) & (j - dj < W)
 
     @triton.jit
+    def _read_at_tap(xt, c, i, j, di, dj, valid, sxc, sxh, sxw, H, W, DTYPE: tl.constexpr):
+        """The chunk's x at (i + di, j + dj), what tap (di, dj) reads for output (i, j); 0 outside
+        the map (zero padding)."""
+        inside = valid & (i + di >= 0) & (i + di < H) & (j + dj >= 0) & (j + dj < W)
+        return tl.load(xt + c * sxc + (i + di) * sxh + (j + dj) * sxw, mask=inside,
+                       other=0).to(DTYPE)
+
+    @triton.jit
     def _per_channel(ptr, tile, c0, K, CB: tl.constexpr, DTYPE: tl.constexpr):
         """(CB,) values of a (B * C) buffer for the chunk's channels."""
         c = c0 + tl.arange(0, CB)
@@ -175,9 +183,7 @@ if triton is not None:
                             0)
         for t in range(9):  # a loop, not unrolled: one tap's values live at a time
             di, dj = t // 3 - 1, t % 3 - 1
-            inside = valid & (i + di >= 0) & (i + di < H) & (j + dj >= 0) & (j + dj < W)
-            shifted = tl.load(xt + c * sxc + (i + di) * sxh + (j + dj) * sxw, mask=inside,
-                              other=0).to(DTYPE)
+            shifted = _read_at_tap(xt, c, i, j, di, dj, valid, sxc, sxh, sxw, H, W, DTYPE)
             vt = tl.load(v_ptr + c * 9 + t, mask=c < K, other=0).to(DTYPE)
             weighted += vt * shifted
         return tl.sum(weighted, axis=0), x
@@ -277,9 +283,7 @@ if triton is not None:
         _store_strips(dgw_ptr, tl.sum(dy_x * gh[:, :, None], axis=1), tile, c0, K, W, CB, BW)
         for t in range(9):  # a loop, not unrolled: one tap's values live at a time
             di, dj = t // 3 - 1, t % 3 - 1
-            inside = valid & (i + di >= 0) & (i + di < H) & (j + dj >= 0) & (j + dj < W)
-            shifted = tl.load(xt + c * sxc + (i + di) * sxh + (j + dj) * sxw, mask=inside,
-                              other=0).to(DTYPE)
+            shifted = _read_at_tap(xt, c, i, j, di, dj, valid, sxc, sxh, sxw, H, W, DTYPE)
             tl.store(q_ptr + (tile * K + one) * 9 + t,
                      tl.sum(tl.sum(dm * shifted, axis=2), axis=1), mask=one < K)
 

@@ -54,8 +54,8 @@ def script(tasks: list, resources: Resources, root: Path, logs: Path, python: li
         launch = [python[0], "-m", "torch.distributed.run", "--standalone",
                   f"--nproc_per_node={resources.gpus}"] + python[1:]
     options = [f"--job-name={JOB_NAME}", f"--array=0-{len(tasks) - 1}",
-               f"--output={json.dumps(str(logs / 'slurm-%A_%a.out'))}", "--open-mode=append", "--requeue",
-               f"--signal=TERM@{resources.warning}"]
+               f"--output={json.dumps(str(logs / 'slurm-%A_%a.out'))}", "--open-mode=append",
+               "--requeue", f"--signal=TERM@{resources.warning}"]
     options += [f"--partition={resources.partition}"] if resources.partition else []
     options += [f"--gpus-per-task={resources.gpus}"] if resources.gpus else []
     options += [f"--cpus-per-task={resources.cpus}"] if resources.cpus else []
